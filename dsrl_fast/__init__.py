@@ -1,0 +1,17 @@
+"""dsrl_fast: fused kernels, packed dual-space batches and a lean trainer for Dual Space RL.
+
+Importing the package needs only PyTorch; Triton is imported when a Triton path first runs.
+"""
+
+from dsrl_fast.config import PolicyLossConfig
+from dsrl_fast.logprobs import LogProbs, linear_logprobs
+from dsrl_fast.policy_loss import PolicyLossOutput, policy_loss, token_policy_loss
+
+__all__ = [
+    "LogProbs",
+    "PolicyLossConfig",
+    "PolicyLossOutput",
+    "linear_logprobs",
+    "policy_loss",
+    "token_policy_loss",
+]

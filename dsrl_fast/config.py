@@ -1,0 +1,89 @@
+"""Options of the clipped policy loss, shared by every implementation."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+SampleFilter = Literal["all", "negative", "positive"]
+Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+KLType = Literal["k1", "k2", "k3"]
+
+SAMPLE_FILTERS: tuple[str, ...] = ("all", "negative", "positive")
+AGGREGATIONS: tuple[str, ...] = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+KL_TYPES: tuple[str, ...] = ("k1", "k2", "k3")
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _check_finite(name: str, value: float, *, positive: bool = False, non_negative: bool = False) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+    if non_negative and value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class PolicyLossConfig:
+    """How per-token log-probs become the clipped policy loss.
+
+    Attributes:
+        clip_low: PPO clip ε_low; the ratio is clipped below at 1 - clip_low.
+        clip_high: PPO clip ε_high; clipped above at 1 + clip_high (DAPO's clip-higher uses 0.28).
+        clip_ratio_c: dual-clip constant c (> 1); tokens with A < 0 have their loss capped at -A·c. None disables it.
+        temperature: logits are divided by it before the softmax (match the sampler's temperature).
+        samples: "all"; "negative" keeps only sequences with A < 0 (NSR); "positive" only A > 0 (PSR).
+        agg: how kept token losses become one number: "token-mean", "seq-mean-token-mean",
+            "seq-mean-token-sum" or "seq-mean-token-sum-norm" (Dr.GRPO; needs max_response_len).
+        loss_scale: the aggregated loss is multiplied by it (e.g. the authors' pretrain loss coefficient 0.01).
+        norm_tokens: with agg="token-mean", divide by this token count instead of the local kept count
+            (gradient accumulation and data parallel: pass the global count).
+        max_response_len: the constant token normalizer of "seq-mean-token-sum-norm".
+        kl_coef: weight of the per-token KL penalty against ref_logprobs (0 disables it).
+        kl_type: "k1" (logp - ref), "k2" (½(logp - ref)²) or "k3" (exp(ref - logp) - (ref - logp) - 1).
+        entropy_coef: weight of the entropy bonus (the loss subtracts entropy_coef · entropy).
+    """
+
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    clip_ratio_c: float | None = None
+    temperature: float = 1.0
+    samples: SampleFilter = "all"
+    agg: Aggregation = "token-mean"
+    loss_scale: float = 1.0
+    norm_tokens: int | None = None
+    max_response_len: int | None = None
+    kl_coef: float = 0.0
+    kl_type: KLType = "k3"
+    entropy_coef: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check_finite("clip_low", self.clip_low, non_negative=True)
+        if self.clip_low >= 1:
+            raise ValueError(f"clip_low must be < 1 (the ratio floor is 1 - clip_low), got {self.clip_low!r}")
+        _check_finite("clip_high", self.clip_high, non_negative=True)
+        if self.clip_ratio_c is not None:
+            _check_finite("clip_ratio_c", self.clip_ratio_c)
+            if self.clip_ratio_c <= 1:
+                raise ValueError(f"clip_ratio_c must be > 1 (or None), got {self.clip_ratio_c!r}")
+        _check_finite("temperature", self.temperature, positive=True)
+        _check_choice("samples", self.samples, SAMPLE_FILTERS)
+        _check_choice("agg", self.agg, AGGREGATIONS)
+        _check_choice("kl_type", self.kl_type, KL_TYPES)
+        _check_finite("loss_scale", self.loss_scale)
+        _check_finite("kl_coef", self.kl_coef, non_negative=True)
+        _check_finite("entropy_coef", self.entropy_coef)
+        for name in ("norm_tokens", "max_response_len"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        if self.agg == "seq-mean-token-sum-norm" and self.max_response_len is None:
+            raise ValueError("agg='seq-mean-token-sum-norm' needs max_response_len (an int > 0), got None")
+        if self.norm_tokens is not None and self.agg != "token-mean":
+            raise ValueError(f"norm_tokens applies to agg='token-mean' only, got agg={self.agg!r}")

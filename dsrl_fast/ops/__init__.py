@@ -1,0 +1,1 @@
+"""Autograd functions over the Triton launchers in ``dsrl_fast.kernels``."""

@@ -1,0 +1,184 @@
+"""The clipped policy loss (GRPO / NSR / PSR, conditional or marginal) on top of the fused log-probs.
+
+The loss is an O(N) function of the per-token log-probs, so it is written once in PyTorch (`token_policy_loss`) and
+its gradient w.r.t. the log-probs flows into the fused op's backward, which is where the O(N·H·V) work lives.
+Trainers that already have log-probs (TRL, verl, OpenRLHF) can call `token_policy_loss` directly.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from dsrl_fast.config import PolicyLossConfig
+from dsrl_fast.logprobs import raw_linear_logprobs, validate_linear_inputs
+from dsrl_fast.validation import check_rows, check_same_device, check_tensor, resolve_impl
+
+
+class PolicyLossOutput(NamedTuple):
+    """loss: () fp32 scalar. logprobs, entropy: (N,) fp32 (entropy None when not computed).
+
+    metrics: dict of () fp32 tensors (no host sync): "clip_frac", "ratio_mean", "kl_mean", "entropy_mean" (only
+    when entropy is computed) and "kept_tokens".
+    """
+
+    loss: torch.Tensor
+    logprobs: torch.Tensor
+    entropy: torch.Tensor | None
+    metrics: dict[str, torch.Tensor]
+
+
+def _kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kl_type: str) -> torch.Tensor:
+    diff = logprobs - ref_logprobs
+    if kl_type == "k1":
+        return diff
+    if kl_type == "k2":
+        return 0.5 * diff.square()
+    return torch.exp(-diff) + diff - 1.0
+
+
+def _sequence_index(seq_ids: torch.Tensor | None, n: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    """Dense sequence index (N,) int64 in [0, S) and S; without seq_ids every token is its own sequence."""
+    if seq_ids is None:
+        return torch.arange(n, device=device), n
+    unique, inverse = torch.unique(seq_ids, return_inverse=True)
+    return inverse, unique.numel()
+
+
+def _kept_tokens(advantages: torch.Tensor, mask: torch.Tensor, seq_index: torch.Tensor, num_seqs: int,
+                 samples: str) -> torch.Tensor:
+    """(N,) bool: masked-in tokens of the sequences `samples` keeps (a sequence is negative if any token has A < 0)."""
+    if samples == "all":
+        return mask
+    hit = (advantages < 0) if samples == "negative" else (advantages > 0)
+    per_seq = torch.zeros(num_seqs, device=mask.device, dtype=torch.int32)
+    per_seq.index_add_(0, seq_index, (hit & mask).to(torch.int32))
+    return mask & (per_seq[seq_index] > 0)
+
+
+def _token_weights(kept: torch.Tensor, seq_index: torch.Tensor, num_seqs: int,
+                   config: PolicyLossConfig) -> torch.Tensor:
+    """(N,) fp32 weights w such that loss = Σ w·ℓ implements config.agg over the kept tokens."""
+    keep = kept.float()
+    if config.agg == "token-mean":
+        denom = keep.sum() if config.norm_tokens is None else keep.new_tensor(float(config.norm_tokens))
+        return keep / denom.clamp_min(1.0)
+    seq_tokens = torch.zeros(num_seqs, device=keep.device).index_add_(0, seq_index, keep)
+    kept_seqs = (seq_tokens > 0).float().sum().clamp_min(1.0)
+    if config.agg == "seq-mean-token-mean":
+        return keep / (seq_tokens[seq_index].clamp_min(1.0) * kept_seqs)
+    if config.agg == "seq-mean-token-sum":
+        return keep / kept_seqs
+    assert config.agg == "seq-mean-token-sum-norm" and config.max_response_len is not None
+    return keep / (kept_seqs * config.max_response_len)
+
+
+def token_policy_loss(logprobs: torch.Tensor, advantages: torch.Tensor, *, entropy: torch.Tensor | None = None,
+                      mask: torch.Tensor | None = None, old_logprobs: torch.Tensor | None = None,
+                      ref_logprobs: torch.Tensor | None = None, seq_ids: torch.Tensor | None = None,
+                      config: PolicyLossConfig = PolicyLossConfig()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The aggregated clipped loss from per-token log-probs (no validation; see `policy_loss` for the contract).
+
+    Returns (loss () fp32, metrics dict of () fp32 tensors).
+    """
+    n = logprobs.shape[0]
+    device = logprobs.device
+    mask = torch.ones(n, dtype=torch.bool, device=device) if mask is None else mask
+    seq_index, num_seqs = _sequence_index(seq_ids, n, device)
+    kept = _kept_tokens(advantages, mask, seq_index, num_seqs, config.samples)
+    weights = _token_weights(kept, seq_index, num_seqs, config)
+    adv = torch.where(kept, advantages.float(), 0.0)
+
+    # Dropped tokens get log-ratio 0 so that garbage old/ref log-probs there cannot produce inf·0 = NaN gradients.
+    old = logprobs.detach() if old_logprobs is None else old_logprobs.float()
+    log_ratio = torch.where(kept, logprobs - old, 0.0)
+    ratio = torch.exp(log_ratio)
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1.0 - config.clip_low, 1.0 + config.clip_high)
+    token_loss = torch.maximum(unclipped, clipped)
+    if config.clip_ratio_c is not None:
+        token_loss = torch.where(adv < 0, torch.minimum(token_loss, -adv * config.clip_ratio_c), token_loss)
+
+    kl = None
+    if ref_logprobs is not None and config.kl_coef != 0:
+        kl = _kl(logprobs, torch.where(kept, ref_logprobs.float(), logprobs.detach()), config.kl_type)
+        token_loss = token_loss + config.kl_coef * kl
+    if entropy is not None and config.entropy_coef != 0:
+        token_loss = token_loss - config.entropy_coef * torch.where(kept, entropy, 0.0)
+    loss = (weights * token_loss).sum() * config.loss_scale
+
+    kept_f = kept.float()
+    count = kept_f.sum()
+    denom = count.clamp_min(1.0)
+    with torch.no_grad():
+        metrics = {
+            "clip_frac": ((clipped > unclipped).float() * kept_f).sum() / denom,
+            "ratio_mean": (ratio * kept_f).sum() / denom,
+            "kl_mean": (kl * kept_f).sum() / denom if kl is not None else count * 0.0,
+            "kept_tokens": count,
+        }
+        if entropy is not None:
+            metrics["entropy_mean"] = (torch.where(kept, entropy, 0.0)).sum() / denom
+    return loss, metrics
+
+
+def _validate_loss_inputs(n: int, hidden: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor | None,
+                          old_logprobs: torch.Tensor | None, ref_logprobs: torch.Tensor | None,
+                          seq_ids: torch.Tensor | None, config: PolicyLossConfig) -> None:
+    check_tensor("advantages", advantages, ndim=1, dtypes=(torch.float32, torch.float16, torch.bfloat16,
+                                                           torch.float64))
+    check_rows("advantages", advantages, n)
+    for name, t in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs)):
+        if t is not None:
+            check_tensor(name, t, ndim=1, dtypes=(torch.float32, torch.float64))
+            check_rows(name, t, n)
+    if mask is not None:
+        check_tensor("mask", mask, ndim=1, dtypes=(torch.bool,))
+        check_rows("mask", mask, n)
+    if seq_ids is not None:
+        check_tensor("seq_ids", seq_ids, ndim=1, dtypes=(torch.int64, torch.int32))
+        check_rows("seq_ids", seq_ids, n)
+    check_same_device("hidden", hidden, advantages=advantages, mask=mask, old_logprobs=old_logprobs,
+                      ref_logprobs=ref_logprobs, seq_ids=seq_ids)
+    if config.agg in ("seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm") and seq_ids is None:
+        raise ValueError(f"agg={config.agg!r} needs seq_ids (N,) int64, got None")
+    if config.kl_coef != 0 and ref_logprobs is None:
+        raise ValueError(f"kl_coef={config.kl_coef} needs ref_logprobs (N,) fp32, got None")
+    if n and bool(torch.isnan(advantages).any()):
+        raise ValueError("advantages must not contain NaN, got at least one NaN")
+
+
+def policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, advantages: torch.Tensor, *,
+                mask: torch.Tensor | None = None, old_logprobs: torch.Tensor | None = None,
+                ref_logprobs: torch.Tensor | None = None, seq_ids: torch.Tensor | None = None,
+                config: PolicyLossConfig = PolicyLossConfig(), impl: str = "auto") -> PolicyLossOutput:
+    """Clipped policy-gradient loss straight from final hidden states and the LM-head weight.
+
+    Args:
+        hidden: (N, H) fp32/fp16/bf16 final hidden states of the scored tokens.
+        weight: (V, H) LM-head weight, same dtype/device.
+        labels: (N,) int64 in [0, V): the tokens being scored.
+        advantages: (N,) fp32 per-token advantage (constant within a sequence).
+        mask: (N,) bool, tokens that count (None = all).
+        old_logprobs: (N,) fp32 behaviour-policy log-probs; None = on-policy (old = logprobs.detach()).
+        ref_logprobs: (N,) fp32 reference log-probs for the KL penalty (needed when config.kl_coef != 0).
+        seq_ids: (N,) int64 sequence of each token (needed by the seq-mean aggregations; with `samples` it makes the
+            NSR/PSR filter act per sequence, otherwise per token).
+        config: PolicyLossConfig (clip, dual clip, temperature, samples, agg, KL, entropy).
+        impl: "auto" (Triton on CUDA, PyTorch otherwise), "triton" or "torch".
+
+    Returns:
+        PolicyLossOutput(loss, logprobs, entropy, metrics). Gradients flow to hidden and weight only. With no kept
+        token the loss is 0 with a zero gradient.
+    """
+    if not isinstance(config, PolicyLossConfig):
+        raise TypeError(f"config must be a PolicyLossConfig, got {type(config).__name__}")
+    validate_linear_inputs(hidden, weight, labels, config.temperature)
+    n = hidden.shape[0]
+    _validate_loss_inputs(n, hidden, advantages, mask, old_logprobs, ref_logprobs, seq_ids, config)
+    chosen = resolve_impl(impl, hidden.device)
+    logprobs, entropy = raw_linear_logprobs(hidden, weight, labels, config.temperature, True, chosen)
+    loss, metrics = token_policy_loss(logprobs, advantages, entropy=entropy, mask=mask, old_logprobs=old_logprobs,
+                                      ref_logprobs=ref_logprobs, seq_ids=seq_ids, config=config)
+    return PolicyLossOutput(loss, logprobs, entropy, metrics)

@@ -1,0 +1,88 @@
+"""Pure-PyTorch linear log-probs: the CPU path, chunked over tokens so no more than a chunk of logits is alive.
+
+Same semantics as the fused Triton op: fp32 math whatever the input dtype, recomputation in the backward, rows with
+zero gradient skipped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+# Rows per chunk are chosen so that one chunk of fp32 logits stays near this many elements (64 MiB).
+CHUNK_ELEMENTS = 1 << 24
+
+
+def _rows_per_chunk(vocab: int) -> int:
+    return max(1, CHUNK_ELEMENTS // vocab)
+
+
+def _chunk_logits(hidden: torch.Tensor, weight32: torch.Tensor, inv_t: float) -> torch.Tensor:
+    return (hidden.float() @ weight32.T) * inv_t
+
+
+class ChunkedLinearLogprobs(torch.autograd.Function):
+    """(hidden (N, H), weight (V, H), labels (N,), temperature, with_entropy) -> (logprobs (N,), entropy (N,) or empty)."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float,
+                with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_t = 1.0 / temperature
+        weight32 = weight.float()
+        n = hidden.shape[0]
+        logprobs = hidden.new_empty(n, dtype=torch.float32)
+        lse = torch.empty_like(logprobs)
+        entropy = torch.empty_like(logprobs) if with_entropy else logprobs.new_empty(0)
+        step = _rows_per_chunk(weight.shape[0])
+        for start in range(0, n, step):
+            rows = slice(start, start + step)
+            z = _chunk_logits(hidden[rows], weight32, inv_t)
+            chunk_lse = torch.logsumexp(z, dim=1)
+            lse[rows] = chunk_lse
+            logprobs[rows] = z.gather(1, labels[rows, None]).squeeze(1) - chunk_lse
+            if with_entropy:
+                entropy[rows] = chunk_lse - (torch.softmax(z, dim=1) * z).sum(dim=1)
+        ctx.save_for_backward(hidden, weight, labels, lse, entropy)
+        ctx.inv_t = inv_t
+        ctx.with_entropy = with_entropy
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx: Any, grad_logprobs: torch.Tensor | None,
+                 grad_entropy: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        hidden, weight, labels, lse, entropy = ctx.saved_tensors
+        inv_t: float = ctx.inv_t
+        if grad_logprobs is None:
+            grad_logprobs = torch.zeros_like(lse)
+        use_entropy = ctx.with_entropy and grad_entropy is not None
+        active = grad_logprobs != 0
+        if use_entropy:
+            active |= grad_entropy != 0
+        rows_idx = active.nonzero().squeeze(1)
+        weight32 = weight.float()
+        d_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+        d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        step = _rows_per_chunk(weight.shape[0])
+        for start in range(0, rows_idx.numel(), step):
+            idx = rows_idx[start:start + step]
+            h = hidden[idx].float()
+            z = (h @ weight32.T) * inv_t
+            log_p = z - lse[idx, None]
+            p = torch.exp(log_p)
+            dz = -grad_logprobs[idx, None].float() * p
+            dz.scatter_add_(1, labels[idx, None], grad_logprobs[idx, None].float())
+            if use_entropy:
+                dz -= grad_entropy[idx, None].float() * p * (log_p + entropy[idx, None])
+            dz *= inv_t
+            if ctx.needs_input_grad[0]:
+                d_hidden[idx] = dz @ weight32
+            if ctx.needs_input_grad[1]:
+                d_weight.addmm_(dz.T, h)
+        return (
+            d_hidden.to(hidden.dtype) if ctx.needs_input_grad[0] else None,
+            d_weight.to(weight.dtype) if ctx.needs_input_grad[1] else None,
+            None,
+            None,
+            None,
+        )

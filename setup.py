@@ -1,0 +1,12 @@
+"""Package layout: kernels/ in the repository is shipped as dsrl_fast.kernels.
+
+A top-level `kernels` module would shadow Hugging Face's `kernels` package, which transformers imports.
+"""
+
+from setuptools import setup
+
+setup(
+    packages=["dsrl_fast", "dsrl_fast.ops", "dsrl_fast.kernels"],
+    package_dir={"dsrl_fast": "dsrl_fast", "dsrl_fast.kernels": "kernels"},
+    package_data={"dsrl_fast": ["configs/*.yaml"]},
+)
