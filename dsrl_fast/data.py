@@ -1,0 +1,218 @@
+"""Math problems from JSONL / Parquet files or Hugging Face datasets, and a resumable sampler.
+
+Answers come from one field, in one of three modes:
+
+- ``"field"``: the field's value as a string (integral floats such as ``27.0`` become ``"27"``);
+- ``"boxed"``: the last ``\\boxed{}`` of the field (minerva_math keeps its answer in ``solution``);
+- ``"list"``: a list, or a list rendered as a string such as ``"['2']"`` (olympiadbench's
+  ``final_answer``), joined with ``", "``.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from dsrl_fast.reward import extract_boxed
+
+__all__ = ["AnswerMode", "Problem", "PromptSampler", "load_hf_problems", "load_problems"]
+
+AnswerMode = Literal["field", "boxed", "list"]
+_ANSWER_MODES = ("field", "boxed", "list")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One problem: the raw question text (no template), the reference answer and the other fields."""
+
+    prompt_text: str
+    answer: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _answer_text(value: Any, mode: AnswerMode, where: str, key: str) -> str:
+    if mode == "boxed":
+        boxed = extract_boxed(value) if isinstance(value, str) else None
+        if boxed is None:
+            raise ValueError(f"{where}: field {key!r} has no complete \\boxed{{}} answer")
+        return boxed
+    if mode == "list":
+        if isinstance(value, str):
+            try:
+                value = ast.literal_eval(value)
+            except (ValueError, SyntaxError) as exc:
+                raise ValueError(f"{where}: field {key!r} is not a list literal: {value!r}") from exc
+        if not isinstance(value, (list, tuple)) or not value:
+            raise ValueError(f"{where}: field {key!r} must be a non-empty list, got {value!r}")
+        return ", ".join(_answer_text(v, "field", where, key) for v in value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if value is None or isinstance(value, (dict, list, tuple)):
+        raise ValueError(f"{where}: field {key!r} must be a scalar answer, got {value!r}")
+    return str(value).strip()
+
+
+def _to_problems(
+    rows: Iterable[tuple[str, Mapping[str, Any]]],
+    source: str,
+    problem_key: str,
+    answer_key: str,
+    answer_mode: AnswerMode,
+) -> list[Problem]:
+    if answer_mode not in _ANSWER_MODES:
+        raise ValueError(f"answer_mode must be one of {_ANSWER_MODES}, got {answer_mode!r}")
+    problems = []
+    for where, row in rows:
+        for key in (problem_key, answer_key):
+            if key not in row:
+                raise ValueError(f"{where}: missing field {key!r} (fields present: {sorted(row)})")
+        prompt = row[problem_key]
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError(f"{where}: field {problem_key!r} must be a non-empty string, got {prompt!r}")
+        answer = _answer_text(row[answer_key], answer_mode, where, answer_key)
+        meta = {k: v for k, v in row.items() if k not in (problem_key, answer_key)}
+        problems.append(Problem(prompt, answer, meta))
+    if not problems:
+        raise ValueError(f"{source} holds no problems")
+    return problems
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {line_no}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{where}: invalid JSON ({exc.msg})") from exc
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            yield where, row
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow") from exc
+    for i, row in enumerate(pq.read_table(path).to_pylist()):
+        yield f"{path}, row {i}", row
+
+
+def load_problems(
+    path: str | Path,
+    problem_key: str = "problem",
+    answer_key: str = "answer",
+    answer_mode: AnswerMode = "field",
+    limit: int | None = None,
+) -> list[Problem]:
+    """Problems from a ``.jsonl`` or ``.parquet`` file; the first ``limit`` if given.
+
+    Raises FileNotFoundError for a missing file and ValueError for an empty file or a row that
+    lacks a field (naming the field, the line and the fields present).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"path {str(path)!r} is not a file")
+    if path.suffix == ".jsonl":
+        rows: Iterator[tuple[str, Mapping[str, Any]]] = _jsonl_rows(path)
+    elif path.suffix == ".parquet":
+        rows = _parquet_rows(path)
+    else:
+        raise ValueError(f"path must end in .jsonl or .parquet, got {str(path)!r}")
+    return _to_problems(_take(rows, limit), str(path), problem_key, answer_key, answer_mode)
+
+
+def load_hf_problems(
+    name: str,
+    split: str = "train",
+    config: str | None = None,
+    problem_key: str = "problem",
+    answer_key: str = "answer",
+    answer_mode: AnswerMode = "field",
+    limit: int | None = None,
+) -> list[Problem]:
+    """Problems from a Hugging Face dataset (``datasets.load_dataset(name, config, split=split)``)."""
+    try:
+        import datasets
+    except ImportError as exc:
+        raise ImportError(f"loading the Hugging Face dataset {name!r} needs `datasets`: pip install datasets") from exc
+    table = datasets.load_dataset(name, config, split=split)
+    rows = ((f"{name}[{split}], row {i}", row) for i, row in enumerate(table))
+    return _to_problems(_take(rows, limit), f"{name}[{split}]", problem_key, answer_key, answer_mode)
+
+
+_Rows = Iterator[tuple[str, Mapping[str, Any]]]
+
+
+def _take(rows: _Rows, limit: int | None) -> _Rows:
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be None or an int >= 1, got {limit!r}")
+    for i, row in enumerate(rows):
+        if limit is not None and i >= limit:
+            return
+        yield row
+
+
+class PromptSampler:
+    """Endless batches of problem indices, reshuffled every epoch, resumable from a state dict.
+
+    Epoch ``e`` visits ``range(n)`` in the order of a permutation seeded by ``(seed, e)``. A
+    batch that runs past the end of an epoch is completed from the next one, so every batch
+    holds ``batch_size`` indices. ``state_dict()`` after k batches, loaded into a fresh sampler,
+    continues with batch k + 1.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0):
+        for name, value in (("n", n), ("batch_size", batch_size)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.epoch, self.position = 0, 0
+        self._order = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+
+    def next_batch(self) -> list[int]:
+        """The next ``batch_size`` problem indices."""
+        batch: list[int] = []
+        while len(batch) < self.batch_size:
+            take = min(self.batch_size - len(batch), self.n - self.position)
+            batch.extend(self._order[self.position : self.position + take].tolist())
+            self.position += take
+            if self.position == self.n:
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._permutation(self.epoch)
+        return batch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self) -> dict[str, int]:
+        """Everything needed to resume: ``n``, ``batch_size``, ``seed``, ``epoch``, ``position``."""
+        keys = ("n", "batch_size", "seed", "epoch", "position")
+        return {key: getattr(self, key) for key in keys}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Resume from :meth:`state_dict`; ``n`` and ``seed`` must match this sampler's (``batch_size`` may differ)."""
+        for key in ("n", "seed"):
+            if state.get(key) != getattr(self, key):
+                expected = getattr(self, key)
+                raise ValueError(f"state[{key!r}] must equal this sampler's {key}={expected}, got {state.get(key)!r}")
+        epoch, position = state.get("epoch"), state.get("position")
+        if not isinstance(epoch, int) or epoch < 0 or not isinstance(position, int) or not 0 <= position < self.n:
+            raise ValueError(f"state must hold epoch >= 0 and 0 <= position < {self.n}, got {epoch!r}, {position!r}")
+        self.epoch, self.position = epoch, position
+        self._order = self._permutation(epoch)
