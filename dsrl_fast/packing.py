@@ -108,7 +108,7 @@ def _normalize(
     space_list = [spaces] * n if isinstance(spaces, str) else list(spaces)
     if len(space_list) != n:
         raise ValueError(f"spaces must be a string or have one entry per sample ({n}), got {len(space_list)}")
-    sample_spaces = []
+    sample_spaces: list[tuple[str, ...]] = []
     for i, space in enumerate(space_list):
         if space not in ("cond", "marg", "both"):
             raise ValueError(f"spaces[{i}] must be 'cond', 'marg' or 'both', got {space!r}")
@@ -311,7 +311,8 @@ def build_micro_batches(
     ]
     out = []
     for idx in split_micro_batches(lengths, max_tokens, num_ranks)[rank]:
-        batch = _pack([prompt_ids[i] for i in idx], [response_ids[i] for i in idx], [sample_spaces[i] for i in idx],
-                      prefix_ids)
+        batch = _pack(
+            [prompt_ids[i] for i in idx], [response_ids[i] for i in idx], [sample_spaces[i] for i in idx], prefix_ids
+        )
         out.append((idx, batch))
     return out

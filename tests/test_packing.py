@@ -143,18 +143,22 @@ def test_unpack_rejects_wrong_row_count() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error", "pattern"),
     [
-        (dict(prompts=[[1], [2, -3]], responses=[[1], [2]]), ValueError, r"prompts\[1\].*non-negative.*-3"),
-        (dict(prompts=[[1]], responses=[[1.5]]), TypeError, r"responses\[0\].*integer"),
-        (dict(prompts=[[1]], responses=[torch.tensor([True])]), TypeError, r"responses\[0\].*dtype"),
-        (dict(prompts=[torch.ones(2, 2, dtype=torch.long)], responses=[[1]]), ValueError, r"prompts\[0\].*1-D"),
-        (dict(prompts=[[1], [2]], responses=[[1]]), ValueError, r"prompts and responses.*2 and 1"),
-        (dict(prompts=[[1]] * 3, responses=[[1], [2], []]), ValueError, r"responses\[2\] must be non-empty"),
-        (dict(prompts=[[1]], responses=[[1]], spaces="prior"), ValueError, r"spaces\[0\].*'prior'"),
-        (dict(prompts=[[1]], responses=[[1]], spaces=["cond", "marg"]), ValueError, r"spaces.*\(1\), got 2"),
-        (dict(prompts=[[1]], responses=[[1]], spaces="both", prefix=()), ValueError, r"prefix must be non-empty"),
-        (dict(prompts=[[]], responses=[[1]], spaces="cond"), ValueError, r"prompts\[0\] must be non-empty"),
-        (dict(prompts="abc", responses=[[1]]), TypeError, r"prompts must be a list"),
-        (dict(prompts=[[1]], responses=[[1]], prefix=[-1]), ValueError, r"prefix.*non-negative"),
+        ({"prompts": [[1], [2, -3]], "responses": [[1], [2]]}, ValueError, r"prompts\[1\].*non-negative.*-3"),
+        ({"prompts": [[1]], "responses": [[1.5]]}, TypeError, r"responses\[0\].*integer"),
+        ({"prompts": [[1]], "responses": [torch.tensor([True])]}, TypeError, r"responses\[0\].*dtype"),
+        ({"prompts": [torch.ones(2, 2, dtype=torch.long)], "responses": [[1]]}, ValueError, r"prompts\[0\].*1-D"),
+        ({"prompts": [[1], [2]], "responses": [[1]]}, ValueError, r"prompts and responses.*2 and 1"),
+        ({"prompts": [[1]] * 3, "responses": [[1], [2], []]}, ValueError, r"responses\[2\] must be non-empty"),
+        ({"prompts": [[1]], "responses": [[1]], "spaces": "prior"}, ValueError, r"spaces\[0\].*'prior'"),
+        ({"prompts": [[1]], "responses": [[1]], "spaces": ["cond", "marg"]}, ValueError, r"spaces.*\(1\), got 2"),
+        (
+            {"prompts": [[1]], "responses": [[1]], "spaces": "both", "prefix": ()},
+            ValueError,
+            r"prefix must be non-empty",
+        ),
+        ({"prompts": [[]], "responses": [[1]], "spaces": "cond"}, ValueError, r"prompts\[0\] must be non-empty"),
+        ({"prompts": "abc", "responses": [[1]]}, TypeError, r"prompts must be a list"),
+        ({"prompts": [[1]], "responses": [[1]], "prefix": [-1]}, ValueError, r"prefix.*non-negative"),
     ],
 )
 def test_pack_validation_names_the_argument(kwargs, error, pattern) -> None:
@@ -179,7 +183,9 @@ def _check_split(lengths: list[int], max_tokens: int, num_ranks: int) -> list[li
     if len(lengths) >= len(loads):
         assert min(loads) > 0
     totals = [sum(lengths[i] for mb in r for i in mb) for r in ranks]
-    assert max(totals) - min(totals) <= max(loads) - min(loads)
+    by_load = sorted(loads, reverse=True)
+    rounds = [by_load[k : k + num_ranks] for k in range(0, len(by_load), num_ranks)]
+    assert max(totals) - min(totals) <= max(r[0] - r[-1] for r in rounds)  # the documented bound
     assert len(loads) == max(1, math.ceil(_ffd_bin_count(lengths, max_tokens) / num_ranks)) * num_ranks
     return ranks
 
@@ -210,6 +216,8 @@ def test_split_micro_batches_edge_cases() -> None:
     assert split_micro_batches([5], 5, 2) in ([[[0]], [[]]], [[[]], [[0]]])
     assert split_micro_batches([3, 3, 3, 3], 6) == [[[0, 1], [2, 3]]]
     _check_split([6] * 40, 10, 4)
+    assert _check_split([10, 10, 1, 1], 20, 4) == [[[0]], [[1]], [[2]], [[3]]]  # no empty micro-batch
+    assert _check_split([10, 9, 8, 7, 6, 5, 4, 3], 10, 2) == [[[0], [4, 6], [5]], [[3, 7], [1], [2]]]
     _check_split([1] * 500 + [8192] * 3, 8192, 2)
 
 
@@ -219,7 +227,9 @@ def test_split_micro_batches_is_fast_for_thousands() -> None:
     start = time.perf_counter()
     split_micro_batches(lengths, 32768, 8)
     assert time.perf_counter() - start < 5.0
-    _check_split(lengths, 32768, 8)
+    ranks = _check_split(lengths, 32768, 8)
+    loads = [sum(lengths[i] for i in mb) for r in ranks for mb in r]
+    assert max(loads) - min(loads) < 0.05 * 32768  # balanced micro-batches, not first-fit leftovers
 
 
 def test_split_micro_batches_errors() -> None:
