@@ -1,0 +1,92 @@
+"""Checkpoints: optimizer/model state (plain or DeepSpeed), a Hugging Face export and the trainer's own state.
+
+Layout: `<output_dir>/checkpoints/step_<k>/` holds `trainer_state.json` (written last: a checkpoint without it is
+incomplete and ignored), `state.pt` (plain updater) or `deepspeed/` (DeepSpeed engine), and `hf/` (model + tokenizer
+loadable by transformers and vLLM). `k` is the number of finished steps, so resuming runs step k next.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from dsrl_fast.train.update import DeepSpeedUpdater, Updater
+
+STATE_FILE = "trainer_state.json"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def checkpoint_dir(output_dir: str | Path, step: int) -> Path:
+    """The directory of the checkpoint taken after `step` finished steps."""
+    return Path(output_dir) / "checkpoints" / f"step_{step:06d}"
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the most finished steps, or None."""
+    root = Path(output_dir) / "checkpoints"
+    done = sorted(p for p in root.glob("step_*") if (p / STATE_FILE).is_file()) if root.is_dir() else []
+    return done[-1] if done else None
+
+
+def export_hf(updater: Updater, tokenizer: Any, directory: Path) -> None:
+    """Write the current weights as a Hugging Face model directory (rank 0 writes; every rank must call)."""
+    model = updater.module.model
+    if isinstance(updater, DeepSpeedUpdater) and updater.zero_stage == 3:
+        state = updater.engine._zero3_consolidated_16bit_state_dict()
+        prefix = "model."
+        state = {k.removeprefix(prefix): v for k, v in (state or {}).items()}
+    else:
+        state = None
+    if _rank() == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(directory, state_dict=state)
+        tokenizer.save_pretrained(directory)
+
+
+def save_checkpoint(output_dir: str | Path, step: int, updater: Updater, tokenizer: Any, trainer_state: dict[str, Any],
+                    keep: int) -> Path:
+    """Save everything needed to resume after `step` finished steps; keep the newest `keep` checkpoints."""
+    target = checkpoint_dir(output_dir, step)
+    if _rank() == 0 and target.exists():
+        shutil.rmtree(target)
+    _barrier()
+    if isinstance(updater, DeepSpeedUpdater):
+        updater.save_checkpoint(str(target / "deepspeed"), tag="state")
+    elif _rank() == 0:
+        target.mkdir(parents=True, exist_ok=True)
+        torch.save(updater.state_dict(), target / "state.pt")
+    export_hf(updater, tokenizer, target / "hf")
+    _barrier()
+    if _rank() == 0:
+        state = dict(trainer_state, step=step, torch_rng=torch.get_rng_state().tolist())
+        (target / (STATE_FILE + ".tmp")).write_text(json.dumps(state))
+        (target / (STATE_FILE + ".tmp")).rename(target / STATE_FILE)
+        complete = sorted(p for p in target.parent.glob("step_*") if (p / STATE_FILE).is_file())
+        for old in complete[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return target
+
+
+def load_checkpoint(directory: Path, updater: Updater) -> dict[str, Any]:
+    """Restore the updater from `directory` and return the trainer state saved with it."""
+    state = json.loads((directory / STATE_FILE).read_text())
+    if isinstance(updater, DeepSpeedUpdater):
+        updater.load_checkpoint(str(directory / "deepspeed"), tag="state")
+    else:
+        updater.load_state_dict(torch.load(directory / "state.pt", map_location="cpu", weights_only=False))
+    torch.set_rng_state(torch.tensor(state.pop("torch_rng"), dtype=torch.uint8))
+    return state

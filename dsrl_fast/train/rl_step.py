@@ -1,0 +1,168 @@
+"""One RL step from rollouts to gradients: rewards, advantages, sample selection, packed micro-batches, losses.
+
+Only the passes a phase needs run: the marginal phase packs `[prefix; y]` sequences only, the conditional phase
+`[x; y]` only, samples the phase's filter drops are never packed, and training is on-policy (one mini-batch, one
+epoch), so old log-probs are the current ones detached and no extra forward computes them. Samples with zero
+advantage are not packed either when that is exact (on-policy, no KL, no entropy bonus: their gradient is zero),
+but they still count in the loss denominators.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from dsrl_fast.advantages import compute_advantages
+from dsrl_fast.packing import PackedBatch, build_micro_batches
+from dsrl_fast.policy_loss import PolicyLossOutput
+from dsrl_fast.rollout.base import Rollout
+from dsrl_fast.train.algorithms import Phase
+from dsrl_fast.train.update import Updater
+
+PACK_SPACE = {"marginal": "marg", "conditional": "cond"}
+
+
+@dataclass
+class StepSamples:
+    """The samples of one step on this rank: one entry per rollout, grouped by prompt (n per prompt)."""
+
+    prompt_ids: list[list[int]]
+    response_ids: list[list[int]]
+    sampler_logprobs: list[list[float]]
+    rewards: torch.Tensor  # (B·n,) fp32
+    group_ids: torch.Tensor  # (B·n,) int64, the prompt of each rollout
+
+
+def collect_samples(prompts: Sequence[list[int]], rollouts: Sequence[Rollout], rewards: Sequence[float],
+                    group_offset: int = 0) -> StepSamples:
+    """Line rollouts up with their prompts and rewards (group ids offset by the rank's first prompt)."""
+    return StepSamples(
+        prompt_ids=[list(prompts[r.prompt_index]) for r in rollouts],
+        response_ids=[list(r.response_ids) for r in rollouts],
+        sampler_logprobs=[list(r.logprobs) for r in rollouts],
+        rewards=torch.tensor(list(rewards), dtype=torch.float32),
+        group_ids=torch.tensor([group_offset + r.prompt_index for r in rollouts], dtype=torch.int64),
+    )
+
+
+def sample_advantages(samples: StepSamples, estimator: str) -> torch.Tensor:
+    """(B·n,) fp32 per-sample advantages of the phase's estimator (token-count weighted for reinforce_pp)."""
+    counts = None
+    if estimator == "reinforce_pp":
+        counts = torch.tensor([len(r) for r in samples.response_ids], dtype=torch.float32)
+    return compute_advantages(samples.rewards, estimator, group_ids=samples.group_ids, token_counts=counts)
+
+
+def selected_samples(advantages: torch.Tensor, samples_filter: str, skip_zero: bool) -> tuple[list[int], list[int]]:
+    """(kept, trained): indices the phase keeps (they count in denominators) and the subset worth a forward."""
+    adv = advantages.tolist()
+    if samples_filter == "negative":
+        kept = [i for i, a in enumerate(adv) if a < 0]
+    elif samples_filter == "positive":
+        kept = [i for i, a in enumerate(adv) if a > 0]
+    else:
+        kept = list(range(len(adv)))
+    trained = [i for i in kept if adv[i] != 0] if skip_zero else kept
+    return kept, trained
+
+
+def _all_reduce(values: list[float], op: dist.ReduceOp = dist.ReduceOp.SUM) -> list[float]:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=op)
+    return t.cpu().tolist()
+
+
+@dataclass
+class UpdateResult:
+    """Host-side figures of one step's update (global over ranks)."""
+
+    loss: float
+    clip_frac: float
+    entropy: float
+    kept_tokens: float
+    trained_tokens: float
+    packed_tokens: float
+    logprob_drift: float | None
+    grad_norm: float
+    stepped: bool
+
+
+def _token_values(batch: PackedBatch, sample_index: list[int], per_sample: Sequence[float] | torch.Tensor,
+                  device: torch.device) -> torch.Tensor:
+    """(M,) fp32: each loss-masked token gets its sample's value."""
+    values = [float(per_sample[sample_index[s]]) for s in batch.seq_sample_host]
+    return torch.tensor(values, dtype=torch.float32).repeat_interleave(
+        torch.tensor(batch.seq_response_lens)).to(device)
+
+
+def run_update(updater: Updater, samples: StepSamples, advantages: torch.Tensor, phase: Phase, *,
+               marginal_prefix: Sequence[int], max_tokens: int, device: torch.device, lr: float,
+               ref_logprobs_fn: Callable[[PackedBatch], torch.Tensor] | None = None) -> UpdateResult:
+    """Forward/backward every micro-batch of this rank, then one optimizer step (skipped if nothing is trained).
+
+    Every rank runs the same number of micro-batches (ZeRO collectives need it): ranks with fewer pad with a
+    zero-weight copy of one of their samples.
+    """
+    loss_cfg = phase.loss
+    skip_zero = loss_cfg.kl_coef == 0 and loss_cfg.entropy_coef == 0
+    kept, trained = selected_samples(advantages, phase.samples, skip_zero)
+    resp_len = [len(r) for r in samples.response_ids]
+    local = [float(sum(resp_len[i] for i in kept)), float(len(kept)), float(len(trained))]
+    global_tokens, global_seqs, global_trained = _all_reduce(local)
+    space = PACK_SPACE[phase.space]
+    micro = build_micro_batches([samples.prompt_ids[i] for i in trained], [samples.response_ids[i] for i in trained],
+                                space, max_tokens, prefix=marginal_prefix) if trained else []
+    (num_micro,) = _all_reduce([float(len(micro))], dist.ReduceOp.MAX)
+    if global_trained == 0:
+        return UpdateResult(0.0, 0.0, float("nan"), global_tokens, 0.0, 0.0, None, 0.0, stepped=False)
+
+    padding = int(num_micro) - len(micro)
+    if padding:
+        filler = build_micro_batches([samples.prompt_ids[0]], [samples.response_ids[0]], space, max_tokens,
+                                     prefix=marginal_prefix)[0]
+        micro += [([-1], filler[1])] * padding
+    # Figures stay on the device until the single host transfer after the optimizer step.
+    sums = torch.zeros(7, dtype=torch.float64, device=device)
+    for k, (local_idx, batch) in enumerate(micro):
+        is_filler = local_idx == [-1]
+        owners = [trained[i] for i in local_idx] if not is_filler else [0]
+        batch = batch.to(device)
+        adv_tokens = _token_values(batch, owners, advantages, device)
+        if is_filler:
+            cfg = dataclasses.replace(loss_cfg, loss_scale=0.0, norm_tokens=None if loss_cfg.agg != "token-mean"
+                                      else 1)
+        elif loss_cfg.agg == "token-mean":
+            cfg = dataclasses.replace(loss_cfg, norm_tokens=max(1, int(global_tokens)))
+        else:
+            cfg = dataclasses.replace(loss_cfg, loss_scale=loss_cfg.loss_scale * len(local_idx) / global_seqs)
+        extra = {"ref_logprobs": ref_logprobs_fn(batch) if ref_logprobs_fn is not None else None}
+        out: PolicyLossOutput = updater.forward_backward(batch, adv_tokens, cfg, last=k == len(micro) - 1, **extra)
+        if is_filler:
+            continue
+        kept_tokens = out.metrics["kept_tokens"].double()
+        drift, drift_n = sums.new_zeros(()), 0
+        if phase.space == "conditional":
+            sampler = [lp for s in batch.seq_sample_host for lp in samples.sampler_logprobs[owners[s]]]
+            drift = (out.logprobs.detach() - torch.tensor(sampler, device=device)).abs().sum().double()
+            drift_n = len(sampler)
+        sums += torch.stack([out.loss.detach().double(), out.metrics["clip_frac"].double() * kept_tokens,
+                             out.metrics["entropy_mean"].double() * kept_tokens, kept_tokens,
+                             sums.new_tensor(batch.num_tokens), drift, sums.new_tensor(drift_n)])
+    grad_norm = updater.step(lr)
+    keys = ("loss", "clip", "entropy", "tokens", "packed", "drift", "drift_n")
+    totals = dict(zip(keys, _all_reduce(sums.tolist())))
+    tokens = max(totals["tokens"], 1.0)
+    return UpdateResult(
+        loss=totals["loss"], clip_frac=totals["clip"] / tokens, entropy=totals["entropy"] / tokens,
+        kept_tokens=global_tokens, trained_tokens=totals["tokens"], packed_tokens=totals["packed"],
+        logprob_drift=totals["drift"] / totals["drift_n"] if totals["drift_n"] else None, grad_norm=grad_norm,
+        stepped=True,
+    )

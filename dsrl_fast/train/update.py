@@ -1,0 +1,201 @@
+"""Parameter updates: the policy module (packed trunk + fused loss) and its optimizer, plain PyTorch or DeepSpeed.
+
+Loss normalization across micro-batches and ranks: every micro-batch loss is already divided by the step's *global*
+denominator (kept tokens or kept sequences over all micro-batches and ranks), so gradients are summed, never
+averaged: the plain updater accumulates them, and the DeepSpeed updater multiplies each loss by the world size to
+undo DeepSpeed's averaging over data-parallel ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import torch
+
+from dsrl_fast.config import PolicyLossConfig
+from dsrl_fast.model import lm_head_weight, packed_hidden_states
+from dsrl_fast.packing import PackedBatch
+from dsrl_fast.policy_loss import PolicyLossOutput, policy_loss
+
+
+class PolicyModule(torch.nn.Module):
+    """A causal LM prepared for packed batches, whose forward is the fused policy loss of one micro-batch.
+
+    Under DeepSpeed ZeRO-3 the LM-head weight is used outside its own module's forward, so it is registered as an
+    external parameter of this module: ZeRO-3 then gathers it for the forward and the backward (tied embeddings
+    included, since the tied weight is the same Parameter).
+    """
+
+    def __init__(self, model: torch.nn.Module, impl: str = "auto"):
+        super().__init__()
+        self.model = model
+        self.impl = impl
+
+    def register_head_for_zero3(self) -> None:
+        """Declare the LM-head weight to ZeRO-3 (call before deepspeed.initialize)."""
+        import deepspeed
+
+        deepspeed.zero.register_external_parameter(self, lm_head_weight(self.model))
+
+    def forward(self, batch: PackedBatch, advantages: torch.Tensor, config: PolicyLossConfig,
+                old_logprobs: torch.Tensor | None = None,
+                ref_logprobs: torch.Tensor | None = None) -> PolicyLossOutput:
+        """Loss of one packed micro-batch.
+
+        advantages, old_logprobs, ref_logprobs: (M,) fp32, one per loss-masked token in packed order.
+        """
+        hidden = packed_hidden_states(self.model, batch)
+        labels = batch.labels.index_select(0, batch.masked_idx)
+        seq_ids = batch.seq_ids.index_select(0, batch.masked_idx)
+        return policy_loss(hidden, lm_head_weight(self.model), labels, advantages, old_logprobs=old_logprobs,
+                           ref_logprobs=ref_logprobs, seq_ids=seq_ids, config=config, impl=self.impl)
+
+
+def lr_factor(step: int, total_steps: int, schedule: str, warmup_steps: int, min_lr_ratio: float) -> float:
+    """Multiplier of the base learning rate at `step` (0-based) for "constant", "warmup" or "cosine"."""
+    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    if schedule == "constant":
+        return 1.0
+    if schedule == "warmup":
+        return warm
+    assert schedule == "cosine", schedule
+    progress = min(1.0, max(0.0, (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+    return warm * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class Updater(Protocol):
+    """Runs micro-batch forwards/backwards and one optimizer step per training step."""
+
+    module: PolicyModule
+
+    def forward_backward(self, batch: PackedBatch, advantages: torch.Tensor, config: PolicyLossConfig,
+                         last: bool, **kwargs: torch.Tensor | None) -> PolicyLossOutput: ...
+
+    def step(self, lr: float) -> float: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def named_parameters_for_sync(self) -> Iterator[tuple[str, torch.Tensor]]: ...
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+class TorchUpdater:
+    """Single-process AdamW with gradient clipping."""
+
+    def __init__(self, module: PolicyModule, *, lr: float, weight_decay: float, betas: tuple[float, float],
+                 eps: float, grad_clip: float):
+        self.module = module
+        self.grad_clip = grad_clip
+        params = [p for p in module.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+
+    def forward_backward(self, batch: PackedBatch, advantages: torch.Tensor, config: PolicyLossConfig, last: bool,
+                         **kwargs: torch.Tensor | None) -> PolicyLossOutput:
+        out = self.module(batch, advantages, config, **kwargs)
+        out.loss.backward()
+        return out
+
+    def step(self, lr: float) -> float:
+        """Clip, step, zero the gradients; returns the pre-clip gradient norm."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else float("inf"))
+        _set_lr(self.optimizer, lr)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.module.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.module.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def named_parameters_for_sync(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in self.module.model.state_dict().items():
+            yield name, tensor.detach()
+
+
+def deepspeed_config(*, zero_stage: int, offload_optimizer: bool, offload_params: bool, bf16: bool, lr: float,
+                     weight_decay: float, betas: tuple[float, float], eps: float, grad_clip: float) -> dict[str, Any]:
+    """The DeepSpeed config dict: one micro-batch per engine call, boundaries and lr managed by the trainer."""
+    zero: dict[str, Any] = {"stage": zero_stage}
+    if zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        # torch_adam avoids compiling DeepSpeed's fused/cpu Adam extensions (not needed for correctness).
+        "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": weight_decay, "betas": list(betas),
+                                                  "eps": eps, "torch_adam": True}},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+class DeepSpeedUpdater:
+    """DeepSpeed ZeRO-0/1/2/3 engine (optionally CPU offload) over the policy module."""
+
+    def __init__(self, module: PolicyModule, ds_config: dict[str, Any]):
+        import deepspeed
+
+        if ds_config["zero_optimization"]["stage"] == 3:
+            module.register_head_for_zero3()
+        params = [p for p in module.parameters() if p.requires_grad]
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, model_parameters=params,
+                                                                 config=ds_config)
+        self.module = module
+        self.world_size = self.engine.world_size
+        self.zero_stage = ds_config["zero_optimization"]["stage"]
+
+    def forward_backward(self, batch: PackedBatch, advantages: torch.Tensor, config: PolicyLossConfig, last: bool,
+                         **kwargs: torch.Tensor | None) -> PolicyLossOutput:
+        self.engine.set_gradient_accumulation_boundary(last)
+        out = self.engine(batch, advantages, config, **kwargs)
+        self.engine.backward(out.loss * self.world_size)
+        return out
+
+    def step(self, lr: float) -> float:
+        """Clip and step (DeepSpeed does both); returns the global gradient norm."""
+        _set_lr(self.optimizer, lr)
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        del state
+
+    def save_checkpoint(self, directory: str, tag: str) -> None:
+        self.engine.save_checkpoint(directory, tag=tag)
+
+    def load_checkpoint(self, directory: str, tag: str) -> None:
+        self.engine.load_checkpoint(directory, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
+
+    def named_parameters_for_sync(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Full parameters one at a time (gathered under ZeRO-3), with the wrapped model's names."""
+        import deepspeed
+
+        for name, param in self.module.model.named_parameters():
+            if self.zero_stage == 3:
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+                    yield name, param.detach().clone()
+            else:
+                yield name, param.detach()
