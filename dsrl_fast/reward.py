@@ -162,6 +162,9 @@ def _worker_main(conn: Connection, check: Callable[[str, str], bool]) -> None:
         conn.send((index, ok))
 
 
+_MAX_START_FAILURES = 3
+
+
 class _Worker:
     def __init__(self, ctx: mp.context.BaseContext, check: Callable[[str, str], bool], start_timeout_s: float):
         self.conn, child = ctx.Pipe()
@@ -218,6 +221,7 @@ class CheckPool:
         self._start_timeout_s = float(start_timeout_s)
         self._ctx = mp.get_context(mp_context)
         self._workers: list[_Worker] = []
+        self._start_failures = 0
         self._lock = threading.Lock()
         self._finalizer = weakref.finalize(self, _stop_all, self._workers)
 
@@ -269,6 +273,16 @@ class CheckPool:
                 worker.task = index
                 worker.deadline = time.monotonic() + self._timeout_s
 
+    def _start_failed(self, worker: _Worker) -> None:
+        worker.process.join(5.0)
+        self._start_failures += 1
+        if self._start_failures >= _MAX_START_FAILURES:
+            raise RuntimeError(
+                f"reward check worker exited during start-up (exit code {worker.process.exitcode}, "
+                f"{self._start_failures} times in a row); with the 'spawn' start method the calling script "
+                "must guard its entry point with `if __name__ == '__main__':`"
+            )
+
     def _collect(self, results: list[bool]) -> None:
         waiting = [w for w in self._workers if w.task is not None or not w.ready]
         assert waiting, "no worker is busy or starting"
@@ -279,18 +293,14 @@ class CheckPool:
                 message = conn.recv()
             except (EOFError, OSError):
                 if not worker.ready:
-                    code = worker.process.exitcode
-                    raise RuntimeError(
-                        f"reward check worker exited during start-up (exit code {code}); with the 'spawn' "
-                        "start method the calling script must guard its entry point with "
-                        "`if __name__ == '__main__':`"
-                    )
-                self._replace(worker)  # crashed mid-check: that check scores False
+                    self._start_failed(worker)
+                self._replace(worker)  # crashed mid-check (that check scores False) or retrying start-up
                 continue
             if message[0] == "error":
                 raise RuntimeError(f"reward check worker failed to start: {message[1]}")
             if message[0] == "ready":
                 worker.ready = True
+                self._start_failures = 0
             else:
                 index, ok = message
                 assert index == worker.task

@@ -1,0 +1,221 @@
+"""Problem loading (JSONL, Parquet, HF datasets), the six benchmarks, the resumable sampler."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from dsrl_fast.data import Problem, PromptSampler, load_hf_problems, load_problems
+from dsrl_fast.reward import MathVerifyReward
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "benchmarks"
+
+# name -> (problem_key, answer_key, answer_mode, number of problems)
+BENCHMARK_SPECS = {
+    "math500": ("problem", "answer", "field", 500),
+    "aime24": ("problem", "answer", "field", 30),
+    "aime25": ("problem", "answer", "field", 30),
+    "amc23": ("problem", "answer", "field", 40),
+    "minerva_math": ("problem", "solution", "boxed", 272),
+    "olympiadbench": ("question", "final_answer", "list", 675),
+}
+
+needs_benchmarks = pytest.mark.skipif(
+    not BENCHMARKS.is_dir(), reason=f"benchmark files not found at {BENCHMARKS} (shared data folder missing)"
+)
+
+
+def write_jsonl(path: Path, rows: list[object]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_jsonl_fields_and_meta(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"q": "1+1?", "a": 2, "id": 7}, {"q": "x?", "a": 27.0}])
+    problems = load_problems(path, problem_key="q", answer_key="a")
+    assert problems == [Problem("1+1?", "2", {"id": 7}), Problem("x?", "27", {})]
+
+
+def test_answer_modes(tmp_path):
+    rows = [
+        {"problem": "p1", "solution": "so \\boxed{1} hence \\boxed{\\frac{1}{2}}.", "final": "['$2$']"},
+        {"problem": "p2", "solution": "\\boxed{\\{1,2\\}}", "final": ["1", "3"]},
+    ]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    boxed = load_problems(path, answer_key="solution", answer_mode="boxed")
+    assert [p.answer for p in boxed] == ["\\frac{1}{2}", "\\{1,2\\}"]
+    listed = load_problems(path, answer_key="final", answer_mode="list")
+    assert [p.answer for p in listed] == ["$2$", "1, 3"]
+    assert load_problems(path, answer_key="final", answer_mode="list", limit=1) == listed[:1]
+
+
+def test_missing_file_and_bad_suffix(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        load_problems(tmp_path / "nope.jsonl")
+    (tmp_path / "p.csv").write_text("a,b\n")
+    with pytest.raises(ValueError, match="must end in .jsonl or .parquet"):
+        load_problems(tmp_path / "p.csv")
+
+
+def test_empty_file(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(ValueError, match="holds no problems"):
+        load_problems(tmp_path / "empty.jsonl")
+
+
+def test_missing_field_names_line_and_keys(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"problem": "a", "answer": "1"}, {"problem": "b", "id": 3}])
+    with pytest.raises(ValueError, match=r"line 2: missing field 'answer' \(fields present: \['id', 'problem'\]\)"):
+        load_problems(path)
+
+
+def test_malformed_rows(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"problem": "a", "answer": "1"}\n{oops\n')
+    with pytest.raises(ValueError, match="line 2: invalid JSON"):
+        load_problems(tmp_path / "bad.jsonl")
+    path = write_jsonl(tmp_path / "nobox.jsonl", [{"problem": "a", "solution": "the answer is 3"}])
+    with pytest.raises(ValueError, match="line 1: field 'solution' has no complete"):
+        load_problems(path, answer_key="solution", answer_mode="boxed")
+    path = write_jsonl(tmp_path / "notlist.jsonl", [{"problem": "a", "answer": "[oops"}])
+    with pytest.raises(ValueError, match="not a list literal"):
+        load_problems(path, answer_mode="list")
+    path = write_jsonl(tmp_path / "noprompt.jsonl", [{"problem": "  ", "answer": "1"}])
+    with pytest.raises(ValueError, match="'problem' must be a non-empty string"):
+        load_problems(path)
+    with pytest.raises(ValueError, match="answer_mode must be one of"):
+        load_problems(path, answer_mode="regex")
+    with pytest.raises(ValueError, match="limit must be None or an int >= 1"):
+        load_problems(path, limit=0)
+
+
+def test_parquet_roundtrip(tmp_path):
+    pa = pytest.importorskip("pyarrow", reason="pyarrow not installed")
+    import pyarrow.parquet as pq
+
+    rows = [{"problem": "p1", "answer": "1", "level": 3}, {"problem": "p2", "answer": "x^2", "level": 5}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p.parquet")
+    assert load_problems(tmp_path / "p.parquet") == [Problem("p1", "1", {"level": 3}), Problem("p2", "x^2", {"level": 5})]
+
+
+def test_parquet_without_pyarrow(tmp_path, monkeypatch):
+    (tmp_path / "p.parquet").write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(ImportError, match="needs pyarrow"):
+        load_problems(tmp_path / "p.parquet")
+
+
+def test_hf_datasets(monkeypatch):
+    calls = []
+
+    def load_dataset(name, config, split):
+        calls.append((name, config, split))
+        return [{"question": "q0", "final_answer": ["3"]}, {"question": "q1", "final_answer": ["4"]}]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    problems = load_hf_problems(
+        "org/set", split="test", problem_key="question", answer_key="final_answer", answer_mode="list"
+    )
+    assert calls == [("org/set", None, "test")]
+    assert problems == [Problem("q0", "3", {}), Problem("q1", "4", {})]
+
+
+def test_hf_datasets_missing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(ImportError, match="needs `datasets`"):
+        load_hf_problems("org/set")
+
+
+@needs_benchmarks
+@pytest.mark.parametrize("name", sorted(BENCHMARK_SPECS))
+def test_benchmark_loads(name):
+    problem_key, answer_key, mode, count = BENCHMARK_SPECS[name]
+    problems = load_problems(BENCHMARKS / name / "test.jsonl", problem_key, answer_key, mode)
+    assert len(problems) == count
+    assert all(p.prompt_text.strip() and p.answer.strip() for p in problems)
+
+
+@pytest.fixture(scope="module")
+def benchmark_answers() -> dict[str, list[str]]:
+    answers = {}
+    for name, (problem_key, answer_key, mode, _) in BENCHMARK_SPECS.items():
+        problems = load_problems(BENCHMARKS / name / "test.jsonl", problem_key, answer_key, mode)
+        answers[name] = [p.answer for p in problems]
+    return answers
+
+
+def check_self_verification(answers_by_name: dict[str, list[str]], fast_path: bool) -> None:
+    with MathVerifyReward(timeout_s=10.0, num_workers=2, fast_path=fast_path) as reward:
+        for name, answers in answers_by_name.items():
+            scores = reward(["\\boxed{" + a + "}" for a in answers], answers)
+            failures = [a for a, s in zip(answers, scores) if s != 1.0]
+            assert len(failures) <= 0.05 * len(answers), f"{name}: {len(failures)} failures: {failures[:10]}"
+
+
+@needs_benchmarks
+def test_benchmark_answers_verify_against_themselves(benchmark_answers):
+    """A "\\boxed{ref}" response scores 1 for >= 95% of every benchmark (fast path on)."""
+    check_self_verification(benchmark_answers, fast_path=True)
+
+
+@needs_benchmarks
+def test_benchmark_answers_math_verify_sample(benchmark_answers):
+    """Every 20th answer through math-verify itself (fast path off): it must parse the references."""
+    check_self_verification({k: v[::20] for k, v in benchmark_answers.items()}, fast_path=False)
+
+
+@needs_benchmarks
+@pytest.mark.slow
+def test_benchmark_answers_math_verify_all(benchmark_answers):
+    """All 1547 answers through math-verify (about a minute on 2 cores)."""
+    check_self_verification(benchmark_answers, fast_path=False)
+
+
+def batches(sampler: PromptSampler, k: int) -> list[list[int]]:
+    return [sampler.next_batch() for _ in range(k)]
+
+
+def test_sampler_epochs_are_permutations():
+    sampler = PromptSampler(n=10, batch_size=5, seed=3)
+    epoch0, epoch1 = sum(batches(sampler, 2), []), sum(batches(sampler, 2), [])
+    assert sorted(epoch0) == sorted(epoch1) == list(range(10))
+    assert epoch0 != epoch1
+    assert sampler.epoch == 2 and sampler.position == 0
+    assert batches(PromptSampler(10, 5, seed=3), 4) == batches(PromptSampler(10, 5, seed=3), 4)
+    assert batches(PromptSampler(10, 5, seed=3), 2) != batches(PromptSampler(10, 5, seed=4), 2)
+
+
+def test_sampler_batches_cross_epochs():
+    sampler = PromptSampler(n=7, batch_size=3, seed=0)
+    flat = sum(batches(sampler, 7), [])  # 21 indices = exactly 3 epochs
+    assert all(len(b) == 3 for b in batches(PromptSampler(7, 3, 0), 7))
+    for e in range(3):
+        assert sorted(flat[7 * e : 7 * (e + 1)]) == list(range(7))
+    assert PromptSampler(n=2, batch_size=5, seed=0).next_batch().count(0) >= 2
+
+
+@pytest.mark.parametrize("k", [0, 1, 3, 4, 9])
+def test_sampler_resume(k):
+    reference = PromptSampler(n=11, batch_size=4, seed=5)
+    expected = batches(reference, k + 6)
+    run = PromptSampler(n=11, batch_size=4, seed=5)
+    batches(run, k)
+    state = json.loads(json.dumps(run.state_dict()))
+    resumed = PromptSampler(n=11, batch_size=4, seed=5)
+    resumed.load_state_dict(state)
+    assert batches(resumed, 6) == expected[k:]
+
+
+def test_sampler_validation():
+    with pytest.raises(ValueError, match="n must be an int >= 1"):
+        PromptSampler(0, 2)
+    with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
+        PromptSampler(3, 0)
+    sampler = PromptSampler(5, 2, seed=1)
+    with pytest.raises(ValueError, match=r"state\['seed'\] must equal this sampler's seed=1, got 2"):
+        sampler.load_state_dict({**sampler.state_dict(), "seed": 2})
+    with pytest.raises(ValueError, match="position"):
+        sampler.load_state_dict({**sampler.state_dict(), "position": 5})
