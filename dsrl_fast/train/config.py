@@ -18,7 +18,7 @@ import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar, TypeGuard, Union
 
 import yaml
 
@@ -54,6 +54,11 @@ DATA_SUFFIXES = (".jsonl", ".parquet")
 _PRESET_DIR = Path(__file__).parent / "presets"
 
 
+def _is_section(hint: Any) -> TypeGuard[type]:
+    """True for a section dataclass type (ModelConfig, ...), False for values and instances."""
+    return isinstance(hint, type) and is_dataclass(hint)
+
+
 def _type_name(hint: Any) -> str:
     """Human name of a field type, as used in error messages."""
     origin = typing.get_origin(hint)
@@ -64,7 +69,7 @@ def _type_name(hint: Any) -> str:
         if len(args) == 2 and args[1] is Ellipsis:
             return f"a list of {_type_name(args[0])} values"
         return f"a list of {len(args)} {_type_name(args[0])} values"
-    if is_dataclass(hint):
+    if _is_section(hint):
         return f"a mapping of {hint.__name__} fields"
     return hint.__name__
 
@@ -107,7 +112,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
                 return tuple(_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value))
             if len(value) == len(args):
                 return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
-        if is_dataclass(hint):
+        if _is_section(hint):
             if isinstance(value, hint):
                 return value
             if isinstance(value, Mapping):
@@ -135,7 +140,10 @@ def _from_mapping(cls: type, mapping: Mapping[str, Any] | None, prefix: str) -> 
             path = f"{prefix}.{key}" if prefix else str(key)
             raise ValueError(f"unknown config key {path!r}; valid keys{' of ' + prefix if prefix else ''}: "
                              f"{', '.join(valid)}")
-    return cls(**mapping)
+    hints = _field_hints(cls)
+    # a YAML section whose entries are all commented out reads as null: it means "all defaults"
+    kwargs = {k: {} if v is None and _is_section(hints[k]) else v for k, v in mapping.items()}
+    return cls(**kwargs)
 
 
 def _check_choice(key: str, value: Any, choices: tuple[Any, ...]) -> None:
@@ -585,14 +593,14 @@ def _leaf_hint(dotted: str) -> tuple[list[str], Any]:
     cls: Any = TrainConfig
     for depth, part in enumerate(parts):
         prefix = ".".join(parts[:depth])
-        if not is_dataclass(cls):
+        if not _is_section(cls):
             raise ValueError(f"unknown config key {dotted!r}: {prefix!r} is a value, not a section")
         hints = _field_hints(cls)
         if part not in hints:
             valid = ", ".join(f.name for f in fields(cls))
             raise ValueError(f"unknown config key {dotted!r}; valid keys{' of ' + prefix if prefix else ''}: {valid}")
         cls = hints[part]
-    if is_dataclass(cls):
+    if _is_section(cls):
         valid = ", ".join(f"{dotted}.{f.name}" for f in fields(cls))
         raise ValueError(f"config key {dotted!r} is a section; override its fields instead: {valid}")
     return parts, cls

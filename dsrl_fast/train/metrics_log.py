@@ -1,0 +1,269 @@
+"""Run metrics: a JSONL file (always), TensorBoard and wandb (optional), rank-0 printing and a step progress bar.
+
+``<output_dir>/metrics.jsonl`` holds one JSON object per logged step. Keys the trainer writes (the logger itself
+accepts any str -> int/float/str mapping):
+
+- ``step``: 0-based RL step index.
+- ``space``: ``"marginal"`` (PreRL, the response scored without its prompt) or ``"conditional"`` (standard RL).
+- ``samples``: which samples updated the policy: ``"negative"``, ``"positive"`` or ``"all"``.
+- ``reward_mean``: mean reward of the step's rollouts. ``accuracy``: fraction of rollouts answered correctly.
+- ``response_len_mean``: mean response length in tokens.
+- ``loss``: the aggregated policy loss. ``clip_frac``: fraction of kept tokens whose ratio was clipped.
+- ``entropy``: mean token entropy. ``grad_norm``: gradient norm before clipping.
+- ``tokens_per_s``: (prompt + response) tokens processed per second of the step.
+- ``logprob_drift``: mean |trainer log-prob - sampler log-prob| over response tokens.
+- ``fully_solved`` / ``fully_unsolved``: fraction of prompts whose rollouts were all right / all wrong.
+- ``transition_thoughts`` / ``reflection_thoughts``: mean thought-keyword counts per response.
+- ``lr``: learning rate of the step.
+
+Non-finite floats are written as ``NaN`` / ``Infinity`` (Python's json reads them back), so a diverged loss is
+recorded rather than dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Self
+
+import torch
+
+__all__ = ["METRICS_FILE", "MetricsLogger", "StepProgress", "is_rank0", "print0", "read_metrics"]
+
+METRICS_FILE = "metrics.jsonl"
+_WANDB_ID_FILE = "wandb_run_id"
+
+
+def is_rank0() -> bool:
+    """True on the process that logs: rank 0 of torch.distributed, or of the launcher's RANK before init."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def print0(*args: Any, **kwargs: Any) -> None:
+    """print() on rank 0 only, flushed."""
+    if is_rank0():
+        print(*args, **kwargs, flush=True)
+
+
+def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl file, in file order; lines that are not a JSON object (a write cut by a
+    kill) are skipped."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    return records
+
+
+def _plain_value(key: str, value: Any) -> int | float | str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        return float(value)
+    raise TypeError(f"metrics[{key!r}] must be an int, float or str (call .item() on tensors), "
+                    f"got {type(value).__name__}")
+
+
+class MetricsLogger:
+    """Appends one JSON line per step to ``<output_dir>/metrics.jsonl``; optionally mirrors to TensorBoard / wandb.
+
+    Only rank 0 writes; on other ranks every method is a no-op. Without `resume` an existing metrics file is
+    replaced; with it, lines are appended (call truncate_after(resume_step) to drop the steps that will be redone).
+    Each line is flushed as it is written, so a killed run loses nothing already logged.
+
+    Args:
+        output_dir: run directory (created if missing).
+        tensorboard: also write TensorBoard scalars under ``<output_dir>/tensorboard`` (needs tensorboard).
+        wandb_project: also log to this wandb project (needs wandb); the run id is kept in output_dir so a
+            resumed run continues the same wandb run.
+        config_dict: the resolved config, stored as TensorBoard text and wandb config.
+        resume: keep and append to an existing metrics file.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike[str], *, tensorboard: bool = False,
+                 wandb_project: str | None = None, config_dict: dict[str, Any] | None = None,
+                 resume: bool = False):
+        if wandb_project is not None and (not isinstance(wandb_project, str) or not wandb_project):
+            raise ValueError(f"wandb_project must be a non-empty str or None, got {wandb_project!r}")
+        if config_dict is not None and not isinstance(config_dict, dict):
+            raise TypeError(f"config_dict must be a dict or None, got {type(config_dict).__name__}")
+        self.enabled = is_rank0()
+        self.output_dir = Path(output_dir)
+        self.path = self.output_dir / METRICS_FILE
+        self._config_dict = config_dict
+        self._file = None
+        self._tb = None
+        self._wandb_run = None
+        if not self.enabled:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if tensorboard:
+            self._tb = self._summary_writer(purge_step=None)
+        if wandb_project is not None:
+            self._wandb_run = self._init_wandb(wandb_project, resume)
+        self._file = open(self.path, "a" if resume else "w", encoding="utf-8")  # noqa: SIM115 (held across log calls)
+
+    def _summary_writer(self, purge_step: int | None) -> Any:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            raise ImportError("tensorboard=True needs the tensorboard package: pip install tensorboard") from exc
+        writer = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"), purge_step=purge_step)
+        if self._config_dict is not None and purge_step is None:
+            writer.add_text("config", "```\n" + json.dumps(self._config_dict, indent=2) + "\n```")
+        return writer
+
+    def _init_wandb(self, project: str, resume: bool) -> Any:
+        try:
+            import wandb
+        except ImportError as exc:
+            raise ImportError(f"wandb_project={project!r} needs the wandb package: pip install wandb") from exc
+        id_file = self.output_dir / _WANDB_ID_FILE
+        if resume and id_file.is_file():
+            run_id = id_file.read_text(encoding="utf-8").strip()
+        else:
+            run_id = uuid.uuid4().hex[:16]
+            id_file.write_text(run_id, encoding="utf-8")
+        return wandb.init(project=project, id=run_id, resume="allow", dir=str(self.output_dir),
+                          config=self._config_dict)
+
+    def log(self, step: int, metrics: dict[str, float | int | str]) -> None:
+        """Record `metrics` of step `step` (a JSON line with "step" first; numbers also go to TensorBoard/wandb)."""
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be an int >= 0, got {step!r}")
+        if not isinstance(metrics, dict):
+            raise TypeError(f"metrics must be a dict, got {type(metrics).__name__}")
+        if not self.enabled:
+            return
+        if self._file is None:
+            raise RuntimeError(f"log() after close() of the metrics logger for {str(self.path)!r}")
+        record: dict[str, int | float | str] = {"step": step}
+        for key, value in metrics.items():
+            if not isinstance(key, str):
+                raise TypeError(f"metrics keys must be str, got {type(key).__name__} {key!r}")
+            value = _plain_value(key, value)
+            if key == "step" and value != step:
+                raise ValueError(f"metrics['step'] must equal step={step} when given, got {value!r}")
+            record[key] = value
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        numeric = {k: v for k, v in record.items() if k != "step" and not isinstance(v, str)}
+        if self._tb is not None:
+            for key, value in numeric.items():
+                if math.isfinite(value):
+                    self._tb.add_scalar(key, value, global_step=step)
+            self._tb.flush()
+        if self._wandb_run is not None:
+            self._wandb_run.log(numeric, step=step)
+
+    def truncate_after(self, step: int) -> int:
+        """Drop the records with step >= `step` (the steps a resumed run redoes); returns how many were dropped.
+
+        The file is rewritten atomically (temporary file + rename); TensorBoard events from `step` on are purged.
+        """
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be an int >= 0, got {step!r}")
+        if not self.enabled:
+            return 0
+        if self._file is None:
+            raise RuntimeError(f"truncate_after() after close() of the metrics logger for {str(self.path)!r}")
+        self._file.close()
+        with open(self.path, encoding="utf-8") as f:
+            lines = f.readlines()
+        kept = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] < step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (held across log calls)
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = self._summary_writer(purge_step=step)
+        return len(lines) - len(kept)
+
+    def close(self) -> None:
+        """Flush and close every sink (safe to call twice)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+            self._wandb_run = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class StepProgress:
+    """A tqdm bar over RL steps showing the step, reward and tokens/s; silent on non-zero ranks or when disabled.
+
+    Args:
+        total: number of steps of the run.
+        initial: steps already done (a resumed run starts there).
+        enabled: False hides the bar on every rank.
+    """
+
+    def __init__(self, total: int, initial: int = 0, enabled: bool = True):
+        if isinstance(total, bool) or not isinstance(total, int) or total < 0:
+            raise ValueError(f"total must be an int >= 0, got {total!r}")
+        if isinstance(initial, bool) or not isinstance(initial, int) or not 0 <= initial <= total:
+            raise ValueError(f"initial must be an int in [0, total={total}], got {initial!r}")
+        from tqdm.auto import tqdm
+
+        self.enabled = bool(enabled) and is_rank0()
+        self._bar = tqdm(total=total, initial=initial, disable=not self.enabled, unit="step", dynamic_ncols=True,
+                         desc="train")
+
+    @property
+    def n(self) -> int:
+        """Steps shown as done."""
+        return int(self._bar.n)
+
+    def update(self, step: int, reward: float, tokens_per_s: float) -> None:
+        """Mark 0-based step `step` done (the bar shows step + 1 of total) with its mean reward and throughput."""
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be an int >= 0, got {step!r}")
+        if not self.enabled:
+            return
+        self._bar.set_postfix(step=step, reward=f"{reward:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+        self._bar.update(step + 1 - self._bar.n)
+
+    def write(self, message: str) -> None:
+        """Print a line above the bar (rank 0 only)."""
+        if is_rank0():
+            self._bar.write(message)
+
+    def close(self) -> None:
+        """Remove the bar's resources (safe to call twice)."""
+        self._bar.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

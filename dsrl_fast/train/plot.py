@@ -1,0 +1,153 @@
+"""Training curves from a metrics.jsonl file: reward, accuracy, response length and thought counts per step."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dsrl_fast.train.metrics_log import read_metrics
+
+__all__ = ["moving_average", "plot_metrics"]
+
+# (y label, metric keys) of each panel, in order; a panel is drawn when any of its keys has a value.
+_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("mean reward", ("reward_mean",)),
+    ("accuracy", ("accuracy", "eval_accuracy")),
+    ("response length (tokens)", ("response_len_mean",)),
+    ("thoughts per response", ("transition_thoughts", "reflection_thoughts")),
+)
+_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red")
+_MARGINAL_NAMES = {"negative": "NSR-PreRL", "positive": "PSR-PreRL", "all": "PreRL"}
+_CONDITIONAL_NAMES = {"negative": "NSR-RL", "positive": "PSR-RL", "all": "GRPO"}
+
+
+def moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean over the last `window` points (fewer at the start). values: (T,) float -> (T,) float64."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be an int >= 1, got {window!r}")
+    values = np.asarray(values, dtype=np.float64)
+    csum = np.concatenate([[0.0], np.cumsum(values)])
+    idx = np.arange(1, len(values) + 1)
+    start = np.maximum(idx - window, 0)
+    return (csum[idx] - csum[start]) / (idx - start)
+
+
+def _last_per_step(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per step (the last written: a resumed run without truncation rewrote it), sorted by step."""
+    by_step: dict[int, dict[str, Any]] = {}
+    for record in records:
+        step = record.get("step")
+        if isinstance(step, int) and not isinstance(step, bool):
+            by_step[step] = record
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def _series(rows: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarray]:
+    points = [(r["step"], float(r[key])) for r in rows
+              if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool) and math.isfinite(r[key])]
+    if not points:
+        return np.zeros(0), np.zeros(0)
+    steps, values = zip(*points)
+    return np.asarray(steps, dtype=np.float64), np.asarray(values, dtype=np.float64)
+
+
+def _phase_name(row: dict[str, Any] | None, marginal: bool) -> str:
+    samples = row.get("samples", "negative" if marginal else "all") if row else ("negative" if marginal else "all")
+    names = _MARGINAL_NAMES if marginal else _CONDITIONAL_NAMES
+    name = names.get(samples, "PreRL" if marginal else "RL")
+    return f"{name} ({'marginal' if marginal else 'conditional'})"
+
+
+def _find_switch(rows: list[dict[str, Any]]) -> int | None:
+    """First step whose `space` differs from the previous logged step's."""
+    spaced = [r for r in rows if isinstance(r.get("space"), str)]
+    for prev, cur in itertools.pairwise(spaced):
+        if cur["space"] != prev["space"]:
+            return cur["step"]
+    return None
+
+
+def _phase_labels(rows: list[dict[str, Any]], switch: int) -> tuple[str, str]:
+    before = [r for r in rows if r["step"] < switch and isinstance(r.get("space"), str)]
+    after = [r for r in rows if r["step"] >= switch and isinstance(r.get("space"), str)]
+    first = _phase_name(before[-1], before[-1]["space"] == "marginal") if before else _phase_name(None, True)
+    second = _phase_name(after[0], after[0]["space"] == "marginal") if after else _phase_name(None, False)
+    return first, second
+
+
+def plot_metrics(metrics_path: str | os.PathLike[str], out_png: str | os.PathLike[str], *,
+                 switch_step: int | None = None, window: int = 10) -> str:
+    """Draw the run's curves to a PNG and return its path.
+
+    Panels (each only when its metrics are present): reward (raw, faint, and its trailing moving average over
+    `window` steps), accuracy, response length, transition/reflection thought counts. The switch between phases
+    (`switch_step`, or the first step where the logged `space` changes) is a dashed vertical line, with the two
+    phases labelled ("NSR-PreRL (marginal)" / "GRPO (conditional)", named from the logged `space` and `samples`).
+    Raises FileNotFoundError for a missing file and ValueError for a file without any step record.
+    """
+    if switch_step is not None and (isinstance(switch_step, bool) or not isinstance(switch_step, int)):
+        raise TypeError(f"switch_step must be an int or None, got {type(switch_step).__name__}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be an int >= 1, got {window!r}")
+    path = Path(metrics_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"metrics_path {str(path)!r} is not a file")
+    rows = _last_per_step(read_metrics(path))
+    if not rows:
+        raise ValueError(f"metrics_path {str(path)!r} holds no record with an integer 'step'")
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    switch = switch_step if switch_step is not None else _find_switch(rows)
+    panels = [(ylabel, [k for k in keys if _series(rows, k)[0].size]) for ylabel, keys in _PANELS]
+    panels = [p for p in panels if p[1]]
+    fig = Figure(figsize=(10, 2.6 * max(len(panels), 1) + 0.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    first_step, last_step = rows[0]["step"], rows[-1]["step"]
+    span = f"step {first_step}" if first_step == last_step else f"steps {first_step}-{last_step}"
+    fig.suptitle(f"{path.parent.name}/{path.name}: {span}, moving averages over {window} steps", fontsize=11)
+    if not panels:
+        ax = fig.add_subplot(1, 1, 1)
+        ax.text(0.5, 0.5, "no plottable metrics (reward_mean, accuracy, response_len_mean, *_thoughts)",
+                ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+    axes: list[Any] = list(fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]) if panels else []
+    labels = _phase_labels(rows, switch) if switch is not None else None
+    for i, (ax, (ylabel, keys)) in enumerate(zip(axes, panels)):
+        for color, key in zip(_COLORS, keys):
+            steps, values = _series(rows, key)
+            sparse = steps.size < 0.5 * len(rows)
+            if sparse or steps.size == 1:
+                ax.plot(steps, values, "o-", color=color, markersize=4, label=key)
+                continue
+            ax.plot(steps, values, color=color, alpha=0.3, linewidth=0.8, label=f"{key} (raw)")
+            ax.plot(steps, moving_average(values, window), color=color, linewidth=2.0, label=f"{key} (MA {window})")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        if labels is not None:
+            top = i == 0
+            ax.axvspan(min(first_step, switch) - 0.5, switch, color="tab:purple", alpha=0.12, linewidth=0,
+                       label=f"{labels[0]}: steps < {switch}" if top else None)
+            ax.axvline(switch, color="black", linestyle="--", linewidth=1.2,
+                       label=f"{labels[1]}: from step {switch}" if top else None)
+        if i == 0 and labels is not None:
+            ax.set_title(f"{labels[0]} for steps < {switch}  |  {labels[1]} from step {switch} (dashed line)",
+                         fontsize=10, loc="left")
+        ax.legend(fontsize=8, loc="best", ncol=2)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if len(axes):
+        axes[-1].set_xlabel("step")
+        left = min(first_step, switch) if switch is not None else first_step
+        right = max(last_step, switch) if switch is not None else last_step
+        axes[-1].set_xlim(left - 0.5 if right > left else left - 1, right + 0.5 if right > left else right + 1)
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    return str(out)
