@@ -1,0 +1,50 @@
+"""CPU smoke run of the fused-loss benchmark (tiny shape, Triton under the interpreter) in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ROW_FIELDS = {"op", "impl", "shape", "metric", "value", "unit", "gpu", "versions", "git_sha", "timestamp", "command"}
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    return subprocess.run([sys.executable, "-m", "bench.fused_loss", "--device", "cpu", *args], cwd=REPO_ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_quick_run_prints_rows_skips_and_writes_json(tmp_path: Path) -> None:
+    impls = ["naive", "torch", "triton", "liger_grpo", "cce"]
+    proc = _run("--quick", "--dtype", "fp32", "--shapes", "tiny,qwen3-4b", "--n", "8192",
+                "--impls", ",".join(impls), "--results-dir", str(tmp_path))
+    assert proc.returncode == 0, f"rc={proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    out = proc.stdout
+    assert "GEMM roofline" in out and "fp32 logits avoided" in out
+    measured = {line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ")} - {"impl"}
+    skipped_cce = "cce @ tiny" in out
+    assert measured | ({"cce"} if skipped_cce else set()) == set(impls), out
+    assert "Skipped:" in out
+    for impl in impls:
+        assert f"{impl} @ qwen3-4b N=8192 H=2560 V=151936: on CPU only the tiny/small shapes run" in out
+
+    rows = [json.loads(line) for line in (tmp_path / "fused_loss.jsonl").read_text().splitlines()]
+    assert rows and all(ROW_FIELDS <= set(r) for r in rows)
+    assert {r["shape"]["name"] for r in rows} == {"tiny"}
+    times = {(r["impl"], r["op"]): r["value"] for r in rows if r["metric"] == "time"}
+    for impl in measured:
+        for pass_name in ("fwd", "bwd", "fwdbwd"):
+            value = times[(impl, f"fused_loss.{pass_name}")]
+            assert isinstance(value, float) and value > 0, (impl, pass_name, value)
+    assert all(r["gpu"] == "cpu" and r["versions"]["torch"] for r in rows)
+
+
+def test_bf16_triton_on_interpreter_is_skipped_with_reason(tmp_path: Path) -> None:
+    proc = _run("--quick", "--dtype", "bf16", "--impls", "triton", "--results-dir", str(tmp_path))
+    assert proc.returncode == 0, f"rc={proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    assert "triton @ tiny N=64 H=64 V=1007: bf16 is wrong under the Triton interpreter" in proc.stdout
+    assert not (tmp_path / "fused_loss.jsonl").exists()

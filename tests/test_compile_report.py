@@ -1,0 +1,69 @@
+"""The sm_90a compile report: every kernel compiles for Hopper without a GPU, without spills, on wgmma for 16-bit.
+
+The report runs in a subprocess without TRITON_INTERPRET (this test process may have it set: the interpreter's
+@triton.jit returns functions that cannot be compiled).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
+
+from bench.compile_report import KERNEL_MODULES, MAX_SHARED_BYTES
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    out = tmp_path_factory.mktemp("compile_report") / "report.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "bench.compile_report", "--json", str(out)], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"compile report failed (rc={proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+    assert "sm_90a" in proc.stdout and "| _forward_kernel" in proc.stdout, proc.stdout
+    return json.loads(out.read_text())
+
+
+def _label(entry: dict[str, Any]) -> str:
+    return f"{entry['kernel']} {entry['variant']} {entry['dtype']} {entry['config']}"
+
+
+def test_every_kernel_compiled(report: list[dict[str, Any]]) -> None:
+    failed = [f"{_label(e)}: {e['error']}" for e in report if e["error"]]
+    assert not failed, "\n".join(failed)
+    for name in KERNEL_MODULES:
+        module = importlib.import_module(name)
+        assert len([e for e in report if e["module"] == name]) == len(module.compile_specs())
+        kernels = {attr for attr, obj in vars(module).items()
+                   if attr.endswith("_kernel") and isinstance(obj, (JITFunction, InterpretedFunction))}
+        reported = {e["kernel"] for e in report if e["module"] == name}
+        assert kernels and kernels == reported, f"{name}: kernels {sorted(kernels)}, reported {sorted(reported)}"
+        assert {e["dtype"] for e in report if e["module"] == name} == {"bf16", "fp16", "fp32"}
+
+
+def test_default_configs_do_not_spill(report: list[dict[str, Any]]) -> None:
+    spilling = [f"{_label(e)}: {e['spill_store_bytes']} B spill stores, {e['spill_load_bytes']} B spill loads, "
+                f"{e['stack_bytes']} B stack, {e['registers']} registers" for e in report if e["spill_bytes"]]
+    assert not spilling, "default configs spill on sm_90a:\n" + "\n".join(spilling)
+
+
+def test_16bit_gemm_loops_use_wgmma(report: list[dict[str, Any]]) -> None:
+    missing = [_label(e) for e in report if e["expect_wgmma"] and not e["wgmma_count"]]
+    assert not missing, "no wgmma in:\n" + "\n".join(missing)
+    bf16_gemms = {e["kernel"] for e in report if e["dtype"] == "bf16" and e["wgmma_count"]}
+    assert {"_forward_kernel", "_backward_kernel"} <= bf16_gemms
+
+
+def test_shared_memory_fits_hopper(report: list[dict[str, Any]]) -> None:
+    over = [f"{_label(e)}: {e['shared_bytes']} B" for e in report if e["shared_bytes"] > MAX_SHARED_BYTES]
+    assert not over, f"shared memory above the sm_90 limit of {MAX_SHARED_BYTES} B:\n" + "\n".join(over)
