@@ -255,3 +255,41 @@ def backward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, l
         PRECISION=_precision(hidden.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return d_hidden, d_weight
+
+
+def compile_specs() -> list[dict[str, object]]:
+    """Ahead-of-time compile entries for bench/compile_report.py: each kernel variant × dtype at its GPU default.
+
+    Each entry: kernel (the @triton.jit function), variant (str), dtype ("bf16" | "fp16" | "fp32"), signature
+    ({runtime argument: Triton type such as "*bf16", "i32", "fp32"}), constexprs ({constexpr argument: value}),
+    aligned (integer arguments assumed multiples of 16, as Qwen-sized H and row strides are; pointers always are),
+    num_warps, num_stages, expect_wgmma (16-bit operands must reach Hopper's wgmma tensor-core instructions).
+    """
+    specs: list[dict[str, object]] = []
+    scalars = {"N": "i32", "V": "i32", "H": "i32", "stride_hn": "i32", "stride_wv": "i32", "inv_temperature": "fp32"}
+    aligned = ("H", "stride_hn", "stride_wv")
+    for dtype, precision in (("bf16", "tf32"), ("fp16", "tf32"), ("fp32", "ieee")):
+        inputs = {"h_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "labels_ptr": "*i64"}
+        fwd, bwd = FORWARD_CONFIG, BACKWARD_CONFIG
+        specs.append({
+            "kernel": _forward_kernel, "variant": "entropy", "dtype": dtype,
+            "signature": {**inputs, **{name: "*fp32" for name in ("max_ptr", "sum_ptr", "sumz_ptr", "label_ptr")},
+                          **scalars, "tiles_per_split": "i32"},
+            "constexprs": {"BLOCK_N": fwd.block_n, "BLOCK_V": fwd.block_v, "BLOCK_H": fwd.block_h,
+                           "WITH_ENTROPY": True, "PRECISION": precision},
+            "aligned": aligned, "num_warps": fwd.num_warps, "num_stages": fwd.num_stages,
+            "expect_wgmma": dtype != "fp32",
+        })
+        for has_ent in (False, True):
+            specs.append({
+                "kernel": _backward_kernel, "variant": "dh+dw+entropy" if has_ent else "dh+dw", "dtype": dtype,
+                "signature": {**inputs, **{name: "*fp32" for name in ("lse_ptr", "entropy_ptr", "g_logp_ptr",
+                                                                       "g_ent_ptr", "dh_ptr", "dw_ptr")},
+                              **scalars},
+                "constexprs": {"BLOCK_N": bwd.block_n, "BLOCK_V": bwd.block_v, "BLOCK_H": bwd.block_h,
+                               "GROUP": GROUP_ROWS, "HAS_ENT_GRAD": has_ent, "COMPUTE_DH": True, "COMPUTE_DW": True,
+                               "PRECISION": precision},
+                "aligned": aligned, "num_warps": bwd.num_warps, "num_stages": bwd.num_stages,
+                "expect_wgmma": dtype != "fp32",
+            })
+    return specs
