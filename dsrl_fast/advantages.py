@@ -29,6 +29,7 @@ def _group_stats(r: torch.Tensor, inverse: torch.Tensor) -> tuple[torch.Tensor, 
 
     ``inverse``: (N,) group index of each sample, in [0, N).
     """
+
     def per_group(values: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(r).index_add_(0, inverse, values)[inverse]
 

@@ -37,7 +37,7 @@ def mean_pass_at_k(num_correct: Sequence[int], n: int | Sequence[int], k: int) -
     totals = [n] * len(counts) if isinstance(n, (int, np.integer)) else list(n)
     if len(totals) != len(counts):
         raise ValueError(f"n must be an int or have len(num_correct)={len(counts)} entries, got {len(totals)}")
-    return float(np.mean([pass_at_k(t, c, k) for t, c in zip(totals, counts)]))
+    return float(np.mean([pass_at_k(t, c, k) for t, c in zip(totals, counts, strict=True)]))
 
 
 def avg_at_k(scores: Sequence[Sequence[float]]) -> float:

@@ -23,7 +23,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
-from typing import Protocol
+from typing import Literal, Protocol
 
 __all__ = [
     "CheckPool",
@@ -60,12 +60,10 @@ def extract_boxed(text: str) -> str | None:
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
-    last = None
-    for last in _BOX_RE.finditer(text):
-        pass
-    if last is None:
+    ends = [m.end() for m in _BOX_RE.finditer(text)]
+    if not ends:
         return None
-    start = last.end()
+    start = ends[-1]
     while start < len(text) and text[start] in " \t":
         start += 1
     if start < len(text) and text[start] == "{":
@@ -120,7 +118,7 @@ def exact_match_reward(responses: list[str], references: list[str]) -> list[floa
     """1.0 where the last boxed answer matches the reference by :func:`answers_match_fast`."""
     _check_batch(responses, references)
     scores = []
-    for response, reference in zip(responses, references):
+    for response, reference in zip(responses, references, strict=True):
         answer = extract_boxed(response)
         scores.append(float(answer is not None and answers_match_fast(answer, reference)))
     return scores
@@ -165,10 +163,14 @@ def _worker_main(conn: Connection, check: Callable[[str, str], bool]) -> None:
 _MAX_START_FAILURES = 3
 
 
+StartMethod = Literal["spawn", "forkserver", "fork"]
+
+
 class _Worker:
     def __init__(self, ctx: mp.context.BaseContext, check: Callable[[str, str], bool], start_timeout_s: float):
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_worker_main, args=(child, check), daemon=True)
+        process_cls = ctx.Process  # type: ignore[attr-defined]  # every concrete context defines it
+        self.process = process_cls(target=_worker_main, args=(child, check), daemon=True)
         self.process.start()
         child.close()
         self.ready = False
@@ -209,7 +211,7 @@ class CheckPool:
         num_workers: int,
         timeout_s: float,
         start_timeout_s: float = 120.0,
-        mp_context: str = "spawn",
+        mp_context: StartMethod = "spawn",
     ):
         if not isinstance(num_workers, int) or num_workers < 1:
             raise ValueError(f"num_workers must be an int >= 1, got {num_workers!r}")
@@ -287,10 +289,10 @@ class CheckPool:
         waiting = [w for w in self._workers if w.task is not None or not w.ready]
         assert waiting, "no worker is busy or starting"
         timeout = max(0.0, min(w.deadline for w in waiting) - time.monotonic())
-        for conn in wait([w.conn for w in waiting], timeout=timeout):
-            worker = next(w for w in waiting if w.conn is conn)
+        ready = wait([w.conn for w in waiting], timeout=timeout)
+        for worker in (w for w in waiting if w.conn in ready):
             try:
-                message = conn.recv()
+                message = worker.conn.recv()
             except (EOFError, OSError):
                 if not worker.ready:
                     self._start_failed(worker)
@@ -334,7 +336,7 @@ class MathVerifyReward:
         num_workers: int | None = None,
         fast_path: bool = True,
         check: Callable[[str, str], bool] = math_verify_check,
-        mp_context: str = "spawn",
+        mp_context: StartMethod = "spawn",
     ):
         workers = min(4, os.cpu_count() or 1) if num_workers is None else num_workers
         self.fast_path = fast_path
@@ -344,7 +346,7 @@ class MathVerifyReward:
         _check_batch(responses, references)
         scores = [0.0] * len(responses)
         pending: dict[tuple[str, str], list[int]] = {}
-        for i, (response, reference) in enumerate(zip(responses, references)):
+        for i, (response, reference) in enumerate(zip(responses, references, strict=True)):
             answer = extract_boxed(response)
             if answer is None:
                 continue
@@ -353,7 +355,7 @@ class MathVerifyReward:
             else:
                 pending.setdefault((answer, reference), []).append(i)
         if pending:
-            for ok, indices in zip(self.pool.run(list(pending)), pending.values()):
+            for ok, indices in zip(self.pool.run(list(pending)), pending.values(), strict=True):
                 for i in indices:
                     scores[i] = float(ok)
         return scores

@@ -54,10 +54,10 @@ def test_answer_modes(tmp_path):
 
 
 def test_missing_file_and_bad_suffix(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.jsonl"):
         load_problems(tmp_path / "nope.jsonl")
     (tmp_path / "p.csv").write_text("a,b\n")
-    with pytest.raises(ValueError, match="must end in .jsonl or .parquet"):
+    with pytest.raises(ValueError, match=r"must end in \.jsonl or \.parquet"):
         load_problems(tmp_path / "p.csv")
 
 
@@ -98,7 +98,10 @@ def test_parquet_roundtrip(tmp_path):
 
     rows = [{"problem": "p1", "answer": "1", "level": 3}, {"problem": "p2", "answer": "x^2", "level": 5}]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "p.parquet")
-    assert load_problems(tmp_path / "p.parquet") == [Problem("p1", "1", {"level": 3}), Problem("p2", "x^2", {"level": 5})]
+    assert load_problems(tmp_path / "p.parquet") == [
+        Problem("p1", "1", {"level": 3}),
+        Problem("p2", "x^2", {"level": 5}),
+    ]
 
 
 def test_parquet_without_pyarrow(tmp_path, monkeypatch):
@@ -151,7 +154,7 @@ def check_self_verification(answers_by_name: dict[str, list[str]], fast_path: bo
     with MathVerifyReward(timeout_s=10.0, num_workers=2, fast_path=fast_path) as reward:
         for name, answers in answers_by_name.items():
             scores = reward(["\\boxed{" + a + "}" for a in answers], answers)
-            failures = [a for a, s in zip(answers, scores) if s != 1.0]
+            failures = [a for a, s in zip(answers, scores, strict=True) if s != 1.0]
             assert len(failures) <= 0.05 * len(answers), f"{name}: {len(failures)} failures: {failures[:10]}"
 
 
@@ -178,9 +181,13 @@ def batches(sampler: PromptSampler, k: int) -> list[list[int]]:
     return [sampler.next_batch() for _ in range(k)]
 
 
+def flat(lists: list[list[int]]) -> list[int]:
+    return [x for sub in lists for x in sub]
+
+
 def test_sampler_epochs_are_permutations():
     sampler = PromptSampler(n=10, batch_size=5, seed=3)
-    epoch0, epoch1 = sum(batches(sampler, 2), []), sum(batches(sampler, 2), [])
+    epoch0, epoch1 = flat(batches(sampler, 2)), flat(batches(sampler, 2))
     assert sorted(epoch0) == sorted(epoch1) == list(range(10))
     assert epoch0 != epoch1
     assert sampler.epoch == 2 and sampler.position == 0
@@ -190,10 +197,10 @@ def test_sampler_epochs_are_permutations():
 
 def test_sampler_batches_cross_epochs():
     sampler = PromptSampler(n=7, batch_size=3, seed=0)
-    flat = sum(batches(sampler, 7), [])  # 21 indices = exactly 3 epochs
+    indices = flat(batches(sampler, 7))  # 21 indices = exactly 3 epochs
     assert all(len(b) == 3 for b in batches(PromptSampler(7, 3, 0), 7))
     for e in range(3):
-        assert sorted(flat[7 * e : 7 * (e + 1)]) == list(range(7))
+        assert sorted(indices[7 * e : 7 * (e + 1)]) == list(range(7))
     assert PromptSampler(n=2, batch_size=5, seed=0).next_batch().count(0) >= 2
 
 

@@ -63,7 +63,9 @@ def test_extract_boxed(text, expected):
     assert extract_boxed(text) == expected
 
 
-@pytest.mark.parametrize("text", ["no box here", "", "\\boxed{12", "\\boxed{}", "\\boxed{ }", "\\boxedx{3}", "\\boxed{\\}"])
+@pytest.mark.parametrize(
+    "text", ["no box here", "", "\\boxed{12", "\\boxed{}", "\\boxed{ }", "\\boxedx{3}", "\\boxed{\\}"]
+)
 def test_extract_boxed_none(text):
     assert extract_boxed(text) is None
 
@@ -122,14 +124,18 @@ WRONG = [
 
 
 def test_math_verify_equivalences(reward):
-    responses, references = zip(*(EQUIVALENT + WRONG))
+    responses, references = zip(*(EQUIVALENT + WRONG), strict=True)
     scores = reward(list(responses), list(references))
     assert scores == [1.0] * len(EQUIVALENT) + [0.0] * len(WRONG)
 
 
 def test_math_verify_without_fast_path():
     with MathVerifyReward(timeout_s=10.0, num_workers=1, fast_path=False) as fn:
-        assert fn(["\\boxed{27}", "\\boxed{3}", "\\boxed{\\frac{1}{3}}"], ["27", "4", "\\frac{1}{3}"]) == [1.0, 0.0, 1.0]
+        assert fn(["\\boxed{27}", "\\boxed{3}", "\\boxed{\\frac{1}{3}}"], ["27", "4", "\\frac{1}{3}"]) == [
+            1.0,
+            0.0,
+            1.0,
+        ]
 
 
 def test_fast_path_skips_workers():
@@ -140,7 +146,7 @@ def test_fast_path_skips_workers():
 
 
 def test_reward_from_a_thread(reward):
-    responses, references = zip(*EQUIVALENT[:4], *WRONG[:2])
+    responses, references = zip(*EQUIVALENT[:4], *WRONG[:2], strict=True)
     out = []
     thread = threading.Thread(target=lambda: out.append(reward(list(responses), list(references))))
     thread.start()
@@ -161,7 +167,7 @@ def test_reward_validates_input(reward):
 def test_registry():
     with pytest.raises(ValueError, match="name must be one of"):
         get_reward_fn("nope")
-    register_reward_fn("always_one", lambda: (lambda responses, references: [1.0] * len(responses)))
+    register_reward_fn("always_one", lambda: lambda responses, references: [1.0] * len(responses))
     assert get_reward_fn("always_one")(["a", "b"], ["c", "d"]) == [1.0, 1.0]
     with pytest.raises(TypeError, match="factory must be callable"):
         register_reward_fn("bad", 3)
@@ -173,7 +179,9 @@ def test_timeout_and_crash_score_zero_and_do_not_leak():
     first = pool.processes[0]
     start = time.monotonic()
     out = []
-    thread = threading.Thread(target=lambda: out.append(pool.run([("hang", "x"), ("b", "b"), ("crash", "c"), ("d", "e")])))
+    thread = threading.Thread(
+        target=lambda: out.append(pool.run([("hang", "x"), ("b", "b"), ("crash", "c"), ("d", "e")]))
+    )
     thread.start()
     thread.join(120)
     assert not thread.is_alive()
