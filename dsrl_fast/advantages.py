@@ -11,7 +11,9 @@ Estimators (``r``: a sample's reward; group: the samples of one prompt; all per 
   ``token_counts`` (response lengths) to weight each sample by its tokens as verl does.
 
 A group with a single sample gets advantage 0 under every group estimator (verl instead gives
-GRPO singletons ``r`` itself and refuses RLOO singletons).
+GRPO singletons ``r`` itself and refuses RLOO singletons); so does a one-sample batch under
+"reinforce_pp". Every estimator is a few vectorized ops with no host sync, except ``torch.unique``
+on 1-D ``group_ids``.
 """
 
 from __future__ import annotations
