@@ -29,7 +29,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from bench.harness import markdown_table
 
@@ -94,20 +94,30 @@ def load_specs(module_name: str) -> list[dict[str, Any]]:
     return specs
 
 
-def _full_signature(spec: dict[str, Any]) -> tuple[dict[str, str], dict[tuple[int, ...], list[list[Any]]]]:
+def _full_signature(spec: dict[str, Any]) -> tuple[dict[str, str], dict[tuple[int, ...], Any]]:
     """Signature over every kernel argument in order ("constexpr" for constexprs) and the divisibility attrs."""
     fn = spec["kernel"]
-    names = list(fn.arg_names)
+    names: list[str] = list(fn.arg_names)
     given = set(spec["signature"]) | set(spec["constexprs"])
     assert given == set(names), f"{fn.__name__}: spec covers {sorted(given)}, kernel takes {names}"
-    signature = {n: "constexpr" if n in spec["constexprs"] else spec["signature"][n] for n in names}
+    signature: dict[str, str] = {n: "constexpr" if n in spec["constexprs"] else spec["signature"][n] for n in names}
     aligned = set(spec["aligned"])
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+    attrs: dict[tuple[int, ...], Any] = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
              if signature[n].startswith("*") or n in aligned}
     return signature, attrs
 
 
-def ptxas_usage(ptx: str) -> dict[str, int]:
+class PtxasUsage(NamedTuple):
+    """Per-thread registers, stack frame and spill bytes, and static shared memory of one sm_90a cubin."""
+
+    registers: int
+    stack_bytes: int
+    spill_store_bytes: int
+    spill_load_bytes: int
+    static_shared_bytes: int
+
+
+def ptxas_usage(ptx: str) -> PtxasUsage:
     """Run Triton's bundled ptxas on `ptx` for sm_90a (Triton's own flags) and parse `-v`: registers, spills, stack,
     static shared memory."""
     from triton.backends.nvidia.compiler import get_ptxas
@@ -122,9 +132,9 @@ def ptxas_usage(ptx: str) -> dict[str, int]:
     frame = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
     smem = re.search(r"(\d+) bytes smem", log)
     assert regs and frame, f"unexpected ptxas output:\n{log}"
-    return {"registers": int(regs.group(1)), "stack_bytes": int(frame.group(1)),
-            "spill_store_bytes": int(frame.group(2)), "spill_load_bytes": int(frame.group(3)),
-            "static_shared_bytes": int(smem.group(1)) if smem else 0}
+    return PtxasUsage(registers=int(regs.group(1)), stack_bytes=int(frame.group(1)),
+                      spill_store_bytes=int(frame.group(2)), spill_load_bytes=int(frame.group(3)),
+                      static_shared_bytes=int(smem.group(1)) if smem else 0)
 
 
 def compile_spec(spec: dict[str, Any], module_name: str) -> CompileResult:
@@ -146,9 +156,10 @@ def compile_spec(spec: dict[str, Any], module_name: str) -> CompileResult:
     except Exception as exc:  # noqa: BLE001 - a failed entry is reported in the table, the others still run
         return dataclasses.replace(base, error=f"{type(exc).__name__}: {exc}"[:2000],
                                    compile_s=time.perf_counter() - start)
-    shared = compiled.metadata.shared + usage.pop("static_shared_bytes")
-    return dataclasses.replace(base, shared_bytes=shared, wgmma_count=ptx.count("wgmma.mma_async"),
-                               compile_s=time.perf_counter() - start, **usage)
+    return dataclasses.replace(base, registers=usage.registers, spill_store_bytes=usage.spill_store_bytes,
+                               spill_load_bytes=usage.spill_load_bytes, stack_bytes=usage.stack_bytes,
+                               shared_bytes=compiled.metadata.shared + usage.static_shared_bytes,
+                               wgmma_count=ptx.count("wgmma.mma_async"), compile_s=time.perf_counter() - start)
 
 
 def compile_entry(module_name: str, index: int) -> CompileResult:

@@ -234,7 +234,8 @@ class Measurement:
     failure: str | None = None
 
 
-def _pass_runner(loss_fn: LossFn, x: Inputs, pass_name: str) -> tuple[Callable[[], object], Callable[[object], object]]:
+def _pass_runner(loss_fn: LossFn, x: Inputs,
+                 pass_name: str) -> tuple[Callable[[], object], Callable[[object], object]]:
     """(setup, fn) for one pass; setup clears the gradients (and runs the forward for "bwd")."""
     def clear() -> None:
         x.clear_grads()
@@ -274,94 +275,119 @@ def _fmt(value: float | None, spec: str) -> str:
 
 @dataclass
 class Report:
-    """Rows for JSON, lines for the printed tables, the skip list and the error count of one run."""
+    """What one run collected: JSON rows, skip lines ("impl @ shape: reason") and the count of errored rows."""
 
     rows: list[Row]
     skipped: list[str]
     errors: int = 0
 
 
-def _bench_shape(shape: Shape, impls: Sequence[Impl], passes: Sequence[str], args: argparse.Namespace,
-                 device: torch.device, report: Report) -> None:
-    dtype_name = args.dtype
-    shape_info = shape.as_dict(dtype_name)
+TABLE_HEADERS = ["impl", "pass", "median ms", "TFLOP/s", "roofline ms", "× roofline", "peak Δ MiB", "% fp32 logits"]
+
+
+def _roofline(shape: Shape, shape_info: dict[str, object], args: argparse.Namespace, device: torch.device,
+              report: Report) -> Roofline | None:
+    """The same-run GEMM roofline of `shape` (None when it does not fit in memory); prints the shape header."""
+    logits_mib = shape.n * shape.v * 4 / MIB
+    header = (f"\n## {shape.label} {args.dtype} on {device_name(device)}: "
+              f"fp32 logits avoided N·V·4 = {logits_mib:.1f} MiB; ")
+    try:
+        roof = gemm_roofline(shape.n, shape.h, shape.v, dtype=DTYPES[args.dtype], device=device,
+                             warmup=args.warmup, repeat=args.repeat)
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        print(header + "GEMM roofline OOM")
+        report.rows.append(Row("gemm_roofline", "torch.mm", shape_info, "time", "OOM", "ms"))
+        return None
+    finally:
+        _release(device)
+    print(header + f"GEMM roofline (N×H)@(H×V) {roof.gemm_ms:.3f} ms = {roof.tflops:.1f} TFLOP/s")
+    report.rows += [Row("gemm_roofline", "torch.mm", shape_info, "time", roof.gemm_ms, "ms"),
+                    Row("gemm_roofline", "torch.mm", shape_info, "tflops", roof.tflops, "TFLOP/s")]
+    return roof
+
+
+def _probe_failure(loss_fn: LossFn, x: Inputs) -> str | None:
+    """Run forward+backward once; the exception's first line if it fails."""
+    try:
+        loss_fn(x).backward()
+    except Exception as exc:  # noqa: BLE001 - the reason is reported as a skip line
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    finally:
+        x.clear_grads()
+    return None
+
+
+def _measure_or_fail(loss_fn: LossFn, x: Inputs, pass_name: str, label: str, args: argparse.Namespace,
+                     device: torch.device, report: Report) -> Measurement:
+    """measure(), with an allocation failure turned into failure="OOM" and any other exception into "error"."""
+    try:
+        return measure(loss_fn, x, pass_name, device=device, warmup=args.warmup, repeat=args.repeat)
+    except Exception as exc:  # noqa: BLE001 - one broken configuration must not stop the sweep
+        if is_out_of_memory(exc):
+            return Measurement(None, None, "OOM")
+        print(f"ERROR {label}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        report.errors += 1
+        return Measurement(None, None, "error")
+    finally:
+        _release(device)
+
+
+def bench_shape(shape: Shape, impls: Sequence[Impl], passes: Sequence[str], args: argparse.Namespace,
+                device: torch.device, report: Report) -> None:
+    """Roofline, then every runnable impl × pass at `shape`: rows and skips go to `report`, a table to stdout.
+
+    An allocation failure marks that (impl, pass) "OOM"; any other exception marks it "error", is printed to stderr
+    and counted in report.errors; either way the sweep goes on.
+    """
     runnable = []
     for impl in impls:
-        why = impl.skip_reason(shape, dtype_name, device)
+        why = impl.skip_reason(shape, args.dtype, device)
         if why:
             report.skipped.append(f"{impl.name} @ {shape.label}: {why}")
         else:
             runnable.append(impl)
     if not runnable:
         return
-    base_flops = 2.0 * shape.n * shape.h * shape.v
+    shape_info = shape.as_dict(args.dtype)
+    roof = _roofline(shape, shape_info, args, device, report)
     logits_bytes = shape.n * shape.v * 4
-    try:
-        roof: Roofline | None = gemm_roofline(shape.n, shape.h, shape.v, dtype=DTYPES[dtype_name], device=device,
-                                              warmup=args.warmup, repeat=args.repeat)
-    except Exception as exc:  # noqa: BLE001 - only allocation failures are expected here
-        if not is_out_of_memory(exc):
-            raise
-        roof = None
-    _release(device)
-    header = f"\n## {shape.label} {dtype_name} on {device_name(device)}: fp32 logits avoided N·V·4 = " \
-             f"{logits_bytes / MIB:.1f} MiB; "
-    if roof is None:
-        print(header + "GEMM roofline OOM")
-        report.rows.append(Row("gemm_roofline", "torch.mm", shape_info, "time", "OOM", "ms"))
-    else:
-        print(header + f"GEMM roofline (N×H)@(H×V) {roof.gemm_ms:.3f} ms = {roof.tflops:.1f} TFLOP/s")
-        report.rows += [Row("gemm_roofline", "torch.mm", shape_info, "time", roof.gemm_ms, "ms"),
-                        Row("gemm_roofline", "torch.mm", shape_info, "tflops", roof.tflops, "TFLOP/s")]
-    x = make_inputs(shape, DTYPES[dtype_name], device, args.seed)
+    x = make_inputs(shape, DTYPES[args.dtype], device, args.seed)
     table = []
     for impl in runnable:
         loss_fn = impl.build(device)
         if impl.probe_on_cpu and device.type == "cpu":
-            try:
-                loss_fn(x).backward()
-            except Exception as exc:  # noqa: BLE001 - any failure of the probe means this impl cannot run here
-                report.skipped.append(f"{impl.name} @ {shape.label}: first call failed here "
-                                      f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
-                x.clear_grads()
+            failure = _probe_failure(loss_fn, x)
+            if failure:
+                report.skipped.append(f"{impl.name} @ {shape.label}: first call failed here ({failure})")
                 continue
-            x.clear_grads()
         for pass_name in passes:
             op = f"fused_loss.{pass_name}"
-            flops = PASS_FLOPS[pass_name] / 2 * base_flops
-            roof_ms = roof.time_ms(flops) if roof else None
-            try:
-                m = measure(loss_fn, x, pass_name, device=device, warmup=args.warmup, repeat=args.repeat)
-            except Exception as exc:  # noqa: BLE001 - one broken configuration must not stop the sweep
-                if is_out_of_memory(exc):
-                    m = Measurement(None, None, "OOM")
-                else:
-                    print(f"ERROR {impl.name} {pass_name} @ {shape.label}: {type(exc).__name__}: {exc}",
-                          file=sys.stderr)
-                    m = Measurement(None, None, "error")
-                    report.errors += 1
-            _release(device)
+            m = _measure_or_fail(loss_fn, x, pass_name, f"{impl.name} {pass_name} @ {shape.label}", args, device,
+                                 report)
             if m.failure:
                 report.rows.append(Row(op, impl.name, shape_info, "time", m.failure, "ms"))
-                table.append([impl.name, pass_name, m.failure] + ["-"] * 5)
+                table.append([impl.name, pass_name, m.failure] + ["-"] * (len(TABLE_HEADERS) - 3))
                 continue
             assert m.time_ms is not None
+            flops = PASS_FLOPS[pass_name] * shape.n * shape.h * shape.v
             tflops = flops / (m.time_ms * 1e9)
+            roof_ms = roof.time_ms(flops) if roof else None
             report.rows += [Row(op, impl.name, shape_info, "time", m.time_ms, "ms"),
                             Row(op, impl.name, shape_info, "tflops", tflops, "TFLOP/s")]
             if roof_ms is not None:
                 report.rows.append(Row(op, impl.name, shape_info, "roofline_time", roof_ms, "ms"))
             if m.peak_bytes is not None:
                 report.rows.append(Row(op, impl.name, shape_info, "peak_mem_delta", m.peak_bytes, "bytes"))
-            peak_mib = None if m.peak_bytes is None else m.peak_bytes / MIB
-            pct = None if m.peak_bytes is None else 100.0 * m.peak_bytes / logits_bytes
+            peak = m.peak_bytes
             table.append([impl.name, pass_name, f"{m.time_ms:.3f}", f"{tflops:.2f}", _fmt(roof_ms, ".3f"),
-                          _fmt(None if roof_ms is None else m.time_ms / roof_ms, ".2f"), _fmt(peak_mib, ".1f"),
-                          _fmt(pct, ".1f")])
+                          _fmt(None if roof_ms is None else m.time_ms / roof_ms, ".2f"),
+                          _fmt(None if peak is None else peak / MIB, ".1f"),
+                          _fmt(None if peak is None else 100.0 * peak / logits_bytes, ".1f")])
     del x
     _release(device)
-    print(markdown_table(["impl", "pass", "median ms", "TFLOP/s", "roofline ms", "× roofline", "peak Δ MiB",
-                          "% fp32 logits"], table))
+    print(markdown_table(TABLE_HEADERS, table))
 
 
 def _csv(choices: Sequence[str], name: str) -> Callable[[str], list[str]]:
@@ -424,7 +450,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = Report(rows=[], skipped=[])
     impls = [IMPLS[name] for name in args.impls]
     for shape in expand_shapes(args.shapes, args.n):
-        _bench_shape(shape, impls, args.passes, args, device, report)
+        bench_shape(shape, impls, args.passes, args, device, report)
     if report.skipped:
         print("\nSkipped:")
         for line in report.skipped:

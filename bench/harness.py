@@ -13,10 +13,10 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
@@ -24,8 +24,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RESULTS_DIR = REPO_ROOT / "bench" / "results"
 VERSIONED_PACKAGES = ("torch", "triton", "dsrl_fast", "liger_kernel", "cut_cross_entropy")
 MIB = 1 << 20
-
-State = TypeVar("State")
 
 
 @dataclass(frozen=True)
@@ -61,24 +59,21 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _no_setup() -> None:
-    return None
-
-
-def median_ms(fn: Callable[[State], object], *, device: torch.device, warmup: int, repeat: int,
-              setup: Callable[[], State] = _no_setup) -> float:
-    """Median wall time of `fn(setup())` in milliseconds; `setup` runs before each call and is not timed.
+def median_ms(fn: Callable[[Any], object], *, device: torch.device, warmup: int, repeat: int,
+              setup: Callable[[], Any] | None = None) -> float:
+    """Median wall time of `fn(setup())` in milliseconds (`fn(None)` without setup); setup is not timed.
 
     warmup: untimed calls first (compilation, autotuning, allocator warm-up). repeat: timed calls (>= 1).
     """
     if warmup < 0 or repeat < 1:
         raise ValueError(f"warmup must be >= 0 and repeat >= 1, got warmup={warmup}, repeat={repeat}")
+    prepare = setup or (lambda: None)
     for _ in range(warmup):
-        fn(setup())
+        fn(prepare())
     synchronize(device)
     samples = []
     for _ in range(repeat):
-        state = setup()
+        state = prepare()
         if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             synchronize(device)
@@ -95,12 +90,12 @@ def median_ms(fn: Callable[[State], object], *, device: torch.device, warmup: in
     return statistics.median(samples)
 
 
-def peak_memory_delta(fn: Callable[[State], object], *, device: torch.device,
-                      setup: Callable[[], State] = _no_setup) -> int | None:
+def peak_memory_delta(fn: Callable[[Any], object], *, device: torch.device,
+                      setup: Callable[[], Any] | None = None) -> int | None:
     """Peak bytes allocated during `fn(setup())` above what was allocated when it started; None off CUDA."""
     if device.type != "cuda":
         return None
-    state = setup()
+    state = setup() if setup else None
     synchronize(device)
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
@@ -132,7 +127,7 @@ def _git_sha() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=REPO_ROOT).returncode != 0
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=REPO_ROOT, check=False).returncode != 0
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return sha + ("-dirty" if dirty else "")
@@ -159,7 +154,7 @@ def run_metadata(device: torch.device) -> dict[str, Any]:
         "gpu": device_name(device),
         "versions": package_versions(),
         "git_sha": _git_sha(),
-        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.orig_argv[0]).name, *sys.orig_argv[1:]]),
     }
 

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ROW_FIELDS = {"op", "impl", "shape", "metric", "value", "unit", "gpu", "versions", "git_sha", "timestamp", "command"}
 
@@ -15,7 +17,7 @@ ROW_FIELDS = {"op", "impl", "shape", "metric", "value", "unit", "gpu", "versions
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     return subprocess.run([sys.executable, "-m", "bench.fused_loss", "--device", "cpu", *args], cwd=REPO_ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
 
 
 def test_quick_run_prints_rows_skips_and_writes_json(tmp_path: Path) -> None:
@@ -48,3 +50,35 @@ def test_bf16_triton_on_interpreter_is_skipped_with_reason(tmp_path: Path) -> No
     assert proc.returncode == 0, f"rc={proc.returncode}\n{proc.stdout}\n{proc.stderr}"
     assert "triton @ tiny N=64 H=64 V=1007: bf16 is wrong under the Triton interpreter" in proc.stdout
     assert not (tmp_path / "fused_loss.jsonl").exists()
+
+
+def test_oom_and_errors_mark_their_rows_and_the_sweep_goes_on(capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    from bench import fused_loss
+
+    def exhausted(device: torch.device) -> fused_loss.LossFn:
+        def loss(x: fused_loss.Inputs) -> torch.Tensor:
+            raise torch.OutOfMemoryError("simulated allocation failure")
+        return loss
+
+    def broken(device: torch.device) -> fused_loss.LossFn:
+        def loss(x: fused_loss.Inputs) -> torch.Tensor:
+            raise RuntimeError("simulated bug")
+        return loss
+
+    no_skip = fused_loss.IMPLS["naive"].skip_reason
+    impls = [fused_loss.Impl("exhausted", exhausted, no_skip), fused_loss.Impl("broken", broken, no_skip),
+             fused_loss.IMPLS["naive"]]
+    args = fused_loss.parse_args(["--quick", "--device", "cpu", "--dtype", "fp32", "--passes", "fwd,fwdbwd"])
+    report = fused_loss.Report(rows=[], skipped=[])
+    shape = fused_loss.expand_shapes(["tiny"], [])[0]
+    fused_loss.bench_shape(shape, impls, args.passes, args, torch.device("cpu"), report)
+
+    times = {(r.impl, r.op): r.value for r in report.rows if r.metric == "time"}
+    assert times[("exhausted", "fused_loss.fwd")] == "OOM" and times[("exhausted", "fused_loss.fwdbwd")] == "OOM"
+    assert isinstance(times[("naive", "fused_loss.fwdbwd")], float)
+    assert times[("broken", "fused_loss.fwd")] == "error" and report.errors == 2
+    captured = capsys.readouterr()
+    assert "| exhausted | fwd    | OOM" in captured.out
+    assert "ERROR broken fwd @ tiny N=64 H=64 V=1007: RuntimeError: simulated bug" in captured.err

@@ -28,7 +28,7 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     out = tmp_path_factory.mktemp("compile_report") / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "bench.compile_report", "--json", str(out)], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, f"compile report failed (rc={proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     assert "sm_90a" in proc.stdout and "| _forward_kernel" in proc.stdout, proc.stdout
     return json.loads(out.read_text())
