@@ -15,7 +15,7 @@ import torch
 
 from dsrl_fast.train import metrics_log
 from dsrl_fast.train.metrics_log import MetricsLogger, StepProgress, print0, read_metrics
-from dsrl_fast.train.plot import _find_switch, _phase_labels, moving_average, plot_metrics
+from dsrl_fast.train.plot import _find_switch, _merge_steps, _phase_labels, moving_average, plot_metrics
 
 
 @pytest.fixture
@@ -94,7 +94,7 @@ def test_non_zero_rank_writes_nothing(tmp_path, rank, capsys):
         assert logger.truncate_after(0) == 0
     assert not (tmp_path / "run").exists()
     print0("hidden")
-    StepProgress(10).update(0, 0.5, 100.0)
+    StepProgress(10).update(1, 0.5, 100.0)
     assert capsys.readouterr() == ("", "")
     rank(0)
     print0("shown", 3)
@@ -181,13 +181,15 @@ def test_step_progress(capsys, rank):
     rank(0)
     with StepProgress(total=5, initial=1) as bar:
         assert bar.n == 1
-        bar.update(1, 0.5, 1234.0)
-        bar.update(3, 0.25, 99.0)
+        bar.update(2, 0.5, 1234.0)
+        bar.update(4, 0.25, 99.0)
         assert bar.n == 4
+        with pytest.raises(ValueError, match=r"step must be an int >= 1 \(steps done\), got 0"):
+            bar.update(0, 0.5, 1.0)
     err = capsys.readouterr().err
     assert "4/5" in err and "reward=0.250" in err and "tok_s=99" in err
     with StepProgress(total=5, enabled=False) as bar:
-        bar.update(0, 0.5, 1.0)
+        bar.update(1, 0.5, 1.0)
     assert capsys.readouterr().err == ""
     with pytest.raises(ValueError, match=r"initial must be an int in \[0, total=5\], got 6"):
         StepProgress(total=5, initial=6)
@@ -227,6 +229,8 @@ def test_plot_with_switch_and_single_line(tmp_path):
     rows = read_metrics(metrics)
     assert _find_switch(rows) == 20
     assert _phase_labels(rows, 20) == ("NSR-PreRL (marginal)", "GRPO (conditional)")
+    rows[20]["algo"] = "dr_grpo"
+    assert _phase_labels(rows, 20) == ("NSR-PreRL (marginal)", "Dr.GRPO (conditional)")
     full = plot_metrics(metrics, tmp_path / "out" / "curves.png", window=5)
     assert full == str(tmp_path / "out" / "curves.png")
 
@@ -239,6 +243,13 @@ def test_plot_with_switch_and_single_line(tmp_path):
     odd = tmp_path / "odd.jsonl"
     odd.write_text('{"step": 0, "note": "x"}\n{"step": 1, "note": "y", "loss": 1.0}\n')
     assert plot_metrics(odd, tmp_path / "odd.png").endswith("odd.png")
+
+
+def test_merge_steps_keeps_training_metrics_next_to_eval():
+    records = [{"step": 1, "reward_mean": 0.5}, {"step": 0, "reward_mean": 0.1}, {"step": 1, "eval_accuracy": 0.7},
+               {"step": "x"}, {"reward_mean": 9.0}]
+    assert _merge_steps(records) == [{"step": 0, "reward_mean": 0.1},
+                                     {"step": 1, "reward_mean": 0.5, "eval_accuracy": 0.7}]
 
 
 def test_plot_errors(tmp_path):

@@ -80,6 +80,8 @@ def test_yaml_file_over_dataclass_defaults(tmp_path):
         ("model.gradient_checkpointing=true", lambda c: c.model.gradient_checkpointing, True),
         ("eval_greedy=yes", lambda c: c.eval_greedy, True),
         ("data.template=chat", lambda c: c.data.template, "chat"),
+        ("data.template=qwen3", lambda c: c.data.template, "qwen3_non_thinking"),
+        ("data.template=Q: {problem} A:", lambda c: c.data.template, "Q: {problem} A:"),
         ("output_dir=runs/x y", lambda c: c.output_dir, "runs/x y"),
         ("wandb_project=2024", lambda c: c.wandb_project, "2024"),
         ("data.train_path=hf:org/math:train", lambda c: c.data.train_path, "hf:org/math:train"),
@@ -93,6 +95,13 @@ def test_yaml_file_over_dataclass_defaults(tmp_path):
 def test_override_types(override, get, expected):
     value = get(load_config(None, [override]))
     assert value == expected and type(value) is type(expected)
+
+
+def test_toy_pairs_bound_only_with_toy_data():
+    assert load_config(None, ["data.toy_train_size=7900"]).data.toy_train_size == 7900
+    assert load_config(None, ["data.toy_train_size=8100", "data.eval_path=eval.jsonl"]).data.toy_train_size == 8100
+    cfg = load_config(None, ["data.toy_train_size=90000", "data.train_path=train.jsonl"])
+    assert cfg.data.toy_train_size == 90000
 
 
 def test_override_order_and_null_name(tmp_path):
@@ -143,8 +152,9 @@ def test_override_order_and_null_name(tmp_path):
         ("model.name_or_path=Qwen/Qwen3-4B", ValueError, ["data.train_path is required", "'Qwen/Qwen3-4B'"]),
         ("data.train_path=train.csv", ValueError, ["data.train_path must be a path ending in .jsonl or .parquet"]),
         ("data.eval_path=hf:", ValueError, ["data.eval_path must name a dataset"]),
-        ("data.template=qwen", ValueError, ["data.template must be one of"]),
+        ("data.template=qwen", ValueError, ["data.template must be one of", "containing '{problem}'", "'qwen'"]),
         ("data.toy_high=5", ValueError, ["data.toy_high must be >= data.toy_low"]),
+        ("data.toy_train_size=8000", ValueError, ["data.toy_train_size must be <= 7900", "eval_size=200", "8000"]),
         ("data.answer_key= ", TypeError, ["data.answer_key must be str"]),
         ("deepspeed.zero_stage=4", ValueError, ["deepspeed.zero_stage must be one of", "4"]),
         ("deepspeed.offload_params=true", ValueError, ["deepspeed.offload_params=true needs deepspeed.zero_stage 3"]),
@@ -210,7 +220,7 @@ def test_presets(name, tmp_path):
     assert (cfg.algo.algo, cfg.algo.switch_step, cfg.algo.pretrain_loss_coef) == ("dsrl", 20, 0.01)
     assert (cfg.algo.clip_low, cfg.algo.clip_high, cfg.algo.clip_ratio_c) == (0.2, 0.2, 10.0)
     assert (cfg.optim.lr, cfg.deepspeed.zero_stage, cfg.deepspeed.bf16, cfg.model.dtype) == (1e-6, 2, True, "bfloat16")
-    assert cfg.data.template == "qwen3" and cfg.algo.kl_coef == 0.0
+    assert cfg.data.template == "qwen3_non_thinking" and cfg.algo.kl_coef == 0.0
     save_config(cfg, tmp_path / "resolved.yaml")
     assert load_config(tmp_path / "resolved.yaml", []) == cfg
 

@@ -23,6 +23,7 @@ from typing import Any, ClassVar, TypeGuard, Union
 import yaml
 
 from dsrl_fast.config import AGGREGATIONS, KL_TYPES
+from dsrl_fast.templates import TEMPLATES
 from dsrl_fast.train.algorithms import ALGORITHMS
 
 __all__ = [
@@ -44,7 +45,7 @@ __all__ = [
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ATTENTION_BACKENDS = ("auto", "triton", "flash_attn", "torch")
-TEMPLATES = ("qwen3", "chat", "plain")
+TEMPLATE_ALIASES = {"qwen3": "qwen3_non_thinking"}
 ENGINES = ("hf", "vllm")
 MARGINAL_ADVANTAGES = ("mean", "grpo")
 SCHEDULES = ("constant", "warmup", "cosine")
@@ -248,10 +249,13 @@ class DataConfig(_Section):
         eval_path: held-out problems in the same formats; null holds out toy problems (toy data) or skips
             evaluation.
         eval_size: number of evaluation problems (the first eval_size of eval_path).
-        template: prompt template: "qwen3" (the paper's non-thinking Qwen3 prompt), "chat" (the tokenizer's chat
-            template) or "plain" (the problem text).
+        template: prompt template (dsrl_fast.templates): "qwen3_non_thinking" (the paper's Qwen3 prompt with an
+            empty think block; "qwen3" is accepted for it), "chat" (the tokenizer's chat template), "plain" (the
+            problem text), or any string containing "{problem}". Toy data always uses "plain".
         max_prompt_len: prompts longer than this many tokens are dropped.
-        toy_train_size: number of generated toy training problems.
+        toy_train_size: number of generated toy training problems; with toy evaluation (eval_path null) the
+            toy_train_size + eval_size problems are distinct operand pairs, so both must fit in
+            (toy_high - toy_low + 1)² (8,100 for 10..99).
         toy_low: smallest toy operand.
         toy_high: largest toy operand (inclusive).
     """
@@ -264,9 +268,9 @@ class DataConfig(_Section):
     answer_from_solution: bool = False
     eval_path: str | None = None
     eval_size: int = 200
-    template: str = "qwen3"
+    template: str = "qwen3_non_thinking"
     max_prompt_len: int = 1024
-    toy_train_size: int = 20000
+    toy_train_size: int = 7000
     toy_low: int = 10
     toy_high: int = 99
 
@@ -276,12 +280,24 @@ class DataConfig(_Section):
         for name in ("problem_key", "answer_key"):
             if not getattr(self, name).strip():
                 raise ValueError(f"{self.key(name)} must be a non-empty field name, got {getattr(self, name)!r}")
-        _check_choice(self.key("template"), self.template, TEMPLATES)
+        self.template = TEMPLATE_ALIASES.get(self.template, self.template)
+        if self.template not in TEMPLATES and "{problem}" not in self.template:
+            raise ValueError(f"{self.key('template')} must be one of {TEMPLATES + tuple(TEMPLATE_ALIASES)} or a "
+                             f"string containing '{{problem}}', got {self.template!r}")
         for name in ("eval_size", "max_prompt_len", "toy_train_size"):
             self._min(name, 1)
         self._min("toy_low", 0)
         if self.toy_high < self.toy_low:
             raise ValueError(f"{self.key('toy_high')} must be >= data.toy_low ({self.toy_low}), got {self.toy_high}")
+        if self.train_path is None:
+            pairs = (self.toy_high - self.toy_low + 1) ** 2
+            held_out = self.eval_size if self.eval_path is None else 0
+            if self.toy_train_size + held_out > pairs:
+                raise ValueError(
+                    f"{self.key('toy_train_size')} must be <= {pairs - held_out} (the {pairs} distinct operand pairs "
+                    f"in [{self.toy_low}, {self.toy_high}]² minus data.eval_size={held_out} held out), "
+                    f"got {self.toy_train_size}"
+                )
 
 
 @dataclass

@@ -15,6 +15,7 @@ accepts any str -> int/float/str mapping):
 - ``fully_solved`` / ``fully_unsolved``: fraction of prompts whose rollouts were all right / all wrong.
 - ``transition_thoughts`` / ``reflection_thoughts``: mean thought-keyword counts per response.
 - ``lr``: learning rate of the step.
+- ``eval_accuracy``: held-out accuracy, in a separate record of the step after which it was measured.
 
 Non-finite floats are written as ``NaN`` / ``Infinity`` (Python's json reads them back), so a diverged loss is
 recorded rather than dropped.
@@ -245,13 +246,14 @@ class StepProgress:
         return int(self._bar.n)
 
     def update(self, step: int, reward: float, tokens_per_s: float) -> None:
-        """Mark 0-based step `step` done (the bar shows step + 1 of total) with its mean reward and throughput."""
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-            raise ValueError(f"step must be an int >= 0, got {step!r}")
+        """Move the bar to `step` steps done (the 0-based index of the step just finished + 1) and show that step's
+        mean reward and throughput."""
+        if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+            raise ValueError(f"step must be an int >= 1 (steps done), got {step!r}")
         if not self.enabled:
             return
         self._bar.set_postfix(step=step, reward=f"{reward:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
-        self._bar.update(step + 1 - self._bar.n)
+        self._bar.update(step - self._bar.n)
 
     def write(self, message: str) -> None:
         """Print a line above the bar (rank 0 only)."""

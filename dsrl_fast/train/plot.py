@@ -24,6 +24,9 @@ _PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
 _COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red")
 _MARGINAL_NAMES = {"negative": "NSR-PreRL", "positive": "PSR-PreRL", "all": "PreRL"}
 _CONDITIONAL_NAMES = {"negative": "NSR-RL", "positive": "PSR-RL", "all": "GRPO"}
+_ALGO_NAMES = {"grpo": "GRPO", "dr_grpo": "Dr.GRPO", "dapo": "DAPO", "rloo": "RLOO", "reinforce_pp": "REINFORCE++",
+               "prerl": "PreRL", "nsr_prerl": "NSR-PreRL", "psr_prerl": "PSR-PreRL", "nsr_rl": "NSR-RL",
+               "psr_rl": "PSR-RL"}
 
 
 def moving_average(values: np.ndarray, window: int) -> np.ndarray:
@@ -37,13 +40,14 @@ def moving_average(values: np.ndarray, window: int) -> np.ndarray:
     return (csum[idx] - csum[start]) / (idx - start)
 
 
-def _last_per_step(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One record per step (the last written: a resumed run without truncation rewrote it), sorted by step."""
+def _merge_steps(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per step, sorted by step: records of the same step (training metrics, then an evaluation) are
+    merged, later values winning (a resumed run without truncation rewrote them)."""
     by_step: dict[int, dict[str, Any]] = {}
     for record in records:
         step = record.get("step")
         if isinstance(step, int) and not isinstance(step, bool):
-            by_step[step] = record
+            by_step.setdefault(step, {}).update(record)
     return [by_step[s] for s in sorted(by_step)]
 
 
@@ -57,9 +61,11 @@ def _series(rows: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarra
 
 
 def _phase_name(row: dict[str, Any] | None, marginal: bool) -> str:
-    samples = row.get("samples", "negative" if marginal else "all") if row else ("negative" if marginal else "all")
+    """The phase's name from the row's `algo` (the rule in force), else from its `samples`."""
+    row = row or {}
+    samples = row.get("samples", "negative" if marginal else "all")
     names = _MARGINAL_NAMES if marginal else _CONDITIONAL_NAMES
-    name = names.get(samples, "PreRL" if marginal else "RL")
+    name = _ALGO_NAMES.get(row.get("algo"), names.get(samples, "PreRL" if marginal else "RL"))
     return f"{name} ({'marginal' if marginal else 'conditional'})"
 
 
@@ -87,7 +93,8 @@ def plot_metrics(metrics_path: str | os.PathLike[str], out_png: str | os.PathLik
     Panels (each only when its metrics are present): reward (raw, faint, and its trailing moving average over
     `window` steps), accuracy, response length, transition/reflection thought counts. The switch between phases
     (`switch_step`, or the first step where the logged `space` changes) is a dashed vertical line, with the two
-    phases labelled ("NSR-PreRL (marginal)" / "GRPO (conditional)", named from the logged `space` and `samples`).
+    phases labelled ("NSR-PreRL (marginal)" / "GRPO (conditional)", named from the logged `space` and `samples`);
+    a switch outside (first logged step, last logged step] is not drawn. Records of the same step are merged.
     Raises FileNotFoundError for a missing file and ValueError for a file without any step record.
     """
     if switch_step is not None and (isinstance(switch_step, bool) or not isinstance(switch_step, int)):
@@ -97,7 +104,7 @@ def plot_metrics(metrics_path: str | os.PathLike[str], out_png: str | os.PathLik
     path = Path(metrics_path)
     if not path.is_file():
         raise FileNotFoundError(f"metrics_path {str(path)!r} is not a file")
-    rows = _last_per_step(read_metrics(path))
+    rows = _merge_steps(read_metrics(path))
     if not rows:
         raise ValueError(f"metrics_path {str(path)!r} holds no record with an integer 'step'")
 
@@ -105,12 +112,14 @@ def plot_metrics(metrics_path: str | os.PathLike[str], out_png: str | os.PathLik
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
+    first_step, last_step = rows[0]["step"], rows[-1]["step"]
     switch = switch_step if switch_step is not None else _find_switch(rows)
+    if switch is not None and not first_step < switch <= last_step:
+        switch = None  # a single-phase run (switch at 0, or after the last logged step)
     panels = [(ylabel, [k for k in keys if _series(rows, k)[0].size]) for ylabel, keys in _PANELS]
     panels = [p for p in panels if p[1]]
     fig = Figure(figsize=(10, 2.6 * max(len(panels), 1) + 0.6), layout="constrained")
     FigureCanvasAgg(fig)
-    first_step, last_step = rows[0]["step"], rows[-1]["step"]
     span = f"step {first_step}" if first_step == last_step else f"steps {first_step}-{last_step}"
     fig.suptitle(f"{path.parent.name}/{path.name}: {span}, moving averages over {window} steps", fontsize=11)
     if not panels:
@@ -133,20 +142,20 @@ def plot_metrics(metrics_path: str | os.PathLike[str], out_png: str | os.PathLik
         ax.grid(alpha=0.3)
         if labels is not None:
             top = i == 0
-            ax.axvspan(min(first_step, switch) - 0.5, switch, color="tab:purple", alpha=0.12, linewidth=0,
+            # the boundary lies between steps switch - 1 and switch
+            ax.axvspan(first_step - 0.5, switch - 0.5, color="tab:purple", alpha=0.12, linewidth=0,
                        label=f"{labels[0]}: steps < {switch}" if top else None)
-            ax.axvline(switch, color="black", linestyle="--", linewidth=1.2,
+            ax.axvline(switch - 0.5, color="black", linestyle="--", linewidth=1.2,
                        label=f"{labels[1]}: from step {switch}" if top else None)
-        if i == 0 and labels is not None:
-            ax.set_title(f"{labels[0]} for steps < {switch}  |  {labels[1]} from step {switch} (dashed line)",
-                         fontsize=10, loc="left")
+            if top:
+                ax.set_title(f"{labels[0]} for steps < {switch}  |  {labels[1]} from step {switch} (dashed line)",
+                             fontsize=10, loc="left")
         ax.legend(fontsize=8, loc="best", ncol=2)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if len(axes):
         axes[-1].set_xlabel("step")
-        left = min(first_step, switch) if switch is not None else first_step
-        right = max(last_step, switch) if switch is not None else last_step
-        axes[-1].set_xlim(left - 0.5 if right > left else left - 1, right + 0.5 if right > left else right + 1)
+        pad = 0.5 if last_step > first_step else 1.0
+        axes[-1].set_xlim(first_step - pad, last_step + pad)
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
