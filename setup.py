@@ -3,10 +3,10 @@
 A top-level `kernels` module would shadow Hugging Face's `kernels` package, which transformers imports.
 """
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
-    packages=["dsrl_fast", "dsrl_fast.ops", "dsrl_fast.kernels"],
+    packages=find_packages(include=["dsrl_fast", "dsrl_fast.*"]) + ["dsrl_fast.kernels"],
     package_dir={"dsrl_fast": "dsrl_fast", "dsrl_fast.kernels": "kernels"},
-    package_data={"dsrl_fast": ["configs/*.yaml"]},
+    package_data={"dsrl_fast": ["train/presets/*.yaml"]},
 )

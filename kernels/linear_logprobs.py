@@ -33,10 +33,13 @@ class KernelConfig(NamedTuple):
     num_stages: int
 
 
-# Vetted defaults for Hopper/Ampere (bf16/fp16 operands on tensor cores, fp32 accumulators); the interpreter
-# runs Python per block op, so it gets the largest tiles that keep test shapes meaningful.
+# Vetted defaults for Hopper/Ampere (bf16/fp16 operands on wgmma tensor cores, fp32 accumulators). fp32 operands
+# run on FMA units and need smaller tiles to stay spill-free on sm_90a (see bench/compile_report.py). The
+# interpreter runs Python per block op, so it gets the largest tiles that keep test shapes meaningful.
 FORWARD_CONFIG = KernelConfig(block_n=128, block_v=128, block_h=64, num_warps=8, num_stages=3)
 BACKWARD_CONFIG = KernelConfig(block_n=64, block_v=128, block_h=64, num_warps=8, num_stages=3)
+FP32_FORWARD_CONFIG = KernelConfig(block_n=64, block_v=128, block_h=32, num_warps=8, num_stages=2)
+FP32_BACKWARD_CONFIG = KernelConfig(block_n=32, block_v=128, block_h=32, num_warps=8, num_stages=3)
 INTERPRETER_CONFIG = KernelConfig(block_n=64, block_v=256, block_h=128, num_warps=1, num_stages=1)
 GROUP_ROWS = 8
 
@@ -172,12 +175,17 @@ def _interpreting(t: torch.Tensor) -> bool:
     return t.device.type == "cpu"
 
 
-def default_config(kind: str, hidden: torch.Tensor) -> KernelConfig:
-    """The vetted config of `kind` ("forward" or "backward") for tensors on `hidden`'s device."""
+def gpu_config(kind: str, dtype: torch.dtype) -> KernelConfig:
+    """The vetted GPU config of `kind` ("forward" or "backward") for operands of `dtype`."""
     assert kind in ("forward", "backward")
-    if _interpreting(hidden):
-        return INTERPRETER_CONFIG
+    if dtype == torch.float32:
+        return FP32_FORWARD_CONFIG if kind == "forward" else FP32_BACKWARD_CONFIG
     return FORWARD_CONFIG if kind == "forward" else BACKWARD_CONFIG
+
+
+def default_config(kind: str, hidden: torch.Tensor) -> KernelConfig:
+    """The vetted config of `kind` ("forward" or "backward") for tensors like `hidden` (device and dtype)."""
+    return INTERPRETER_CONFIG if _interpreting(hidden) else gpu_config(kind, hidden.dtype)
 
 
 def _num_splits(n_row_blocks: int, n_vocab_tiles: int, device: torch.device) -> int:
@@ -268,9 +276,11 @@ def compile_specs() -> list[dict[str, object]]:
     specs: list[dict[str, object]] = []
     scalars = {"N": "i32", "V": "i32", "H": "i32", "stride_hn": "i32", "stride_wv": "i32", "inv_temperature": "fp32"}
     aligned = ("H", "stride_hn", "stride_wv")
-    for dtype, precision in (("bf16", "tf32"), ("fp16", "tf32"), ("fp32", "ieee")):
+    torch_dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    for dtype, torch_dtype in torch_dtypes.items():
+        precision = _precision(torch_dtype)
         inputs = {"h_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "labels_ptr": "*i64"}
-        fwd, bwd = FORWARD_CONFIG, BACKWARD_CONFIG
+        fwd, bwd = gpu_config("forward", torch_dtype), gpu_config("backward", torch_dtype)
         specs.append({
             "kernel": _forward_kernel, "variant": "entropy", "dtype": dtype,
             "signature": {**inputs, **{name: "*fp32" for name in ("max_ptr", "sum_ptr", "sumz_ptr", "label_ptr")},

@@ -243,9 +243,11 @@ class DataConfig(_Section):
         train_path: null generates toy addition problems ("Compute a+b."); otherwise a ``.jsonl`` / ``.parquet``
             file or ``hf:<dataset>[:<split>]``. Required when model.name_or_path is set.
         problem_key: field holding the problem text.
-        answer_key: field holding the reference answer (or the solution, with answer_from_solution).
-        answer_from_solution: the reference answer is the last ``\\boxed{}`` of answer_key's text (MATH's
-            ``solution``).
+        answer_key: field holding the reference answer (or the solution, with answer_mode "boxed").
+        answer_mode: how answer_key's value becomes the reference: "field" (as is), "boxed" (the last
+            ``\\boxed{}`` of a solution text, like MATH's ``solution``) or "list" (a list, or a list rendered as a
+            string such as "['2']", like OlympiadBench's ``final_answer``).
+        eval_problem_key / eval_answer_key / eval_answer_mode: the same for eval_path; null = the training ones.
         eval_path: held-out problems in the same formats; null holds out toy problems (toy data) or skips
             evaluation.
         eval_size: number of evaluation problems (the first eval_size of eval_path).
@@ -265,9 +267,12 @@ class DataConfig(_Section):
     train_path: str | None = None
     problem_key: str = "problem"
     answer_key: str = "answer"
-    answer_from_solution: bool = False
+    answer_mode: str = "field"
     eval_path: str | None = None
     eval_size: int = 200
+    eval_problem_key: str | None = None
+    eval_answer_key: str | None = None
+    eval_answer_mode: str | None = None
     template: str = "qwen3_non_thinking"
     max_prompt_len: int = 1024
     toy_train_size: int = 7000
@@ -277,9 +282,13 @@ class DataConfig(_Section):
     def _check(self) -> None:
         _check_data_path(self.key("train_path"), self.train_path)
         _check_data_path(self.key("eval_path"), self.eval_path)
-        for name in ("problem_key", "answer_key"):
-            if not getattr(self, name).strip():
-                raise ValueError(f"{self.key(name)} must be a non-empty field name, got {getattr(self, name)!r}")
+        for name in ("problem_key", "answer_key", "eval_problem_key", "eval_answer_key"):
+            value = getattr(self, name)
+            if value is not None and not value.strip():
+                raise ValueError(f"{self.key(name)} must be a non-empty field name, got {value!r}")
+        _check_choice(self.key("answer_mode"), self.answer_mode, ANSWER_MODES)
+        if self.eval_answer_mode is not None:
+            _check_choice(self.key("eval_answer_mode"), self.eval_answer_mode, ANSWER_MODES)
         self.template = TEMPLATE_ALIASES.get(self.template, self.template)
         if self.template not in TEMPLATES and "{problem}" not in self.template:
             raise ValueError(f"{self.key('template')} must be one of {TEMPLATES + tuple(TEMPLATE_ALIASES)} or a "

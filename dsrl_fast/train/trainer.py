@@ -29,7 +29,7 @@ from dsrl_fast.templates import render_prompt
 from dsrl_fast.thoughts import count_thoughts
 from dsrl_fast.train.algorithms import Phase, phase_for_step
 from dsrl_fast.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from dsrl_fast.train.config import TrainConfig, save_config
+from dsrl_fast.train.config import TrainConfig, config_to_dict, save_config
 from dsrl_fast.train.metrics_log import MetricsLogger, StepProgress, print0
 from dsrl_fast.train.plot import plot_metrics
 from dsrl_fast.train.rl_step import collect_samples, run_update, sample_advantages
@@ -112,20 +112,22 @@ def load_train_eval_problems(cfg: TrainConfig) -> tuple[list[Problem], list[Prob
     if d.train_path is None:
         from dsrl_fast.toy import make_addition_problems
 
-        train = make_addition_problems(d.toy_train_size, seed=cfg.seed, low=d.toy_low, high=d.toy_high)
-        held_out = make_addition_problems(d.eval_size, seed=cfg.seed + 1_000_003, low=d.toy_low, high=d.toy_high)
-        return train, held_out
-    mode = "boxed" if d.answer_from_solution else "field"
+        # One draw of distinct pairs, sliced, so held-out problems never appear in training.
+        drawn = make_addition_problems(d.toy_train_size + d.eval_size, seed=cfg.seed, low=d.toy_low, high=d.toy_high)
+        return drawn[: d.toy_train_size], drawn[d.toy_train_size:]
 
-    def load(path: str, limit: int | None) -> list[Problem]:
+    def load(path: str, limit: int | None, problem_key: str, answer_key: str, mode: str) -> list[Problem]:
         if path.startswith("hf:"):
             name, _, split = path[3:].partition(":")
-            return load_hf_problems(name, split or "train", problem_key=d.problem_key, answer_key=d.answer_key,
+            return load_hf_problems(name, split or "train", problem_key=problem_key, answer_key=answer_key,
                                     answer_mode=mode, limit=limit)
-        return load_problems(path, d.problem_key, d.answer_key, answer_mode=mode, limit=limit)
+        return load_problems(path, problem_key, answer_key, answer_mode=mode, limit=limit)
 
-    train = load(d.train_path, None)
-    held_out = load(d.eval_path, d.eval_size) if d.eval_path else []
+    train = load(d.train_path, None, d.problem_key, d.answer_key, d.answer_mode)
+    held_out = []
+    if d.eval_path:
+        held_out = load(d.eval_path, d.eval_size, d.eval_problem_key or d.problem_key,
+                        d.eval_answer_key or d.answer_key, d.eval_answer_mode or d.answer_mode)
     return train, held_out
 
 
@@ -305,7 +307,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
     if cfg.algo.kl_coef > 0:
         ref_model = _frozen_copy(model)
     logger = MetricsLogger(out, tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project,
-                           config_dict=None, resume=resume_from is not None)
+                           config_dict=config_to_dict(cfg), resume=resume_from is not None)
     if resume_from is not None:
         logger.truncate_after(start_step)
     progress = StepProgress(cfg.steps, start_step, enabled=cfg.progress)
@@ -333,7 +335,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
             engine.update_weights(updater.named_parameters_for_sync())
         metrics = _step_metrics(cfg, phase, samples, texts, result, lr, time.perf_counter() - t0)
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            logger.log(step, metrics)
+            logger.log(step, {k: v for k, v in metrics.items() if v is not None})
         progress.update(step + 1, metrics["reward_mean"], metrics["tokens_per_s"])
         done = step + 1
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
