@@ -26,6 +26,8 @@ from dsrl_fast.config import AGGREGATIONS, KL_TYPES
 from dsrl_fast.templates import TEMPLATES
 from dsrl_fast.train.algorithms import ALGORITHMS
 
+ANSWER_MODES = ("field", "boxed", "list")
+
 __all__ = [
     "AlgoConfig",
     "DataConfig",
@@ -247,7 +249,9 @@ class DataConfig(_Section):
         answer_mode: how answer_key's value becomes the reference: "field" (as is), "boxed" (the last
             ``\\boxed{}`` of a solution text, like MATH's ``solution``) or "list" (a list, or a list rendered as a
             string such as "['2']", like OlympiadBench's ``final_answer``).
-        eval_problem_key / eval_answer_key / eval_answer_mode: the same for eval_path; null = the training ones.
+        eval_problem_key: problem field of eval_path's rows; null = problem_key.
+        eval_answer_key: answer field of eval_path's rows; null = answer_key.
+        eval_answer_mode: answer_mode of eval_path's rows; null = answer_mode.
         eval_path: held-out problems in the same formats; null holds out toy problems (toy data) or skips
             evaluation.
         eval_size: number of evaluation problems (the first eval_size of eval_path).
