@@ -26,6 +26,9 @@ $(STAMP): pyproject.toml setup.py Makefile
 	touch $(STAMP)
 
 demo: setup
+	$(BIN)/dsrl-fast train
+
+loss-demo: setup
 	$(BIN)/dsrl-fast loss-demo
 
 test: setup

@@ -5,13 +5,20 @@ Importing the package needs only PyTorch; Triton is imported when a Triton path 
 
 from dsrl_fast.config import PolicyLossConfig
 from dsrl_fast.logprobs import LogProbs, linear_logprobs
+from dsrl_fast.model import response_logprobs
+from dsrl_fast.packing import PackedBatch, build_micro_batches, pack, unpack
 from dsrl_fast.policy_loss import PolicyLossOutput, policy_loss, token_policy_loss
 
 __all__ = [
     "LogProbs",
     "PolicyLossConfig",
+    "PackedBatch",
     "PolicyLossOutput",
+    "build_micro_batches",
     "linear_logprobs",
+    "pack",
     "policy_loss",
+    "response_logprobs",
     "token_policy_loss",
+    "unpack",
 ]
