@@ -6,6 +6,7 @@ holds their cumulative lengths starting at 0. Every token attends causally withi
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from dataclasses import dataclass
@@ -59,7 +60,7 @@ def _torch_varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c
     group = q.shape[1] // k.shape[1]
     bounds = cu_seqlens.tolist()
     outs = []
-    for a, b in zip(bounds[:-1], bounds[1:]):
+    for a, b in itertools.pairwise(bounds):
         if a == b:
             continue
         qs = q[a:b].transpose(0, 1)
@@ -143,6 +144,9 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         raise TypeError(f"q must be fp16/bf16/fp32 for backend {resolved!r}, got {q.dtype}")
     if resolved == "triton" and head_dim > 256:
         raise ValueError(f"head dim must be <= 256 for backend 'triton', got {head_dim}")
+    if resolved == "triton" and max(cu_seqlens.numel() - 1, hq) > 65535:
+        raise ValueError(f"backend 'triton' takes at most 65535 sequences and heads, got S={cu_seqlens.numel() - 1} "
+                         f"and Hq={hq}")
     if check_cu_seqlens:
         _check_cu_seqlens_values(cu_seqlens, total, max_seqlen)
     if resolved == "torch":
@@ -214,7 +218,8 @@ def register_transformers_attention(backend: str = "auto") -> str:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
-    _resolve_backend(backend, torch.device("cpu"))
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     AttentionInterface.register(TRANSFORMERS_ATTENTION_NAME, partial(_transformers_attention, backend=backend))
     # The flash-attention mask function hands padding masks through (so we can refuse them) and returns None for
     # unpadded input, so no dense mask is ever built.

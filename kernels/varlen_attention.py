@@ -26,43 +26,82 @@ import triton.language as tl
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 
 
-class AttentionConfig(NamedTuple):
-    """Tile sizes and launch options. block_m % block_n == 0 and bwd_block_n % bwd_block_m == 0."""
+class KernelConfig(NamedTuple):
+    """Tile and launch options of one kernel."""
 
-    block_m: int  # query rows per forward / dQ program
-    block_n: int  # key rows per forward / dQ step
-    bwd_block_m: int  # query rows per dK/dV step
-    bwd_block_n: int  # key rows per dK/dV program
+    block_m: int  # query rows per tile
+    block_n: int  # key rows per tile
     num_warps: int
     num_stages: int
 
 
-# Defaults after the Triton fused-attention tutorial's Hopper/Ampere tiles, smaller for wide heads to fit shared
-# memory. The interpreter runs Python per block op; its tiles are small enough that test shapes cross blocks.
+class AttentionConfig(NamedTuple):
+    """Per-kernel configs. fwd and dq iterate key tiles inside a query tile (block_m % block_n == 0); dkdv
+    iterates query tiles inside a key tile (block_n % block_m == 0)."""
+
+    fwd: KernelConfig
+    dkdv: KernelConfig
+    dq: KernelConfig
+
+
+# Tiles that compile without register spills for sm_90a in ptxas (bf16/fp16, Triton 3.7); wider heads need
+# smaller tiles. The interpreter runs Python per tile op: its tiles are small only so that short test sequences
+# cross several tiles.
 _GPU_CONFIGS = {
-    64: AttentionConfig(block_m=128, block_n=64, bwd_block_m=32, bwd_block_n=128, num_warps=4, num_stages=3),
-    128: AttentionConfig(block_m=128, block_n=64, bwd_block_m=32, bwd_block_n=64, num_warps=8, num_stages=2),
-    256: AttentionConfig(block_m=64, block_n=32, bwd_block_m=16, bwd_block_n=64, num_warps=8, num_stages=1),
+    64: AttentionConfig(fwd=KernelConfig(128, 64, 8, 3), dkdv=KernelConfig(32, 128, 8, 2),
+                        dq=KernelConfig(128, 64, 8, 2)),
+    128: AttentionConfig(fwd=KernelConfig(128, 32, 8, 2), dkdv=KernelConfig(16, 64, 8, 2),
+                         dq=KernelConfig(128, 32, 8, 2)),
+    256: AttentionConfig(fwd=KernelConfig(32, 32, 8, 2), dkdv=KernelConfig(16, 32, 8, 2),
+                         dq=KernelConfig(32, 32, 8, 2)),
 }
-INTERPRETER_CONFIG = AttentionConfig(block_m=32, block_n=16, bwd_block_m=16, bwd_block_n=32, num_warps=1, num_stages=1)
+# fp32 runs without tensor cores (exact fp32 products): small tiles keep shared memory in bounds; it is the
+# debugging path, and D=128/256 still spill.
+_FP32_CONFIG = AttentionConfig(fwd=KernelConfig(32, 32, 4, 1), dkdv=KernelConfig(16, 32, 4, 1),
+                               dq=KernelConfig(32, 32, 4, 1))
+INTERPRETER_CONFIG = AttentionConfig(fwd=KernelConfig(32, 16, 1, 1), dkdv=KernelConfig(16, 32, 1, 1),
+                                     dq=KernelConfig(32, 16, 1, 1))
 
 
-def default_config(head_dim: int, device: torch.device) -> AttentionConfig:
-    """The vetted config for heads of `head_dim` on `device` (CPU means the Triton interpreter)."""
+def default_config(head_dim: int, dtype: torch.dtype, device: torch.device) -> AttentionConfig:
+    """The vetted config for heads of `head_dim` in `dtype` on `device` (CPU means the Triton interpreter)."""
     if device.type == "cpu":
         return INTERPRETER_CONFIG
+    if dtype == torch.float32:
+        return _FP32_CONFIG
     return _GPU_CONFIGS[min(c for c in _GPU_CONFIGS if c >= head_dim)]
 
 
 @triton.jit
-def _fwd_steps(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, hi, qk_scale,
-               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr, PRECISION: tl.constexpr):
-    """Online-softmax update of (acc, m_i, l_i) over key rows [lo, hi); scores kept in log2 units."""
-    d_ok = offs_d[None, :] < HEAD_DIM
+def _load_tile(ptrs, row_ok, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CHECK_ROWS: tl.constexpr):
+    """Load a (rows, BLOCK_D) tile, masking only what can be out of bounds (mask tiles cost registers)."""
+    if HEAD_DIM == BLOCK_D:
+        if CHECK_ROWS:
+            tile = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+        else:
+            tile = tl.load(ptrs)
+    else:
+        if CHECK_ROWS:
+            tile = tl.load(ptrs, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    return tile
+
+
+@triton.jit
+def _fwd_steps(acc, m_i, l_i, q, k_seq, v_seq, stride_kt, stride_vt, offs_m, offs_d, lo, hi, qk_scale,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """Online-softmax update of (acc, m_i, l_i) over key rows [lo, hi); CAUSAL_MASK also checks rows < hi."""
+    rel_n = tl.arange(0, BLOCK_N)
+    # 32-bit offsets inside a tile on top of a 64-bit scalar base: int64 offset tiles cost registers and spill.
+    k_offs = rel_n[:, None] * stride_kt + offs_d[None, :]
+    v_offs = rel_n[:, None] * stride_vt + offs_d[None, :]
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_ok = (offs_n[:, None] < hi) & d_ok
-        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :], mask=kv_ok, other=0.0)
+        offs_n = start_n + rel_n
+        row_ok = offs_n < hi
+        k = _load_tile(k_seq + tl.cast(start_n, tl.int64) * stride_kt + k_offs, row_ok, offs_d, HEAD_DIM, BLOCK_D,
+                       CAUSAL_MASK)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if CAUSAL_MASK:
             s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
@@ -70,7 +109,8 @@ def _fwd_steps(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, o
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :], mask=kv_ok, other=0.0)
+        v = _load_tile(v_seq + tl.cast(start_n, tl.int64) * stride_vt + v_offs, row_ok, offs_d, HEAD_DIM, BLOCK_D,
+                       CAUSAL_MASK)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     return acc, m_i, l_i
@@ -81,67 +121,73 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_ptr, sm_scale, group_siz
                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 PRECISION: tl.constexpr):
-    pid_m, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_m, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     start = tl.load(cu_ptr + seq).to(tl.int64)
     seqlen = (tl.load(cu_ptr + seq + 1) - start).to(tl.int32)
     m0 = pid_m * BLOCK_M
     if m0 >= seqlen:
         return
     kv_head = head // group_size
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    rel_m = tl.arange(0, BLOCK_M)
+    offs_m = m0 + rel_m
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < seqlen
     tile_ok = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(q_ptr + (start + offs_m[:, None]) * stride_qt + head * stride_qh + offs_d[None, :],
+    row0 = start + m0
+    q = tl.load(q_ptr + row0 * stride_qt + head * stride_qh + rel_m[:, None] * stride_qt + offs_d[None, :],
                 mask=tile_ok, other=0.0)
-    k_base = k_ptr + start * stride_kt + kv_head * stride_kh
-    v_base = v_ptr + start * stride_vt + kv_head * stride_vh
+    k_seq = k_ptr + start * stride_kt + kv_head * stride_kh
+    v_seq = v_ptr + start * stride_vt + kv_head * stride_vh
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     qk_scale = sm_scale * LOG2E
-    acc, m_i, l_i = _fwd_steps(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, 0, m0,
-                               qk_scale, HEAD_DIM, BLOCK_N, False, PRECISION)
-    acc, m_i, l_i = _fwd_steps(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, m0,
-                               tl.minimum(m0 + BLOCK_M, seqlen), qk_scale, HEAD_DIM, BLOCK_N, True, PRECISION)
+    acc, m_i, l_i = _fwd_steps(acc, m_i, l_i, q, k_seq, v_seq, stride_kt, stride_vt, offs_m, offs_d, 0, m0,
+                               qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, False, PRECISION)
+    acc, m_i, l_i = _fwd_steps(acc, m_i, l_i, q, k_seq, v_seq, stride_kt, stride_vt, offs_m, offs_d, m0,
+                               tl.minimum(m0 + BLOCK_M, seqlen), qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, PRECISION)
     acc = acc / l_i[:, None]
-    tl.store(o_ptr + (start + offs_m[:, None]) * stride_ot + head * stride_oh + offs_d[None, :],
+    tl.store(o_ptr + row0 * stride_ot + head * stride_oh + rel_m[:, None] * stride_ot + offs_d[None, :],
              acc.to(o_ptr.dtype.element_ty), mask=tile_ok)
-    tl.store(lse_ptr + head.to(tl.int64) * T + start + offs_m, (m_i + tl.log2(l_i)) / LOG2E, mask=row_ok)
+    tl.store(lse_ptr + head * T + row0 + rel_m, (m_i + tl.log2(l_i)) / LOG2E, mask=row_ok)
 
 
 @triton.jit
 def _delta_kernel(o_ptr, do_ptr, delta_ptr, T, stride_ot, stride_oh, stride_dot, stride_doh,
                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
-    pid, head = tl.program_id(0), tl.program_id(1)
-    offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    pid, head = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    row0 = pid.to(tl.int64) * BLOCK_T
+    rel_t = tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, BLOCK_D)
-    ok = (offs_t[:, None] < T) & (offs_d[None, :] < HEAD_DIM)
-    rows = offs_t[:, None].to(tl.int64)
-    o = tl.load(o_ptr + rows * stride_ot + head * stride_oh + offs_d[None, :], mask=ok, other=0.0)
-    do = tl.load(do_ptr + rows * stride_dot + head * stride_doh + offs_d[None, :], mask=ok, other=0.0)
+    ok = (row0 + rel_t[:, None] < T) & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(o_ptr + row0 * stride_ot + head * stride_oh + rel_t[:, None] * stride_ot + offs_d[None, :],
+                mask=ok, other=0.0)
+    do = tl.load(do_ptr + row0 * stride_dot + head * stride_doh + rel_t[:, None] * stride_dot + offs_d[None, :],
+                 mask=ok, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(delta_ptr + head.to(tl.int64) * T + offs_t, delta, mask=offs_t < T)
+    tl.store(delta_ptr + head * T + row0 + rel_t, delta, mask=row0 + rel_t < T)
 
 
 @triton.jit
-def _dkdv_steps(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, offs_n, offs_d,
-                lo, hi, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASK: tl.constexpr,
-                PRECISION: tl.constexpr):
+def _dkdv_steps(dk, dv, k, v, q_seq, do_seq, lse_seq, delta_seq, stride_qt, stride_dot, offs_n, offs_d,
+                lo, hi, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                MASK: tl.constexpr, PRECISION: tl.constexpr):
     """Add the contributions of query rows [lo, hi) to dk (unscaled) and dv; MASK applies causality and hi."""
-    d_ok = offs_d[None, :] < HEAD_DIM
+    rel_m = tl.arange(0, BLOCK_M)
+    q_offs = rel_m[:, None] * stride_qt + offs_d[None, :]
+    do_offs = rel_m[:, None] * stride_dot + offs_d[None, :]
     for start_m in range(lo, hi, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
+        offs_m = start_m + rel_m
         row_ok = offs_m < hi
-        rows = offs_m[:, None].to(tl.int64)
-        q = tl.load(q_base + rows * stride_qt + offs_d[None, :], mask=row_ok[:, None] & d_ok, other=0.0)
-        lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0) * LOG2E
+        q = _load_tile(q_seq + tl.cast(start_m, tl.int64) * stride_qt + q_offs, row_ok, offs_d, HEAD_DIM, BLOCK_D, MASK)
+        lse = tl.load(lse_seq + offs_m, mask=row_ok, other=0.0) * LOG2E
         p_t = tl.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale - lse[None, :])
         if MASK:
             p_t = tl.where((offs_m[None, :] >= offs_n[:, None]) & row_ok[None, :], p_t, 0.0)
-        do = tl.load(do_base + rows * stride_dot + offs_d[None, :], mask=row_ok[:, None] & d_ok, other=0.0)
+        do = _load_tile(do_seq + tl.cast(start_m, tl.int64) * stride_dot + do_offs, row_ok, offs_d, HEAD_DIM, BLOCK_D,
+                        MASK)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
-        delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
+        delta = tl.load(delta_seq + offs_m, mask=row_ok, other=0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
@@ -154,18 +200,21 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr
                  stride_dkt, stride_dkh, stride_dvt, stride_dvh,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  PRECISION: tl.constexpr):
-    pid_n, seq, kv_head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_n, seq, kv_head = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     start = tl.load(cu_ptr + seq).to(tl.int64)
     seqlen = (tl.load(cu_ptr + seq + 1) - start).to(tl.int32)
     n0 = pid_n * BLOCK_N
     if n0 >= seqlen:
         return
-    offs_n = n0 + tl.arange(0, BLOCK_N)
+    rel_n = tl.arange(0, BLOCK_N)
+    offs_n = n0 + rel_n
     offs_d = tl.arange(0, BLOCK_D)
     tile_ok = (offs_n[:, None] < seqlen) & (offs_d[None, :] < HEAD_DIM)
-    rows = start + offs_n[:, None]
-    k = tl.load(k_ptr + rows * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=tile_ok, other=0.0)
-    v = tl.load(v_ptr + rows * stride_vt + kv_head * stride_vh + offs_d[None, :], mask=tile_ok, other=0.0)
+    row0 = start + n0
+    k = tl.load(k_ptr + row0 * stride_kt + kv_head * stride_kh + rel_n[:, None] * stride_kt + offs_d[None, :],
+                mask=tile_ok, other=0.0)
+    v = tl.load(v_ptr + row0 * stride_vt + kv_head * stride_vh + rel_n[:, None] * stride_vt + offs_d[None, :],
+                mask=tile_ok, other=0.0)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     qk_scale = sm_scale * LOG2E
@@ -175,32 +224,37 @@ def _dkdv_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr
     full_hi = diag_hi + tl.maximum(seqlen - diag_hi, 0) // BLOCK_M * BLOCK_M
     for g in range(group_size):
         head = kv_head * group_size + g
-        q_base = q_ptr + start * stride_qt + head * stride_qh
-        do_base = do_ptr + start * stride_dot + head * stride_doh
-        lse_base = lse_ptr + head.to(tl.int64) * T + start
-        delta_base = delta_ptr + head.to(tl.int64) * T + start
-        dk, dv = _dkdv_steps(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, offs_n,
-                             offs_d, n0, diag_hi, qk_scale, HEAD_DIM, BLOCK_M, True, PRECISION)
-        dk, dv = _dkdv_steps(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, offs_n,
-                             offs_d, diag_hi, full_hi, qk_scale, HEAD_DIM, BLOCK_M, False, PRECISION)
-        dk, dv = _dkdv_steps(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qt, stride_dot, offs_n,
-                             offs_d, full_hi, seqlen, qk_scale, HEAD_DIM, BLOCK_M, True, PRECISION)
-    tl.store(dk_ptr + rows * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
+        q_seq = q_ptr + start * stride_qt + head * stride_qh
+        do_seq = do_ptr + start * stride_dot + head * stride_doh
+        lse_seq = lse_ptr + head * T + start
+        delta_seq = delta_ptr + head * T + start
+        dk, dv = _dkdv_steps(dk, dv, k, v, q_seq, do_seq, lse_seq, delta_seq, stride_qt, stride_dot, offs_n,
+                             offs_d, n0, diag_hi, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, PRECISION)
+        dk, dv = _dkdv_steps(dk, dv, k, v, q_seq, do_seq, lse_seq, delta_seq, stride_qt, stride_dot, offs_n,
+                             offs_d, diag_hi, full_hi, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, False, PRECISION)
+        dk, dv = _dkdv_steps(dk, dv, k, v, q_seq, do_seq, lse_seq, delta_seq, stride_qt, stride_dot, offs_n,
+                             offs_d, full_hi, seqlen, qk_scale, HEAD_DIM, BLOCK_D, BLOCK_M, True, PRECISION)
+    tl.store(dk_ptr + row0 * stride_dkt + kv_head * stride_dkh + rel_n[:, None] * stride_dkt + offs_d[None, :],
              (dk * sm_scale).to(dk_ptr.dtype.element_ty), mask=tile_ok)
-    tl.store(dv_ptr + rows * stride_dvt + kv_head * stride_dvh + offs_d[None, :],
+    tl.store(dv_ptr + row0 * stride_dvt + kv_head * stride_dvh + rel_n[:, None] * stride_dvt + offs_d[None, :],
              dv.to(dv_ptr.dtype.element_ty), mask=tile_ok)
 
 
 @triton.jit
-def _dq_steps(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, lo, hi, qk_scale,
-              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr, PRECISION: tl.constexpr):
+def _dq_steps(dq, q, do, lse, delta, k_seq, v_seq, stride_kt, stride_vt, offs_m, offs_d, lo, hi, qk_scale,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr,
+              PRECISION: tl.constexpr):
     """Add the contributions of key rows [lo, hi) to dq (unscaled)."""
-    d_ok = offs_d[None, :] < HEAD_DIM
+    rel_n = tl.arange(0, BLOCK_N)
+    k_offs = rel_n[:, None] * stride_kt + offs_d[None, :]
+    v_offs = rel_n[:, None] * stride_vt + offs_d[None, :]
     for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_ok = (offs_n[:, None] < hi) & d_ok
-        k = tl.load(k_base + offs_n[:, None].to(tl.int64) * stride_kt + offs_d[None, :], mask=kv_ok, other=0.0)
-        v = tl.load(v_base + offs_n[:, None].to(tl.int64) * stride_vt + offs_d[None, :], mask=kv_ok, other=0.0)
+        offs_n = start_n + rel_n
+        row_ok = offs_n < hi
+        k = _load_tile(k_seq + tl.cast(start_n, tl.int64) * stride_kt + k_offs, row_ok, offs_d, HEAD_DIM, BLOCK_D,
+                       CAUSAL_MASK)
+        v = _load_tile(v_seq + tl.cast(start_n, tl.int64) * stride_vt + v_offs, row_ok, offs_d, HEAD_DIM, BLOCK_D,
+                       CAUSAL_MASK)
         p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale - lse[:, None])
         if CAUSAL_MASK:
             p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
@@ -216,31 +270,34 @@ def _dq_kernel(q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, cu_ptr, 
                stride_dqt, stride_dqh,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                PRECISION: tl.constexpr):
-    pid_m, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    pid_m, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     start = tl.load(cu_ptr + seq).to(tl.int64)
     seqlen = (tl.load(cu_ptr + seq + 1) - start).to(tl.int32)
     m0 = pid_m * BLOCK_M
     if m0 >= seqlen:
         return
     kv_head = head // group_size
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    rel_m = tl.arange(0, BLOCK_M)
+    offs_m = m0 + rel_m
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < seqlen
     tile_ok = row_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
-    rows = start + offs_m[:, None]
-    q = tl.load(q_ptr + rows * stride_qt + head * stride_qh + offs_d[None, :], mask=tile_ok, other=0.0)
-    do = tl.load(do_ptr + rows * stride_dot + head * stride_doh + offs_d[None, :], mask=tile_ok, other=0.0)
-    lse = tl.load(lse_ptr + head.to(tl.int64) * T + start + offs_m, mask=row_ok, other=0.0) * LOG2E
-    delta = tl.load(delta_ptr + head.to(tl.int64) * T + start + offs_m, mask=row_ok, other=0.0)
-    k_base = k_ptr + start * stride_kt + kv_head * stride_kh
-    v_base = v_ptr + start * stride_vt + kv_head * stride_vh
+    row0 = start + m0
+    q = tl.load(q_ptr + row0 * stride_qt + head * stride_qh + rel_m[:, None] * stride_qt + offs_d[None, :],
+                mask=tile_ok, other=0.0)
+    do = tl.load(do_ptr + row0 * stride_dot + head * stride_doh + rel_m[:, None] * stride_dot + offs_d[None, :],
+                 mask=tile_ok, other=0.0)
+    lse = tl.load(lse_ptr + head * T + row0 + rel_m, mask=row_ok, other=0.0) * LOG2E
+    delta = tl.load(delta_ptr + head * T + row0 + rel_m, mask=row_ok, other=0.0)
+    k_seq = k_ptr + start * stride_kt + kv_head * stride_kh
+    v_seq = v_ptr + start * stride_vt + kv_head * stride_vh
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     qk_scale = sm_scale * LOG2E
-    dq = _dq_steps(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, 0, m0, qk_scale,
-                   HEAD_DIM, BLOCK_N, False, PRECISION)
-    dq = _dq_steps(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, offs_m, offs_d, m0,
-                   tl.minimum(m0 + BLOCK_M, seqlen), qk_scale, HEAD_DIM, BLOCK_N, True, PRECISION)
-    tl.store(dq_ptr + rows * stride_dqt + head * stride_dqh + offs_d[None, :],
+    dq = _dq_steps(dq, q, do, lse, delta, k_seq, v_seq, stride_kt, stride_vt, offs_m, offs_d, 0, m0, qk_scale,
+                   HEAD_DIM, BLOCK_D, BLOCK_N, False, PRECISION)
+    dq = _dq_steps(dq, q, do, lse, delta, k_seq, v_seq, stride_kt, stride_vt, offs_m, offs_d, m0,
+                   tl.minimum(m0 + BLOCK_M, seqlen), qk_scale, HEAD_DIM, BLOCK_D, BLOCK_N, True, PRECISION)
+    tl.store(dq_ptr + row0 * stride_dqt + head * stride_dqh + rel_m[:, None] * stride_dqt + offs_d[None, :],
              (dq * sm_scale).to(dq_ptr.dtype.element_ty), mask=tile_ok)
 
 
@@ -254,8 +311,10 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.
     assert q.shape[0] == k.shape[0] and q.shape[2] == k.shape[2] and q.shape[1] % k.shape[1] == 0
     assert q.dtype == k.dtype == v.dtype and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
-    assert cu_seqlens.dtype == torch.int32 and cu_seqlens.dim() == 1 and cu_seqlens.numel() >= 2
+    assert cu_seqlens.dtype == torch.int32 and cu_seqlens.dim() == 1 and 2 <= cu_seqlens.numel() <= 65536
+    assert q.shape[1] <= 65535  # grid axes 1 and 2 hold sequences and heads
     assert q.shape[2] <= 256 and max_seqlen >= 1
+    assert max(t.stride(0) for t in (q, k, v)) < 2**31 // 256  # in-tile offsets are 32-bit
 
 
 def _block_d(head_dim: int) -> int:
@@ -270,7 +329,7 @@ def varlen_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_s
     Returns out (T, Hq, D) in q's dtype and lse (Hq, T) fp32 (natural-log row logsumexp).
     """
     _check(q, k, v, cu_seqlens, max_seqlen)
-    cfg = config or default_config(q.shape[2], q.device)
+    cfg = (config or default_config(q.shape[2], q.dtype, q.device)).fwd
     assert cfg.block_m % cfg.block_n == 0
     T, hq, d = q.shape
     out = torch.empty((T, hq, d), dtype=q.dtype, device=q.device)
@@ -291,8 +350,8 @@ def varlen_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     _check(q, k, v, cu_seqlens, max_seqlen)
     assert dout.shape == q.shape == out.shape and dout.dtype == q.dtype and dout.stride(-1) == 1
     assert lse.shape == (q.shape[1], q.shape[0]) and lse.is_contiguous()
-    cfg = config or default_config(q.shape[2], q.device)
-    assert cfg.bwd_block_n % cfg.bwd_block_m == 0
+    cfg = config or default_config(q.shape[2], q.dtype, q.device)
+    assert cfg.dkdv.block_n % cfg.dkdv.block_m == 0 and cfg.dq.block_m % cfg.dq.block_n == 0
     T, hq, d = q.shape
     hkv = k.shape[1]
     block_d = _block_d(d)
@@ -304,16 +363,16 @@ def varlen_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     n_seq = cu_seqlens.numel() - 1
-    common = dict(HEAD_DIM=d, BLOCK_D=block_d, PRECISION=_precision(q.dtype), num_warps=cfg.num_warps,
-                  num_stages=cfg.num_stages)
-    _dkdv_kernel[(triton.cdiv(max_seqlen, cfg.bwd_block_n), n_seq, hkv)](
-        q, k, v, dout, lse, delta, dk, dv, cu_seqlens, sm_scale, hq // hkv, T,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1),
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0),
+               dout.stride(1))
+    consts = dict(HEAD_DIM=d, BLOCK_D=block_d, PRECISION=_precision(q.dtype))
+    c = cfg.dkdv
+    _dkdv_kernel[(triton.cdiv(max_seqlen, c.block_n), n_seq, hkv)](
+        q, k, v, dout, lse, delta, dk, dv, cu_seqlens, sm_scale, hq // hkv, T, *strides,
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        BLOCK_M=cfg.bwd_block_m, BLOCK_N=cfg.bwd_block_n, **common)
-    _dq_kernel[(triton.cdiv(max_seqlen, cfg.block_m), n_seq, hq)](
-        q, k, v, dout, lse, delta, dq, cu_seqlens, sm_scale, hq // hkv, T,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), dout.stride(0), dout.stride(1),
-        dq.stride(0), dq.stride(1),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common)
+        BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages, **consts)
+    c = cfg.dq
+    _dq_kernel[(triton.cdiv(max_seqlen, c.block_m), n_seq, hq)](
+        q, k, v, dout, lse, delta, dq, cu_seqlens, sm_scale, hq // hkv, T, *strides, dq.stride(0), dq.stride(1),
+        BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages, **consts)
     return dq, dk, dv

@@ -265,6 +265,27 @@ def test_transformers_packed_qwen3_matches_unpacked_eager(metadata: str) -> None
     torch.testing.assert_close(packed, alone, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("metadata", ["cu_seq_lens", "position_ids", "rows"])
+def test_transformers_attention_function_layouts(metadata: str) -> None:
+    """The registered function on (B, H, L, D) inputs: packed metadata from kwargs, from position_ids, or one
+    sequence per batch row."""
+    transformers = pytest.importorskip("transformers")
+    fn = transformers.AttentionInterface()[register_transformers_attention(backend="torch")]
+    batch, seq_len = (1, 14) if metadata != "rows" else (2, 7)
+    lens = [5, 1, 8] if metadata != "rows" else [7, 7]
+    query = torch.randn(batch, 4, seq_len, 32, dtype=torch.float64)
+    key, value = torch.randn(2, batch, 2, seq_len, 32, dtype=torch.float64)
+    kwargs = {}
+    if metadata == "cu_seq_lens":
+        kwargs = dict(cu_seq_lens_q=cu_from_lens(lens), max_length_q=8, position_ids=torch.zeros(1, seq_len))
+    elif metadata == "position_ids":
+        kwargs = dict(position_ids=torch.cat([torch.arange(n) for n in lens])[None])
+    out, weights = fn(torch.nn.Module(), query, key, value, None, scaling=0.2, dropout=0.0, **kwargs)
+    assert weights is None and out.shape == (batch, seq_len, 4, 32)
+    flat = [t.transpose(1, 2).reshape(-1, t.shape[1], 32) for t in (query, key, value)]
+    torch.testing.assert_close(out.reshape(-1, 4, 32), reference_f64(*flat, lens, 0.2), rtol=0, atol=1e-12)
+
+
 def test_transformers_hook_refuses_padding_mask() -> None:
     transformers = pytest.importorskip("transformers")
     cfg = transformers.Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
