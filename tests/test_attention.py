@@ -3,17 +3,15 @@ hook) against a float64 reference that materializes the masked softmax of every 
 
 from __future__ import annotations
 
+import copy
+import math
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels module imports triton
-
-import copy  # noqa: E402
-import math  # noqa: E402
-
-import pytest  # noqa: E402
 
 from dsrl_fast.attention import (  # noqa: E402
     TRANSFORMERS_ATTENTION_NAME,
