@@ -146,12 +146,16 @@ def build_tiny_qwen3(
         tie_word_embeddings=True,
         max_position_embeddings=64,
         dtype="float32",
-        **ids,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen3ForCausalLM(config)
-    model.generation_config = GenerationConfig(**ids)
+    model.generation_config = GenerationConfig(
+        bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id
+    )
     return model
 
 
@@ -255,7 +259,9 @@ def sampled_accuracy(
     return rollout_accuracy(engine, tokenizer, problems, sampling)
 
 
-def greedy_accuracy(engine: RolloutEngine, tokenizer: Any, problems: Sequence[Problem], *, max_new_tokens: int = 32) -> float:
+def greedy_accuracy(
+    engine: RolloutEngine, tokenizer: Any, problems: Sequence[Problem], *, max_new_tokens: int = 32
+) -> float:
     """Accuracy of greedy decoding, stopping at EOS."""
     sampling = SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens, stop_token_ids=(tokenizer.eos_token_id,))
     return rollout_accuracy(engine, tokenizer, problems, sampling)

@@ -13,7 +13,6 @@ from dsrl_fast.rollout import HFEngine, Rollout, RolloutEngine, SamplingConfig
 from dsrl_fast.toy import (
     build_tiny_qwen3,
     build_toy_tokenizer,
-    encode_prompts,
     make_addition_problems,
     save_tiny_model,
     supervised_warmup,
@@ -39,7 +38,11 @@ def tokenizer():
 
 def _toy_model(tokenizer, warmup_steps: int = 30) -> torch.nn.Module:
     """A briefly trained toy model: peaked, realistic next-token distributions."""
-    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    ids = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
     model = build_tiny_qwen3(len(tokenizer), seed=0, **ids)
     supervised_warmup(model, tokenizer, make_addition_problems(500, seed=0), steps=warmup_steps, batch_size=32, seed=0)
     return model.eval()
@@ -57,8 +60,9 @@ def prompts(tokenizer):
     return [tokenizer(t)["input_ids"] for t in texts] + [[tokenizer.bos_token_id]]
 
 
-def _teacher_forced(model: torch.nn.Module, rollouts: list[Rollout], prompts: list[list[int]], temperature: float,
-                    dtype: torch.dtype) -> list[torch.Tensor]:
+def _teacher_forced(
+    model: torch.nn.Module, rollouts: list[Rollout], prompts: list[list[int]], temperature: float, dtype: torch.dtype
+) -> list[torch.Tensor]:
     """log_softmax(logits / T) of each response token, one unpadded forward per rollout."""
     model = copy.deepcopy(model).to(dtype)
     out = []
@@ -160,8 +164,9 @@ def test_hf_truncates_after_first_stop_token(model, tokenizer, prompts):
 
 @pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 1.0), (0.7, 0.9), (1.3, 1.0), (0.0, 1.0)])
 def test_hf_logprobs_match_teacher_forced(model, tokenizer, prompts, temperature, top_p):
-    sampling = SamplingConfig(temperature=temperature, top_p=top_p, n=2, max_new_tokens=16, seed=0,
-                              stop_token_ids=(tokenizer.eos_token_id,))
+    sampling = SamplingConfig(
+        temperature=temperature, top_p=top_p, n=2, max_new_tokens=16, seed=0, stop_token_ids=(tokenizer.eos_token_id,)
+    )
     rollouts = HFEngine(model).generate(prompts, sampling)
     _assert_logprobs_match(model, rollouts, prompts, temperature or 1.0)
     if temperature == 0:
@@ -194,7 +199,7 @@ def test_hf_restores_training_mode(model, prompts):
 
 
 def test_hf_update_weights_syncs_a_separate_copy(model, tokenizer, prompts):
-    ids = dict(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    ids = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
     replica = build_tiny_qwen3(len(tokenizer), seed=1, **ids).eval()
     engine, reference = HFEngine(replica), HFEngine(model)
     sampling = SamplingConfig(temperature=0.0, max_new_tokens=16)
@@ -267,7 +272,9 @@ def test_vllm_stop_token_is_kept_and_seed_reproduces(vllm_engine, tokenizer, pro
 def test_vllm_top_p_logprobs_are_renormalized_over_the_nucleus(vllm_engine, trainer, prompts):
     """Documented difference from HFEngine: with top_p < 1 vLLM's log-probs are log p_T - log(nucleus mass)."""
     temperature, top_p = 0.8, 0.7
-    rollouts = vllm_engine.generate(prompts, SamplingConfig(temperature=temperature, top_p=top_p, n=2, max_new_tokens=12, seed=0))
+    rollouts = vllm_engine.generate(
+        prompts, SamplingConfig(temperature=temperature, top_p=top_p, n=2, max_new_tokens=12, seed=0)
+    )
     with torch.no_grad():
         for r in rollouts:
             prompt = prompts[r.prompt_index]
@@ -320,3 +327,26 @@ def test_vllm_update_weights_needs_in_process_engine(vllm_engine, monkeypatch):
     monkeypatch.setattr(vllm_engine, "in_process", False)
     with pytest.raises(RuntimeError, match="VLLM_ENABLE_V1_MULTIPROCESSING=0"):
         vllm_engine.update_weights([])
+
+
+@vllm_only
+def test_vllm_close_keeps_the_trainers_process_group(vllm_engine, trainer, tokenizer, tmp_path):
+    """vLLM reuses an existing default process group; closing the engine must not destroy it."""
+    import torch.distributed as dist
+
+    from dsrl_fast.rollout import VLLMEngine
+
+    vllm_engine.close()  # one engine at a time
+    path = save_tiny_model(trainer, tokenizer, tmp_path / "model")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        engine = VLLMEngine(path, dtype="float32", max_model_len=64)
+        assert len(engine.generate([[tokenizer.bos_token_id]], SamplingConfig(max_new_tokens=2, seed=0))) == 1
+        engine.close()
+        assert dist.is_initialized()
+        value = torch.ones(2)
+        dist.all_reduce(value)
+        assert value.tolist() == [1.0, 1.0]
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

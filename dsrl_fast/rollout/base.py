@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -42,7 +42,7 @@ class SamplingConfig:
     top_p: float = 1.0
     n: int = 1
     max_new_tokens: int = 256
-    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -57,7 +57,9 @@ class SamplingConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         stop = self.stop_token_ids
-        if not isinstance(stop, tuple) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in stop):
+        if not isinstance(stop, tuple) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in stop
+        ):
             raise TypeError(f"stop_token_ids must be a tuple of non-negative ints, got {stop!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
             raise ValueError(f"seed must be a non-negative int or None, got {self.seed!r}")

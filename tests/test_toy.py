@@ -1,0 +1,203 @@
+"""The embedded toy task: tokenizer, problems, tiny Qwen3, supervised warm-up, save/load, accuracy helpers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsrl_fast.data import Problem
+from dsrl_fast.reward import exact_match_reward
+from dsrl_fast.rollout import Rollout, SamplingConfig
+from dsrl_fast.toy import (
+    EOS,
+    IM_START,
+    TOY_VOCAB,
+    build_tiny_qwen3,
+    build_toy_tokenizer,
+    encode_prompts,
+    greedy_accuracy,
+    make_addition_problems,
+    sampled_accuracy,
+    save_tiny_model,
+    sft_target,
+    supervised_warmup,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Toy shapes gain nothing from threads; spinning OpenMP threads on busy shared cores cost ~10x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_toy_tokenizer()
+
+
+def _model(tokenizer, seed: int = 0):
+    ids = {
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    return build_tiny_qwen3(len(tokenizer), seed=seed, **ids)
+
+
+def test_tokenizer_vocabulary_and_special_tokens(tokenizer):
+    assert len(tokenizer) == len(TOY_VOCAB) == 22
+    assert tokenizer.convert_ids_to_tokens(list(range(len(TOY_VOCAB)))) == list(TOY_VOCAB)
+    assert tokenizer.eos_token == EOS and tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert tokenizer(IM_START, add_special_tokens=False)["input_ids"] == [TOY_VOCAB.index(IM_START)]
+    assert tokenizer("Compute 5+7.")["input_ids"][0] == tokenizer.bos_token_id
+
+
+@pytest.mark.parametrize("text", ["Compute 57+32.", "57+32=89 \\boxed{89}", "0", "Compute 100+9.\\boxed{}", " 1 2 "])
+def test_tokenizer_round_trips_text(tokenizer, text):
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.unk_token_id not in ids
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.decode(tokenizer(text)["input_ids"], skip_special_tokens=True) == text
+
+
+def test_tokenizer_digits_are_single_tokens_and_unknowns_map_to_unk(tokenizer):
+    assert len(tokenizer("12345", add_special_tokens=False)["input_ids"]) == 5
+    assert tokenizer("Compute x.", add_special_tokens=False)["input_ids"][2] == tokenizer.unk_token_id
+
+
+def test_addition_problems_are_deterministic_distinct_and_correct():
+    problems = make_addition_problems(500, seed=3)
+    assert problems == make_addition_problems(500, seed=3)
+    assert problems != make_addition_problems(500, seed=4)
+    assert len({p.prompt_text for p in problems}) == 500
+    for p in problems:
+        a, b = p.meta["a"], p.meta["b"]
+        assert 10 <= a <= 99 and 10 <= b <= 99
+        assert p.prompt_text == f"Compute {a}+{b}." and p.answer == str(a + b)
+    full = make_addition_problems(4, seed=0, low=1, high=2)
+    assert sorted((p.meta["a"], p.meta["b"]) for p in full) == [(1, 1), (1, 2), (2, 1), (2, 2)]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"n": 0}, ValueError, "n must be"),
+        ({"n": 8101}, ValueError, "n must be"),
+        ({"n": 3, "low": 9, "high": 5}, ValueError, "low and high"),
+        ({"n": 2.0}, TypeError, "n must be an int"),
+    ],
+)
+def test_addition_problems_validate(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        make_addition_problems(**kwargs)
+
+
+def test_sft_target_is_rewarded_and_tokenizes_cleanly(tokenizer):
+    problems = make_addition_problems(50, seed=1)
+    targets = [sft_target(p) for p in problems]
+    assert (
+        targets[0]
+        == f"{problems[0].meta['a']}+{problems[0].meta['b']}={problems[0].answer} \\boxed{{{problems[0].answer}}}"
+    )
+    assert exact_match_reward(targets, [p.answer for p in problems]) == [1.0] * 50
+    wrong = [Problem(p.prompt_text, str(int(p.answer) + 1)) for p in problems]
+    assert exact_match_reward(targets, [p.answer for p in wrong]) == [0.0] * 50
+    with pytest.raises(ValueError, match="problem must be"):
+        sft_target(Problem("Compute 1+1.", "2"))
+
+
+def test_tiny_qwen3_shape_and_seeding(tokenizer):
+    state = torch.get_rng_state()
+    model = _model(tokenizer)
+    assert torch.equal(torch.get_rng_state(), state)
+    cfg = model.config
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (2, 128, 4, 2)
+    assert (cfg.head_dim, cfg.intermediate_size, cfg.max_position_embeddings, cfg.vocab_size) == (32, 512, 64, 22)
+    assert cfg.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    same, other = _model(tokenizer), _model(tokenizer, seed=1)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), same.parameters()))
+    assert not torch.equal(model.model.embed_tokens.weight, other.model.embed_tokens.weight)
+    with pytest.raises(ValueError, match="eos_token_id"):
+        build_tiny_qwen3(22, eos_token_id=22)
+
+
+def test_supervised_warmup_lowers_the_loss_and_restores_mode(tokenizer):
+    model = _model(tokenizer).eval()
+    problems = make_addition_problems(300, seed=0)
+    losses = supervised_warmup(model, tokenizer, problems, steps=25, batch_size=32, lr=3e-3, seed=0)
+    assert len(losses) == 25 and not model.training
+    assert sum(losses[-5:]) / 5 < 0.6 * losses[0], losses
+    again = supervised_warmup(_model(tokenizer), tokenizer, problems, steps=3, batch_size=32, lr=3e-3, seed=0)
+    assert again == pytest.approx(losses[:3], rel=1e-5)
+    with pytest.raises(ValueError, match="steps"):
+        supervised_warmup(model, tokenizer, problems, steps=0)
+
+
+def test_saved_model_reloads_with_transformers(tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = _model(tokenizer).eval()
+    save_tiny_model(model, tokenizer, tmp_path / "toy")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "toy").eval()
+    loaded_tok = AutoTokenizer.from_pretrained(tmp_path / "toy")
+    text = "Compute 57+32.57+32=89 \\boxed{89}"
+    ids = loaded_tok(text)["input_ids"]
+    assert ids == tokenizer(text)["input_ids"] and loaded_tok.decode(ids, skip_special_tokens=True) == text
+    assert (loaded_tok.eos_token_id, loaded_tok.pad_token_id) == (tokenizer.eos_token_id, tokenizer.pad_token_id)
+    assert loaded.generation_config.eos_token_id == tokenizer.eos_token_id
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded(torch.tensor([ids])).logits, model(torch.tensor([ids])).logits, rtol=0, atol=0
+        )
+
+
+class _ScriptedEngine:
+    """Answers each prompt with a fixed response function; records the sampling it was asked for."""
+
+    def __init__(self, tokenizer, respond):
+        self.tokenizer, self.respond, self.calls = tokenizer, respond, []
+
+    def generate(self, prompts, sampling):
+        self.calls.append(sampling)
+        out = []
+        for i, ids in enumerate(prompts):
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            response = self.tokenizer(self.respond(text), add_special_tokens=False)["input_ids"] + [
+                self.tokenizer.eos_token_id
+            ]
+            out += [Rollout(i, response, [0.0] * len(response), True) for _ in range(sampling.n)]
+        return out
+
+    def update_weights(self, named_tensors):
+        pass
+
+    def close(self):
+        pass
+
+
+def _solve(text: str) -> str:
+    a, b = text.removeprefix("Compute ").removesuffix(".").split("+")
+    return f"{a}+{b}={int(a) + int(b)} \\boxed{{{int(a) + int(b)}}}"
+
+
+def test_accuracy_helpers_score_with_the_reward(tokenizer):
+    problems = make_addition_problems(40, seed=2)
+    right = _ScriptedEngine(tokenizer, _solve)
+    assert sampled_accuracy(right, tokenizer, problems, n=3, temperature=0.9, seed=4) == 1.0
+    assert right.calls[-1] == SamplingConfig(
+        temperature=0.9, n=3, max_new_tokens=32, stop_token_ids=(tokenizer.eos_token_id,), seed=4
+    )
+    assert greedy_accuracy(right, tokenizer, problems) == 1.0 and right.calls[-1].greedy
+    first_half = {p.prompt_text for p in problems[:20]}
+    half = _ScriptedEngine(tokenizer, lambda t: _solve(t) if t in first_half else "1+1=2 \\boxed{3}")
+    assert greedy_accuracy(half, tokenizer, problems) == 0.5
+
+
+def test_encode_prompts_prepends_bos(tokenizer):
+    problems = make_addition_problems(3, seed=5)
+    for ids, p in zip(encode_prompts(tokenizer, problems), problems):
+        assert ids[0] == tokenizer.bos_token_id and tokenizer.decode(ids[1:]) == p.prompt_text
