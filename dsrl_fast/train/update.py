@@ -9,10 +9,12 @@ undo DeepSpeed's averaging over data-parallel ranks.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 from typing import Any, Protocol
 
 import torch
+import torch.distributed as dist
 
 from dsrl_fast.config import PolicyLossConfig
 from dsrl_fast.model import lm_head_weight, packed_hidden_states
@@ -154,6 +156,12 @@ class DeepSpeedUpdater:
     def __init__(self, module: PolicyModule, ds_config: dict[str, Any]):
         import deepspeed
 
+        if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            # Outside a launcher DeepSpeed would look for MPI (mpi4py) and LOCAL_RANK: a plain process is a
+            # one-rank group.
+            os.environ.setdefault("LOCAL_RANK", "0")
+            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", store=dist.HashStore(),
+                                    rank=0, world_size=1)
         if ds_config["zero_optimization"]["stage"] == 3:
             module.register_head_for_zero3()
         params = [p for p in module.parameters() if p.requires_grad]

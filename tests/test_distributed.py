@@ -1,0 +1,115 @@
+"""Data-parallel DeepSpeed updates (ZeRO-2, ZeRO-3; 1 and 2 processes on CPU/gloo) equal one plain process.
+
+Each run is `tests/dist_worker.py` in subprocesses (torchrun for two ranks): a tiny fp32 Qwen3 with tied embeddings,
+three DSRL steps (the marginal NSR phase, then GRPO with active gradient clipping), token-budget micro-batches with
+zero-weight filler micro-batches on the rank that has fewer. Global losses, gradient norms and the final parameters
+must match the single-process PyTorch run to fp32 round-off.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+for _module in ("deepspeed", "transformers"):
+    if importlib.util.find_spec(_module) is None:
+        pytest.skip(f"the distributed trainer path needs {_module} (the train extra), which is not installed",
+                    allow_module_level=True)
+
+from tests.dist_worker import GRAD_CLIP
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "dist_worker.py"
+STEPS = 3
+TIMEOUT_S = 420
+# Same fp32 math in a different summation order (gloo reductions, ZeRO buckets): observed ≤ 1.2e-6 relative.
+RTOL = 1e-5
+# run name -> (mode, processes)
+RUNS = {"torch_1": ("torch", 1), "zero2_1": ("zero2", 1), "zero2_2": ("zero2", 2), "zero3_2": ("zero3", 2)}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _command(mode: str, procs: int, out: Path) -> list[str]:
+    args = [str(WORKER), "--mode", mode, "--steps", str(STEPS), "--out", str(out)]
+    if procs == 1:
+        return [sys.executable, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_addr",
+            "127.0.0.1", "--master_port", str(_free_port()), *args]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
+    """Every run's JSON result; the runs go concurrently, one thread per process (2 cores fit them all)."""
+    tmp = tmp_path_factory.mktemp("dist")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    procs = {}
+    for name, (mode, n) in RUNS.items():
+        command = _command(mode, n, tmp / f"{name}.json")
+        log = (tmp / f"{name}.log").open("w")
+        procs[name] = (command, subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT),
+                       log)
+    failures = []
+    for name, (command, proc, log) in procs.items():
+        status: int | str
+        try:
+            status = proc.wait(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            status = f"timeout after {TIMEOUT_S} s"
+        log.close()
+        if status != 0 or not (tmp / f"{name}.json").is_file():
+            tail = (tmp / f"{name}.log").read_text()[-4000:]
+            failures.append(f"run {name} ({' '.join(command)}) failed (exit {status}):\n{tail}")
+    assert not failures, "\n\n".join(failures)
+    return {name: json.loads((tmp / f"{name}.json").read_text()) for name in RUNS}
+
+
+def _max_rel(got: list[float], want: list[float]) -> float:
+    return max(abs(g - w) / max(abs(w), 1e-12) for g, w in zip(got, want, strict=True))
+
+
+def test_reference_covers_both_phases_clipping_and_micro_batches(results: dict[str, dict[str, Any]]) -> None:
+    steps = results["torch_1"]["steps"]
+    assert [s["algo"] for s in steps] == ["nsr_prerl", "grpo", "grpo"]
+    assert all(s["stepped"] and math.isfinite(s["loss"]) and s["loss"] != 0 for s in steps)
+    norms = [s["grad_norm"] for s in steps]
+    assert min(norms) < GRAD_CLIP < max(norms), f"want clipped and unclipped steps, grad norms {norms}"
+    assert all(s["micro_batches"][0] >= 3 for s in steps), [s["micro_batches"] for s in steps]
+
+
+@pytest.mark.parametrize("name", ["zero2_2", "zero3_2"])
+def test_two_ranks_run_equal_micro_batch_counts_with_filler(results: dict[str, dict[str, Any]], name: str) -> None:
+    run = results[name]
+    assert run["world_size"] == 2
+    for s in run["steps"]:
+        assert s["micro_batches"][0] == s["micro_batches"][1], s
+    assert sum(f for s in run["steps"] for f in s["fillers"]) > 0, "no rank needed filler micro-batches"
+
+
+@pytest.mark.parametrize("name", ["zero2_1", "zero2_2", "zero3_2"])
+def test_deepspeed_matches_single_process(results: dict[str, dict[str, Any]], name: str) -> None:
+    want, got = results["torch_1"], results[name]
+    assert [s["algo"] for s in got["steps"]] == [s["algo"] for s in want["steps"]]
+    assert [s["kept_tokens"] for s in got["steps"]] == [s["kept_tokens"] for s in want["steps"]]
+    for key in ("loss", "grad_norm"):
+        err = _max_rel([s[key] for s in got["steps"]], [s[key] for s in want["steps"]])
+        assert err < RTOL, f"{name}: per-step {key} max relative error {err:.2e} (rtol {RTOL:.0e})"
+    assert got["param_sumsq"].keys() == want["param_sumsq"].keys()
+    names = sorted(want["param_sumsq"])
+    err = _max_rel([got["param_sumsq"][n] for n in names], [want["param_sumsq"][n] for n in names])
+    worst = max(names, key=lambda n: abs(got["param_sumsq"][n] / want["param_sumsq"][n] - 1))
+    assert err < RTOL, f"{name}: final parameter sum of squares max relative error {err:.2e} at {worst}"
