@@ -1,8 +1,9 @@
 """Checkpoints: optimizer/model state (plain or DeepSpeed), a Hugging Face export and the trainer's own state.
 
 Layout: `<output_dir>/checkpoints/step_<k>/` holds `trainer_state.json` (written last: a checkpoint without it is
-incomplete and ignored), `state.pt` (plain updater) or `deepspeed/` (DeepSpeed engine), and `hf/` (model + tokenizer
-loadable by transformers and vLLM). `k` is the number of finished steps, so resuming runs step k next.
+incomplete and ignored), `state.pt` (plain updater) or `deepspeed/` (DeepSpeed engine), `reference.pt` (the frozen
+KL reference policy, when there is one) and `hf/` (model + tokenizer loadable by transformers and vLLM). `k` is the
+number of finished steps, so resuming runs step k next.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.distributed as dist
 from dsrl_fast.train.update import DeepSpeedUpdater, Updater
 
 STATE_FILE = "trainer_state.json"
+REFERENCE_FILE = "reference.pt"
 
 
 def _rank() -> int:
@@ -57,8 +59,12 @@ def export_hf(updater: Updater, tokenizer: Any, directory: Path) -> None:
 
 
 def save_checkpoint(output_dir: str | Path, step: int, updater: Updater, tokenizer: Any, trainer_state: dict[str, Any],
-                    keep: int) -> Path:
-    """Save everything needed to resume after `step` finished steps; keep the newest `keep` checkpoints."""
+                    keep: int, reference: torch.nn.Module | None = None) -> Path:
+    """Save everything needed to resume after `step` finished steps; keep the newest `keep` checkpoints.
+
+    reference: the frozen KL reference policy, saved too (it is neither the initial nor the current actor after a
+    dsrl re-sync, so a resumed run cannot rebuild it).
+    """
     target = checkpoint_dir(output_dir, step)
     if _rank() == 0 and target.exists():
         shutil.rmtree(target)
@@ -68,6 +74,9 @@ def save_checkpoint(output_dir: str | Path, step: int, updater: Updater, tokeniz
     elif _rank() == 0:
         target.mkdir(parents=True, exist_ok=True)
         torch.save(updater.state_dict(), target / "state.pt")
+    if reference is not None and _rank() == 0:
+        target.mkdir(parents=True, exist_ok=True)
+        torch.save(reference.state_dict(), target / REFERENCE_FILE)
     export_hf(updater, tokenizer, target / "hf")
     _barrier()
     if _rank() == 0:
@@ -90,3 +99,12 @@ def load_checkpoint(directory: Path, updater: Updater) -> dict[str, Any]:
         updater.load_state_dict(torch.load(directory / "state.pt", map_location="cpu", weights_only=False))
     torch.set_rng_state(torch.tensor(state.pop("torch_rng"), dtype=torch.uint8))
     return state
+
+
+def load_reference(directory: Path, reference: torch.nn.Module) -> None:
+    """Restore the KL reference policy saved with the checkpoint in `directory` into `reference`."""
+    path = directory / REFERENCE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{str(path)!r} does not exist: the checkpoint was saved without a KL reference "
+                                "(algo.kl_coef was 0); resume with algo.kl_coef=0 or start a new run")
+    reference.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ from dsrl_fast.rollout.base import RolloutEngine, SamplingConfig
 from dsrl_fast.templates import render_prompt
 from dsrl_fast.thoughts import count_thoughts
 from dsrl_fast.train.algorithms import Phase, phase_for_step
-from dsrl_fast.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from dsrl_fast.train.checkpoint import latest_checkpoint, load_checkpoint, load_reference, save_checkpoint
 from dsrl_fast.train.config import TrainConfig, config_to_dict, save_config
 from dsrl_fast.train.metrics_log import MetricsLogger, StepProgress, print0
 from dsrl_fast.train.plot import plot_metrics
@@ -190,9 +191,16 @@ def build_engine(cfg: TrainConfig, model: torch.nn.Module, tokenizer: Any) -> Ro
     export = Path(cfg.output_dir) / "vllm_init"
     model.save_pretrained(export)
     tokenizer.save_pretrained(export)
-    return VLLMEngine(str(export), seed=cfg.seed, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-                      kv_cache_gib=cfg.rollout.vllm_kv_cache_gib,
-                      max_model_len=cfg.data.max_prompt_len + cfg.rollout.max_response_len)
+    # vLLM refuses a max_model_len beyond the model's positions (the toy model has 64).
+    longest = cfg.data.max_prompt_len + cfg.rollout.max_response_len
+    positions = getattr(model.config, "max_position_embeddings", None)
+    # The trainer's dtype, not vLLM's "auto" (which runs an fp32 model in bf16 on CPU): sampler and trainer
+    # log-probs must agree.
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return VLLMEngine(str(export), dtype=dtype, seed=cfg.seed,
+                      gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
+                      cpu_kv_cache_gib=math.ceil(cfg.rollout.vllm_kv_cache_gib),
+                      max_model_len=min(longest, positions) if positions else longest)
 
 
 def build_updater(cfg: TrainConfig, module: PolicyModule, world_size: int) -> Updater:
@@ -303,9 +311,9 @@ def train(cfg: TrainConfig) -> TrainSummary:
                                                     greedy=cfg.eval_greedy)
         print0(f"held-out accuracy before RL: {trainer_state['accuracy_before']:.3f}")
 
-    ref_model = None
-    if cfg.algo.kl_coef > 0:
-        ref_model = _frozen_copy(model)
+    ref_model = _frozen_copy(model) if cfg.algo.kl_coef > 0 else None
+    if ref_model is not None and resume_from is not None:
+        load_reference(resume_from, ref_model)
     logger = MetricsLogger(out, tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project,
                            config_dict=config_to_dict(cfg), resume=resume_from is not None)
     if resume_from is not None:
@@ -340,7 +348,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
         done = step + 1
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
             save_checkpoint(out, done, updater, tokenizer, dict(trainer_state, sampler=sampler.state_dict()),
-                            cfg.keep_checkpoints)
+                            cfg.keep_checkpoints, reference=ref_model)
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
             acc = evaluate(cfg, engine, tokenizer, reward_fn, held_out, eval_prompts, d, greedy=cfg.eval_greedy)
             logger.log(step, {"step": step, "eval_accuracy": acc})
@@ -348,7 +356,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
 
     accuracy_after = evaluate(cfg, engine, tokenizer, reward_fn, held_out, eval_prompts, d, greedy=cfg.eval_greedy)
     final = save_checkpoint(out, cfg.steps, updater, tokenizer, dict(trainer_state, sampler=sampler.state_dict()),
-                            cfg.keep_checkpoints)
+                            cfg.keep_checkpoints, reference=ref_model)
     logger.close()
     plot_path = None
     if d.rank == 0 and (out / "metrics.jsonl").is_file():
