@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 from bench.harness import markdown_table
 
 # Adding a kernel module to the report is one entry here (the module must export compile_specs()).
-KERNEL_MODULES = ("dsrl_fast.kernels.linear_logprobs",)
+KERNEL_MODULES = ("dsrl_fast.kernels.linear_logprobs", "dsrl_fast.kernels.varlen_attention")
 CAPABILITY = 90
 WARP_SIZE = 32
 # Opt-in dynamic shared memory per block on sm_90 (227 KiB).

@@ -55,10 +55,10 @@ _GPU_CONFIGS = {
     256: AttentionConfig(fwd=KernelConfig(32, 32, 8, 2), dkdv=KernelConfig(16, 32, 8, 2),
                          dq=KernelConfig(32, 32, 8, 2)),
 }
-# fp32 runs without tensor cores (exact fp32 products): small tiles keep shared memory in bounds; it is the
-# debugging path, and D=128/256 still spill.
-_FP32_CONFIG = AttentionConfig(fwd=KernelConfig(32, 32, 4, 1), dkdv=KernelConfig(16, 32, 4, 1),
-                               dq=KernelConfig(32, 32, 4, 1))
+# fp32 runs without tensor cores (exact fp32 products), so it is the debugging path: small tiles over 8 warps keep
+# every head dim up to 256 free of spills for sm_90a (4 warps, or 32-row key tiles in fwd/dq, spill at D=128).
+_FP32_CONFIG = AttentionConfig(fwd=KernelConfig(32, 16, 8, 1), dkdv=KernelConfig(16, 32, 8, 1),
+                               dq=KernelConfig(32, 16, 8, 1))
 INTERPRETER_CONFIG = AttentionConfig(fwd=KernelConfig(32, 16, 1, 1), dkdv=KernelConfig(16, 32, 1, 1),
                                      dq=KernelConfig(32, 16, 1, 1))
 
@@ -376,3 +376,58 @@ def varlen_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
         q, k, v, dout, lse, delta, dq, cu_seqlens, sm_scale, hq // hkv, T, *strides, dq.stride(0), dq.stride(1),
         BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_warps=c.num_warps, num_stages=c.num_stages, **consts)
     return dq, dk, dv
+
+
+def compile_specs() -> list[dict[str, object]]:
+    """Ahead-of-time compile entries for bench/compile_report.py: each kernel × head dim × dtype at its GPU default.
+
+    Each entry: kernel (the @triton.jit function), variant ("D<head_dim>"), dtype ("bf16" | "fp16" | "fp32"),
+    signature ({runtime argument: Triton type}), constexprs, aligned (the row and head strides, multiples of 16 for
+    contiguous (T, H, D) tensors with D a multiple of 16), num_warps, num_stages, expect_wgmma (16-bit GEMM kernels
+    must reach Hopper's wgmma; fp32 runs exact fp32 products and _delta_kernel has no dot).
+    """
+    specs: list[dict[str, object]] = []
+    torch_dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    fwd_strides = ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_ot",
+                   "stride_oh")
+    bwd_strides = ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_dot",
+                   "stride_doh")
+    scalars = {"sm_scale": "fp32", "group_size": "i32", "T": "i32"}
+    for head_dim in (64, 128):
+        for dtype, torch_dtype in torch_dtypes.items():
+            cfg = default_config(head_dim, torch_dtype, torch.device("cuda"))
+            base = {"variant": f"D{head_dim}", "dtype": dtype}
+            dims = {"HEAD_DIM": head_dim, "BLOCK_D": _block_d(head_dim)}
+            gemm = {"PRECISION": _precision(torch_dtype)}
+            tensor = f"*{dtype}"
+            stats = {"lse_ptr": "*fp32", "cu_ptr": "*i32"}
+            specs.append({
+                **base, "kernel": _fwd_kernel,
+                "signature": {**{n: tensor for n in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")}, **stats, **scalars,
+                              **{n: "i32" for n in fwd_strides}},
+                "constexprs": {"BLOCK_M": cfg.fwd.block_m, "BLOCK_N": cfg.fwd.block_n, **dims, **gemm},
+                "aligned": fwd_strides, "num_warps": cfg.fwd.num_warps, "num_stages": cfg.fwd.num_stages,
+                "expect_wgmma": dtype != "fp32",
+            })
+            delta_strides = ("stride_ot", "stride_oh", "stride_dot", "stride_doh")
+            # The launcher runs _delta_kernel with BLOCK_T=64 and Triton's default num_warps/num_stages.
+            specs.append({
+                **base, "kernel": _delta_kernel,
+                "signature": {"o_ptr": tensor, "do_ptr": tensor, "delta_ptr": "*fp32", "T": "i32",
+                              **{n: "i32" for n in delta_strides}},
+                "constexprs": {"BLOCK_T": 64, **dims},
+                "aligned": delta_strides, "num_warps": 4, "num_stages": 3, "expect_wgmma": False,
+            })
+            bwd_inputs = {**{n: tensor for n in ("q_ptr", "k_ptr", "v_ptr", "do_ptr")}, **stats,
+                          "delta_ptr": "*fp32"}
+            for kernel, cfg_k, grads in ((_dkdv_kernel, cfg.dkdv, ("dk", "dv")), (_dq_kernel, cfg.dq, ("dq",))):
+                grad_strides = tuple(f"stride_{g}{axis}" for g in grads for axis in ("t", "h"))
+                specs.append({
+                    **base, "kernel": kernel,
+                    "signature": {**bwd_inputs, **{f"{g}_ptr": tensor for g in grads}, **scalars,
+                                  **{n: "i32" for n in bwd_strides + grad_strides}},
+                    "constexprs": {"BLOCK_M": cfg_k.block_m, "BLOCK_N": cfg_k.block_n, **dims, **gemm},
+                    "aligned": bwd_strides + grad_strides, "num_warps": cfg_k.num_warps,
+                    "num_stages": cfg_k.num_stages, "expect_wgmma": dtype != "fp32",
+                })
+    return specs
