@@ -124,6 +124,11 @@ def build_updater(mode: str, world: int) -> Updater:
             raise ValueError(f"--mode torch runs in one process, got WORLD_SIZE={world}")
         return TorchUpdater(module, lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS, eps=EPS,
                             grad_clip=GRAD_CLIP)
+    import deepspeed.ops
+
+    # DeepSpeed's shared-memory op serves only its tensor-parallel inference all-reduce (training collectives go
+    # through gloo); marking it unavailable skips its one-time C++ build (~25 s, minutes on a busy 2-core machine).
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     config = deepspeed_config(zero_stage=2 if mode == "zero2" else 3, offload_optimizer=False, offload_params=False,
                               bf16=False, lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS, eps=EPS,
                               grad_clip=GRAD_CLIP)
