@@ -4,7 +4,7 @@
     torchrun --nproc_per_node 2 --master_addr 127.0.0.1 --master_port PORT tests/dist_worker.py --mode zero3 ...
 
 Every process builds the same model and the same samples for all prompts, keeps its contiguous shard of prompts
-(groups stay whole) and runs `run_update`; rank 0 writes per-step global loss, gradient norm, micro-batch counts and
+(groups stay whole) and runs `run_update`; rank 0 writes per-step global loss, entropy, gradient norm, micro-batch counts and
 per-tensor sums of squares of the final parameters (gathered under ZeRO-3) as JSON.
 """
 
@@ -166,7 +166,7 @@ def run(mode: str, steps: int) -> dict[str, Any]:
         result = run_update(updater, samples, advantages, rule, marginal_prefix=PREFIX, max_tokens=MAX_TOKENS,
                             device=torch.device("cpu"), lr=rule.lr)
         counts = _gather_counts([updater.calls - calls, updater.fillers - fillers], world)
-        records.append({"algo": rule.algo, "loss": result.loss, "grad_norm": result.grad_norm,
+        records.append({"algo": rule.algo, "loss": result.loss, "entropy": result.entropy, "grad_norm": result.grad_norm,
                         "kept_tokens": result.kept_tokens, "stepped": result.stepped,
                         "micro_batches": [c[0] for c in counts], "fillers": [c[1] for c in counts]})
     params = {name for name, _ in updater.module.model.named_parameters()}
