@@ -44,7 +44,7 @@ def test_embedded_default_is_the_no_file_config():
     assert cfg.model.name_or_path is None and cfg.data.train_path is None
     assert (cfg.rollout.engine, cfg.rollout.n, cfg.prompts_per_step, cfg.rollout.max_response_len) == ("hf", 8, 16, 16)
     assert (cfg.algo.algo, cfg.algo.switch_step, cfg.algo.pretrain_loss_coef) == ("dsrl", 50, 1.0)
-    assert (cfg.optim.lr, cfg.optim.marginal_lr, cfg.steps, cfg.checkpoint_every) == (1e-4, 1e-5, 400, 100)
+    assert (cfg.optim.lr, cfg.optim.marginal_lr, cfg.steps, cfg.checkpoint_every) == (1e-4, 1e-5, 700, 100)
     assert (cfg.sft.steps, cfg.sft.batch_size, cfg.sft.lr) == (250, 128, 3e-3)
     assert cfg.deepspeed.enabled is False and cfg.output_dir == "runs/demo"
 

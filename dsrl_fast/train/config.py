@@ -586,7 +586,7 @@ def embedded_default() -> TrainConfig:
         optim=OptimConfig(lr=1e-4, marginal_lr=1e-5),
         deepspeed=DeepSpeedConfig(enabled=False),
         sft=SFTConfig(steps=250, batch_size=128, lr=3e-3),
-        steps=400,
+        steps=700,
         prompts_per_step=16,
         output_dir="runs/demo",
         checkpoint_every=100,

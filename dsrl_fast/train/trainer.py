@@ -281,93 +281,100 @@ def train(cfg: TrainConfig) -> TrainSummary:
         raise ValueError(f"prompts_per_step must be a multiple of the world size {d.world_size}, "
                          f"got {cfg.prompts_per_step}")
 
+    if cfg.rollout.engine == "vllm" and d.world_size > 1:
+        raise ValueError(f"rollout.engine='vllm' runs one colocated engine per process; with WORLD_SIZE="
+                         f"{d.world_size} use rollout.engine='hf' (vLLM's external launcher is not wired in yet)")
     resume_from = latest_checkpoint(out) if cfg.resume else None
     reward_fn = get_reward_fn("math_verify")
     engine = build_engine(cfg, model, tokenizer)
-    trainer_state: dict[str, Any] = {}
-    if resume_from is None and cfg.sft.steps > 0:
-        from dsrl_fast.toy import supervised_warmup
+    try:
+        trainer_state: dict[str, Any] = {}
+        if resume_from is None and cfg.sft.steps > 0:
+            from dsrl_fast.toy import supervised_warmup
 
-        if cfg.model.name_or_path is not None:
-            raise ValueError("sft.steps > 0 is the toy task's warm-up; set sft.steps=0 for a pretrained model")
-        losses = supervised_warmup(model, tokenizer, problems, cfg.sft.steps, batch_size=cfg.sft.batch_size,
-                                   lr=cfg.sft.lr, seed=cfg.seed)
-        print0(f"supervised warm-up: {cfg.sft.steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-        engine.update_weights(model.state_dict().items())
+            if cfg.model.name_or_path is not None:
+                raise ValueError("sft.steps > 0 is the toy task's warm-up; set sft.steps=0 for a pretrained model")
+            losses = supervised_warmup(model, tokenizer, problems, cfg.sft.steps, batch_size=cfg.sft.batch_size,
+                                       lr=cfg.sft.lr, seed=cfg.seed)
+            print0(f"supervised warm-up: {cfg.sft.steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+            engine.update_weights(model.state_dict().items())
 
-    prepare_packed_model(model, attention_backend=cfg.model.attention_backend, use_liger=cfg.model.use_liger)
-    module = PolicyModule(model)
-    updater = build_updater(cfg, module, d.world_size)
-    sampler = PromptSampler(len(problems), cfg.prompts_per_step, seed=cfg.seed)
-    start_step = 0
-    if resume_from is not None:
-        trainer_state = load_checkpoint(resume_from, updater)
-        sampler.load_state_dict(trainer_state["sampler"])
-        start_step = trainer_state["step"]
-        engine.update_weights(updater.named_parameters_for_sync())
-        print0(f"resumed from {resume_from} at step {start_step}")
-    else:
-        trainer_state["accuracy_before"] = evaluate(cfg, engine, tokenizer, reward_fn, held_out, eval_prompts, d,
-                                                    greedy=cfg.eval_greedy)
-        print0(f"held-out accuracy before RL: {trainer_state['accuracy_before']:.3f}")
-
-    ref_model = _frozen_copy(model) if cfg.algo.kl_coef > 0 else None
-    if ref_model is not None and resume_from is not None:
-        load_reference(resume_from, ref_model)
-    logger = MetricsLogger(out, tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project,
-                           config_dict=config_to_dict(cfg), resume=resume_from is not None)
-    if resume_from is not None:
-        logger.truncate_after(start_step)
-    progress = StepProgress(cfg.steps, start_step, enabled=cfg.progress)
-    per_rank = cfg.prompts_per_step // d.world_size
-    for step in range(start_step, cfg.steps):
-        t0 = time.perf_counter()
-        torch.manual_seed(_step_seed(cfg.seed, step, d.rank))
-        phase = _phase(cfg, step)
-        if cfg.algo.algo == "dsrl" and step == cfg.algo.switch_step and ref_model is not None:
-            ref_model.load_state_dict(model.state_dict())
-        batch = sampler.next_batch()
-        mine = batch[d.rank * per_rank:(d.rank + 1) * per_rank]
-        my_prompts = [prompts[i] for i in mine]
-        rollouts = engine.generate(my_prompts, _sampling(cfg, tokenizer, cfg.rollout.n,
-                                                          _step_seed(cfg.seed, step, d.rank)))
-        texts = tokenizer.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)
-        rewards = reward_fn(texts, [problems[mine[r.prompt_index]].answer for r in rollouts])
-        samples = collect_samples(my_prompts, rollouts, rewards, group_offset=d.rank * per_rank)
-        advantages = sample_advantages(samples, phase.estimator)
-        lr = phase.lr * _lr_factor(cfg, step)
-        result = run_update(updater, samples, advantages, phase, marginal_prefix=prefix,
-                            max_tokens=cfg.optim.max_tokens_per_micro_batch, device=d.device, lr=lr,
-                            ref_logprobs_fn=_ref_fn(ref_model, phase) if ref_model is not None else None)
-        if result.stepped:
+        prepare_packed_model(model, attention_backend=cfg.model.attention_backend, use_liger=cfg.model.use_liger)
+        module = PolicyModule(model)
+        # The reference is copied before the updater exists: under ZeRO-3 the model's tensors are partitioned after.
+        ref_model = _frozen_copy(model) if cfg.algo.kl_coef > 0 else None
+        updater = build_updater(cfg, module, d.world_size)
+        sampler = PromptSampler(len(problems), cfg.prompts_per_step, seed=cfg.seed)
+        start_step = 0
+        if resume_from is not None:
+            trainer_state = load_checkpoint(resume_from, updater)
+            sampler.load_state_dict(trainer_state["sampler"])
+            start_step = trainer_state["step"]
             engine.update_weights(updater.named_parameters_for_sync())
-        metrics = _step_metrics(cfg, phase, samples, texts, result, lr, time.perf_counter() - t0)
-        if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            logger.log(step, {k: v for k, v in metrics.items() if v is not None})
-        progress.update(step + 1, metrics["reward_mean"], metrics["tokens_per_s"])
-        done = step + 1
-        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
-            save_checkpoint(out, done, updater, tokenizer, dict(trainer_state, sampler=sampler.state_dict()),
-                            cfg.keep_checkpoints, reference=ref_model)
-        if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
-            acc = evaluate(cfg, engine, tokenizer, reward_fn, held_out, eval_prompts, d, greedy=cfg.eval_greedy)
-            logger.log(step, {"step": step, "eval_accuracy": acc})
-    progress.close()
+            print0(f"resumed from {resume_from} at step {start_step}")
+        else:
+            trainer_state["accuracy_before"] = evaluate(cfg, engine, tokenizer, reward_fn, held_out, eval_prompts, d,
+                                                        greedy=cfg.eval_greedy)
+            print0(f"held-out accuracy before RL: {trainer_state['accuracy_before']:.3f}")
 
-    accuracy_after = evaluate(cfg, engine, tokenizer, reward_fn, held_out, eval_prompts, d, greedy=cfg.eval_greedy)
-    final = save_checkpoint(out, cfg.steps, updater, tokenizer, dict(trainer_state, sampler=sampler.state_dict()),
-                            cfg.keep_checkpoints, reference=ref_model)
-    logger.close()
-    plot_path = None
-    if d.rank == 0 and (out / "metrics.jsonl").is_file():
-        switch = cfg.algo.switch_step if cfg.algo.algo == "dsrl" else None
-        plot_path = plot_metrics(out / "metrics.jsonl", out / "training.png", switch_step=switch)
-    engine.close()
-    close = getattr(reward_fn, "close", None)
-    if close is not None:
-        close()
-    return TrainSummary(trainer_state["accuracy_before"], accuracy_after, cfg.steps, time.perf_counter() - started,
-                        str(out), plot_path, str(final / "hf"))
+        if ref_model is not None and resume_from is not None:
+            load_reference(resume_from, ref_model)
+        logger = MetricsLogger(out, tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project,
+                               config_dict=config_to_dict(cfg), resume=resume_from is not None)
+        if resume_from is not None:
+            logger.truncate_after(start_step)
+        progress = StepProgress(cfg.steps, start_step, enabled=cfg.progress)
+        per_rank = cfg.prompts_per_step // d.world_size
+        for step in range(start_step, cfg.steps):
+            t0 = time.perf_counter()
+            torch.manual_seed(_step_seed(cfg.seed, step, d.rank))
+            phase = _phase(cfg, step)
+            if cfg.algo.algo == "dsrl" and step == cfg.algo.switch_step and ref_model is not None:
+                # Full (gathered under ZeRO-3) actor weights; a tied LM head arrives through its embedding.
+                ref_model.load_state_dict(dict(updater.named_parameters_for_sync()), strict=False)
+            batch = sampler.next_batch()
+            mine = batch[d.rank * per_rank:(d.rank + 1) * per_rank]
+            my_prompts = [prompts[i] for i in mine]
+            rollouts = engine.generate(my_prompts, _sampling(cfg, tokenizer, cfg.rollout.n,
+                                                              _step_seed(cfg.seed, step, d.rank)))
+            texts = tokenizer.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)
+            rewards = reward_fn(texts, [problems[mine[r.prompt_index]].answer for r in rollouts])
+            samples = collect_samples(my_prompts, rollouts, rewards, group_offset=d.rank * per_rank)
+            advantages = sample_advantages(samples, phase.estimator)
+            lr = phase.lr * _lr_factor(cfg, step)
+            result = run_update(updater, samples, advantages, phase, marginal_prefix=prefix,
+                                max_tokens=cfg.optim.max_tokens_per_micro_batch, device=d.device, lr=lr,
+                                ref_logprobs_fn=_ref_fn(ref_model, phase) if ref_model is not None else None)
+            if result.stepped:
+                engine.update_weights(updater.named_parameters_for_sync())
+            metrics = _step_metrics(cfg, phase, samples, texts, result, lr, time.perf_counter() - t0)
+            if step % cfg.log_every == 0 or step == cfg.steps - 1:
+                logger.log(step, {k: v for k, v in metrics.items() if v is not None})
+            progress.update(step + 1, metrics["reward_mean"], metrics["tokens_per_s"])
+            done = step + 1
+            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+                save_checkpoint(out, done, updater, tokenizer, dict(trainer_state, sampler=sampler.state_dict()),
+                                cfg.keep_checkpoints, reference=ref_model)
+            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
+                acc = evaluate(cfg, engine, tokenizer, reward_fn, held_out, eval_prompts, d, greedy=cfg.eval_greedy)
+                logger.log(step, {"step": step, "eval_accuracy": acc})
+        progress.close()
+
+        accuracy_after = evaluate(cfg, engine, tokenizer, reward_fn, held_out, eval_prompts, d, greedy=cfg.eval_greedy)
+        final = save_checkpoint(out, cfg.steps, updater, tokenizer, dict(trainer_state, sampler=sampler.state_dict()),
+                                cfg.keep_checkpoints, reference=ref_model)
+        logger.close()
+        plot_path = None
+        if d.rank == 0 and (out / "metrics.jsonl").is_file():
+            switch = cfg.algo.switch_step if cfg.algo.algo == "dsrl" else None
+            plot_path = plot_metrics(out / "metrics.jsonl", out / "training.png", switch_step=switch)
+        return TrainSummary(trainer_state["accuracy_before"], accuracy_after, cfg.steps, time.perf_counter() - started,
+                            str(out), plot_path, str(final / "hf"))
+    finally:
+        engine.close()
+        close = getattr(reward_fn, "close", None)
+        if close is not None:
+            close()
 
 
 def _lr_factor(cfg: TrainConfig, step: int) -> float:
