@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 import torch
 
-from dsrl_fast.validation import check_same_device, check_tensor
+from dsrl_fast.validation import check_same_device, check_tensor, resolve_impl
 
 BACKENDS = ("auto", "triton", "flash_attn", "torch")
 TRANSFORMERS_ATTENTION_NAME = "dsrl_varlen"
@@ -96,14 +95,7 @@ def _check_cu_seqlens_values(cu_seqlens: torch.Tensor, total: int, max_seqlen: i
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter), "
-                         f"got device {device}")
-    return backend
+    return resolve_impl(backend, device, name="backend", choices=BACKENDS)
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,

@@ -44,14 +44,16 @@ def check_labels_in_range(labels: torch.Tensor, vocab: int) -> None:
         raise ValueError(f"labels must lie in [0, {vocab}) (the vocabulary of weight), got values in [{low}, {high}]")
 
 
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """Map impl ("auto" | "triton" | "torch") to the implementation that runs on `device`."""
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+def resolve_impl(impl: str, device: torch.device, *, name: str = "impl",
+                 choices: tuple[str, ...] = IMPLS) -> str:
+    """Map `impl` (one of `choices`, "auto" among them) to what runs on `device`: "auto" is Triton on CUDA and
+    PyTorch elsewhere; "triton" on CPU needs TRITON_INTERPRET=1. `name` is the argument named in errors."""
+    if impl not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {impl!r}")
     if impl == "auto":
         return "triton" if device.type == "cuda" else "torch"
     if impl == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(
-            f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter), got device {device}"
+            f"{name}='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for the CPU interpreter), got device {device}"
         )
     return impl
