@@ -21,14 +21,7 @@ from dsrl_fast.toy import (
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The toy shapes gain nothing from threads, and spinning OpenMP threads on busy shared
-    cores slows them ~10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

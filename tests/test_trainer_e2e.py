@@ -57,13 +57,7 @@ HF_DRIFT_BOUND = 1e-5
 VLLM_DRIFT_BOUND = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """These runs are many tiny ops; on a shared 2-core machine one intra-op thread is several times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -357,7 +351,7 @@ def test_bad_data_files_raise_clear_errors_through_train(tmp_path: Path, content
 
 
 def run_module(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """`python -m <args>` from the repository root with one intra-op thread (see _one_thread)."""
+    """`python -m <args>` from the repository root with one intra-op thread (see the one_torch_thread fixture)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
                           check=False, timeout=timeout)
