@@ -74,14 +74,97 @@ def _token_weights(kept: torch.Tensor, seq_index: torch.Tensor, num_seqs: int,
     return keep / (kept_seqs * config.max_response_len)
 
 
+_LOGPROB_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _validate_token_inputs(logprobs: torch.Tensor, advantages: torch.Tensor, entropy: torch.Tensor | None,
+                           mask: torch.Tensor | None, old_logprobs: torch.Tensor | None,
+                           ref_logprobs: torch.Tensor | None, seq_ids: torch.Tensor | None,
+                           weights: torch.Tensor | None, config: PolicyLossConfig) -> None:
+    """Raise TypeError/ValueError naming the argument unless the inputs follow `token_policy_loss`'s contract."""
+    if not isinstance(config, PolicyLossConfig):
+        raise TypeError(f"config must be a PolicyLossConfig, got {type(config).__name__}")
+    if not isinstance(logprobs, torch.Tensor):
+        raise TypeError(f"logprobs must be a torch.Tensor, got {type(logprobs).__name__}")
+    if logprobs.dim() not in (1, 2):
+        raise ValueError(f"logprobs must be (N,) packed or (B, T) padded, got shape {tuple(logprobs.shape)}")
+    check_tensor("logprobs", logprobs, ndim=logprobs.dim(), dtypes=_LOGPROB_DTYPES)
+    shape = tuple(logprobs.shape)
+    if not isinstance(advantages, torch.Tensor):
+        raise TypeError(f"advantages must be a torch.Tensor, got {type(advantages).__name__}")
+    check_tensor("advantages", advantages, ndim=advantages.dim(), dtypes=_LOGPROB_DTYPES)
+    allowed = [shape] + ([(shape[0],), (shape[0], 1)] if len(shape) == 2 else [])
+    if tuple(advantages.shape) not in allowed:
+        raise ValueError(f"advantages must have shape {' or '.join(map(str, allowed))} (logprobs is {shape}), got "
+                         f"{tuple(advantages.shape)}")
+    for name, t, dtypes in (("entropy", entropy, _LOGPROB_DTYPES), ("mask", mask, (torch.bool,)),
+                            ("old_logprobs", old_logprobs, (torch.float32, torch.float64)),
+                            ("ref_logprobs", ref_logprobs, (torch.float32, torch.float64)),
+                            ("seq_ids", seq_ids, (torch.int64, torch.int32)), ("weights", weights, _LOGPROB_DTYPES)):
+        if t is None:
+            continue
+        check_tensor(name, t, ndim=len(shape), dtypes=dtypes)
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have logprobs' shape {shape}, got {tuple(t.shape)}")
+    check_same_device("logprobs", logprobs, advantages=advantages, entropy=entropy, mask=mask,
+                      old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, seq_ids=seq_ids, weights=weights)
+    if seq_ids is not None and len(shape) == 2:
+        raise ValueError("seq_ids must be None with padded (B, T) inputs (each row is one sequence), got a tensor")
+    if config.agg != "token-mean" and seq_ids is None and len(shape) == 1:
+        raise ValueError(f"agg={config.agg!r} needs seq_ids (N,) int64 or padded (B, T) inputs, got None")
+    if config.kl_coef != 0 and ref_logprobs is None:
+        raise ValueError(f"kl_coef={config.kl_coef} needs ref_logprobs, got None")
+    if advantages.numel() and bool(torch.isnan(advantages).any()):
+        raise ValueError("advantages must not contain NaN, got at least one NaN")
+
+
 def token_policy_loss(logprobs: torch.Tensor, advantages: torch.Tensor, *, entropy: torch.Tensor | None = None,
                       mask: torch.Tensor | None = None, old_logprobs: torch.Tensor | None = None,
                       ref_logprobs: torch.Tensor | None = None, seq_ids: torch.Tensor | None = None,
+                      weights: torch.Tensor | None = None,
                       config: PolicyLossConfig = PolicyLossConfig()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The aggregated clipped loss from per-token log-probs (no validation; see `policy_loss` for the contract).
+    """The aggregated clipped loss from per-token log-probs that a trainer already has (TRL, verl, OpenRLHF, ...).
 
-    Returns (loss () fp32, metrics dict of () fp32 tensors).
+    Two layouts, told apart by logprobs' rank:
+    - packed: logprobs (N,); advantages, entropy, mask, old_logprobs, ref_logprobs, seq_ids, weights (N,).
+      seq_ids (N,) int64/int32 names each token's sequence (needed by the seq-mean aggregations; the NSR/PSR filter
+      then acts per sequence, otherwise per token).
+    - padded: logprobs (B, T), one right- or left-padded response per row; the other per-token tensors (B, T);
+      advantages (B, T), (B, 1) or (B,); seq_ids must be None (row b is sequence b). Pass `mask` to drop padding.
+
+    Args:
+        logprobs: fp32/fp64/fp16/bf16 log-probs of the scored tokens under the current policy (differentiable).
+        advantages: fp32/fp64/fp16/bf16 per-token (or per-row) advantages, no NaN.
+        entropy: per-token entropy for the entropy bonus (config.entropy_coef) and the "entropy_mean" metric.
+        mask: bool, tokens that count (None = all).
+        old_logprobs: fp32/fp64 behaviour-policy log-probs; None = on-policy (old = logprobs.detach()).
+        ref_logprobs: fp32/fp64 reference log-probs (needed when config.kl_coef != 0).
+        weights: per-token rollout importance-sampling weights (e.g. π_old / π_sampler, truncated): they multiply the
+            clipped policy-gradient term of each token (not the KL or entropy terms), without gradient, as TRL,
+            verl and OpenRLHF apply them. None = 1.
+        config: PolicyLossConfig.
+
+    Returns:
+        (loss () fp32, metrics dict of () fp32 tensors, see PolicyLossOutput). With no kept token the loss is 0 with
+        a zero gradient.
     """
+    _validate_token_inputs(logprobs, advantages, entropy, mask, old_logprobs, ref_logprobs, seq_ids, weights, config)
+    if logprobs.dim() == 2:
+        rows, cols = logprobs.shape
+        advantages = (advantages if advantages.dim() == 2 else advantages.reshape(rows, 1)).expand(rows, cols)
+        seq_ids = torch.arange(rows, device=logprobs.device).repeat_interleave(cols)
+        flat = [None if t is None else t.reshape(-1)
+                for t in (logprobs, advantages, entropy, mask, old_logprobs, ref_logprobs, weights)]
+        logprobs, advantages, entropy, mask, old_logprobs, ref_logprobs, weights = flat
+    return _token_policy_loss(logprobs, advantages, entropy=entropy, mask=mask, old_logprobs=old_logprobs,
+                              ref_logprobs=ref_logprobs, seq_ids=seq_ids, is_weights=weights, config=config)
+
+
+def _token_policy_loss(logprobs: torch.Tensor, advantages: torch.Tensor, *, entropy: torch.Tensor | None,
+                       mask: torch.Tensor | None, old_logprobs: torch.Tensor | None, ref_logprobs: torch.Tensor | None,
+                       seq_ids: torch.Tensor | None, is_weights: torch.Tensor | None,
+                       config: PolicyLossConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`token_policy_loss` on validated packed (N,) inputs (is_weights: its `weights`)."""
     n = logprobs.shape[0]
     device = logprobs.device
     mask = torch.ones(n, dtype=torch.bool, device=device) if mask is None else mask
@@ -99,6 +182,8 @@ def token_policy_loss(logprobs: torch.Tensor, advantages: torch.Tensor, *, entro
     token_loss = torch.maximum(unclipped, clipped)
     if config.clip_ratio_c is not None:
         token_loss = torch.where(adv < 0, torch.minimum(token_loss, -adv * config.clip_ratio_c), token_loss)
+    if is_weights is not None:
+        token_loss = token_loss * torch.where(kept, is_weights.detach().float(), 0.0)
 
     kl = None
     if ref_logprobs is not None and config.kl_coef != 0:
@@ -179,6 +264,6 @@ def policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
     _validate_loss_inputs(n, hidden, advantages, mask, old_logprobs, ref_logprobs, seq_ids, config)
     chosen = resolve_impl(impl, hidden.device)
     logprobs, entropy = raw_linear_logprobs(hidden, weight, labels, config.temperature, True, chosen)
-    loss, metrics = token_policy_loss(logprobs, advantages, entropy=entropy, mask=mask, old_logprobs=old_logprobs,
-                                      ref_logprobs=ref_logprobs, seq_ids=seq_ids, config=config)
+    loss, metrics = _token_policy_loss(logprobs, advantages, entropy=entropy, mask=mask, old_logprobs=old_logprobs,
+                                       ref_logprobs=ref_logprobs, seq_ids=seq_ids, is_weights=None, config=config)
     return PolicyLossOutput(loss, logprobs, entropy, metrics)
