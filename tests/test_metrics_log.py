@@ -212,8 +212,8 @@ def _write_run(path, steps, switch):
             logger.log(step, {
                 "space": "marginal" if marginal else "conditional", "samples": "negative" if marginal else "all",
                 "reward_mean": 0.3 + 0.4 * step / steps + rng.uniform(-0.15, 0.15), "accuracy": 0.3 + step / 400,
-                "response_len_mean": 12.0 + rng.uniform(-1, 1), "transition_thoughts": float(rng.poisson(2)),
-                "reflection_thoughts": float(rng.poisson(1)), "loss": 0.1,
+                "response_len_mean": 12.0 + rng.uniform(-1, 1), "transition_share": rng.uniform(0, 0.2),
+                "reflection_share": rng.uniform(0, 0.3), "loss": 0.1,
             })
     return path / "metrics.jsonl"
 

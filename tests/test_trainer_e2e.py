@@ -46,11 +46,13 @@ BASE = (
 KL_RUN = ("algo.switch_step=1", "algo.kl_coef=0.1", "optim.marginal_lr=1e-3")
 REQUIRED_KEYS = (
     "step", "space", "samples", "reward_mean", "accuracy", "response_len_mean", "loss", "clip_frac", "entropy",
-    "grad_norm", "tokens_per_s", "fully_solved", "fully_unsolved", "transition_thoughts", "reflection_thoughts",
+    "grad_norm", "tokens_per_s", "fully_solved", "fully_unsolved", "fully_solved_total", "fully_unsolved_total",
+    "transition_share", "reflection_share", "execution_share",
 )
 # Row values a resumed run must reproduce.
 RESUMED_KEYS = ("reward_mean", "accuracy", "response_len_mean", "loss", "clip_frac", "entropy", "grad_norm",
-                "logprob_drift", "fully_solved", "fully_unsolved", "trained_tokens", "lr")
+                "logprob_drift", "fully_solved", "fully_unsolved", "fully_solved_total", "fully_unsolved_total",
+                "trained_tokens", "lr")
 # Sampler (HF generate, SDPA, padded) vs trainer (packed varlen attention, fused loss) on the same fp32 weights.
 HF_DRIFT_BOUND = 1e-5
 # vLLM's fp32 CPU kernels vs the trainer (measured ~3e-7).
@@ -161,6 +163,13 @@ def test_metrics_have_one_row_per_step_with_the_dsrl_switch(main_run: tuple[Trai
     for row in rows[2:]:
         assert row["logprob_drift"] < HF_DRIFT_BOUND, row["logprob_drift"]
     assert summary.steps == 4 and 0 <= summary.accuracy_before <= 1 and 0 <= summary.accuracy_after <= 1
+    solved = unsolved = 0
+    for row in rows:  # running counts of all-right / all-wrong prompt groups (4 prompts per step)
+        solved += round(row["fully_solved"] * 4)
+        unsolved += round(row["fully_unsolved"] * 4)
+        assert (row["fully_solved_total"], row["fully_unsolved_total"]) == (solved, unsolved)
+        shares = [row[f"{label}_share"] for label in ("transition", "reflection", "execution")]
+        assert all(0 <= s <= 1 for s in shares) and sum(shares) == pytest.approx(1.0)
 
 
 def test_config_plot_and_checkpoints(main_run: tuple[TrainSummary, Path]) -> None:

@@ -13,7 +13,10 @@ accepts any str -> int/float/str mapping):
 - ``tokens_per_s``: (prompt + response) tokens processed per second of the step.
 - ``logprob_drift``: mean |trainer log-prob - sampler log-prob| over response tokens.
 - ``fully_solved`` / ``fully_unsolved``: fraction of prompts whose rollouts were all right / all wrong.
-- ``transition_thoughts`` / ``reflection_thoughts``: mean thought-keyword counts per response.
+- ``fully_solved_total`` / ``fully_unsolved_total``: running counts of such prompt groups since step 0 (the paper's
+  Fig. 6; a question drawn again in a later epoch counts again).
+- ``transition_share`` / ``reflection_share`` / ``execution_share``: share of the step's reasoning steps (responses
+  split on blank lines) in each class of the paper's thought taxonomy (:mod:`dsrl_fast.analysis.thoughts`).
 - ``lr``: learning rate of the step.
 - ``eval_accuracy``: held-out accuracy, in a separate record of the step after which it was measured.
 

@@ -1,4 +1,4 @@
-"""Training curves from a metrics.jsonl file: reward, accuracy, response length and thought counts per step."""
+"""Training curves from a metrics.jsonl file: reward, accuracy, response length and thought shares per step."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ _PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("mean reward", ("reward_mean",)),
     ("accuracy", ("accuracy", "eval_accuracy")),
     ("response length (tokens)", ("response_len_mean",)),
-    ("thoughts per response", ("transition_thoughts", "reflection_thoughts")),
+    ("share of reasoning steps", ("transition_share", "reflection_share")),
 )
 _COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red")
 _MARGINAL_NAMES = {"negative": "NSR-PreRL", "positive": "PSR-PreRL", "all": "PreRL"}
@@ -124,7 +124,7 @@ def plot_metrics(metrics_path: str | os.PathLike[str], out_png: str | os.PathLik
     fig.suptitle(f"{path.parent.name}/{path.name}: {span}, moving averages over {window} steps", fontsize=11)
     if not panels:
         ax = fig.add_subplot(1, 1, 1)
-        ax.text(0.5, 0.5, "no plottable metrics (reward_mean, accuracy, response_len_mean, *_thoughts)",
+        ax.text(0.5, 0.5, "no plottable metrics (reward_mean, accuracy, response_len_mean, *_share)",
                 ha="center", va="center", transform=ax.transAxes)
         ax.set_axis_off()
     axes: list[Any] = list(fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]) if panels else []

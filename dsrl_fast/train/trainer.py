@@ -21,13 +21,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from dsrl_fast.analysis.thoughts import count_thoughts
 from dsrl_fast.data import Problem, PromptSampler, load_hf_problems, load_problems
 from dsrl_fast.logprobs import linear_logprobs
 from dsrl_fast.model import lm_head_weight, packed_hidden_states, prepare_packed_model
 from dsrl_fast.reward import RewardFn, get_reward_fn
 from dsrl_fast.rollout.base import RolloutEngine, SamplingConfig
 from dsrl_fast.templates import render_prompt
-from dsrl_fast.thoughts import count_thoughts
 from dsrl_fast.train.algorithms import Phase, phase_for_step
 from dsrl_fast.train.checkpoint import latest_checkpoint, load_checkpoint, load_reference, save_checkpoint
 from dsrl_fast.train.config import TrainConfig, config_to_dict, save_config
@@ -347,7 +347,8 @@ def train(cfg: TrainConfig) -> TrainSummary:
                                 ref_logprobs_fn=_ref_fn(ref_model, phase) if ref_model is not None else None)
             if result.stepped:
                 engine.update_weights(updater.named_parameters_for_sync())
-            metrics = _step_metrics(cfg, phase, samples, texts, result, lr, time.perf_counter() - t0)
+            metrics = _step_metrics(cfg, phase, samples, texts, result, lr, time.perf_counter() - t0,
+                                     trainer_state)
             if step % cfg.log_every == 0 or step == cfg.steps - 1:
                 logger.log(step, {k: v for k, v in metrics.items() if v is not None})
             progress.update(step + 1, metrics["reward_mean"], metrics["tokens_per_s"])
@@ -401,20 +402,23 @@ def _ref_fn(ref_model: torch.nn.Module, phase: Phase) -> Any:
 
 
 def _step_metrics(cfg: TrainConfig, phase: Phase, samples: Any, texts: list[str], result: Any, lr: float,
-                  seconds: float) -> dict[str, Any]:
-    """The metrics.jsonl row of one step (global over ranks)."""
+                  seconds: float, totals: dict[str, Any]) -> dict[str, Any]:
+    """The metrics.jsonl row of one step (global over ranks); adds the step's fully solved / unsolved prompt groups
+    to the running counts in `totals` (the checkpointed trainer state)."""
     n = cfg.rollout.n
     rewards = samples.rewards.view(-1, n)
-    thoughts = [count_thoughts(t) for t in texts]
+    thoughts = count_thoughts(texts)
     lengths = [len(r) for r in samples.response_ids]
     prompt_tokens = sum(len(p) for p in samples.prompt_ids)
     sums = _sum_over_ranks([
         float(rewards.sum()), float((rewards == 1).float().sum()), float(rewards.numel()), float(sum(lengths)),
         float((rewards == 1).all(dim=1).sum()), float((rewards < 1).all(dim=1).sum()), float(rewards.shape[0]),
-        float(sum(t.transition for t in thoughts)), float(sum(t.reflection for t in thoughts)),
+        float(thoughts.transition), float(thoughts.reflection), float(thoughts.steps),
         float(prompt_tokens + sum(lengths)),
     ])
-    total, correct, count, length, solved, unsolved, groups, transition, reflection, tokens = sums
+    total, correct, count, length, solved, unsolved, groups, transition, reflection, steps, tokens = sums
+    for key, value in (("fully_solved_total", solved), ("fully_unsolved_total", unsolved)):
+        totals[key] = totals.get(key, 0) + round(value)
     return {
         "space": phase.space,
         "samples": phase.samples,
@@ -430,8 +434,11 @@ def _step_metrics(cfg: TrainConfig, phase: Phase, samples: Any, texts: list[str]
         "logprob_drift": result.logprob_drift,
         "fully_solved": solved / groups,
         "fully_unsolved": unsolved / groups,
-        "transition_thoughts": transition / count,
-        "reflection_thoughts": reflection / count,
+        "fully_solved_total": totals["fully_solved_total"],
+        "fully_unsolved_total": totals["fully_unsolved_total"],
+        "transition_share": transition / max(steps, 1.0),
+        "reflection_share": reflection / max(steps, 1.0),
+        "execution_share": (steps - transition - reflection) / max(steps, 1.0),
         "trained_tokens": result.trained_tokens,
         "lr": lr,
         "step_seconds": seconds,
