@@ -83,6 +83,31 @@ def packed_hidden_states(model: torch.nn.Module, batch: PackedBatch) -> torch.Te
     return out.last_hidden_state[0].index_select(0, batch.masked_idx)
 
 
+@contextlib.contextmanager
+def packed_attention(model: torch.nn.Module, *, attention_backend: str = "auto") -> Iterator[torch.nn.Module]:
+    """Switch `model` to the packed varlen attention for the block and restore its previous implementation on exit.
+
+    A host trainer (TRL, verl, OpenRLHF) keeps generating and scoring with its own attention; wrap our packed
+    forward *and its backward* in this block. With gradient checkpointing on, the backward recomputes the forward,
+    which reads the attention implementation at that time, so the backward must run inside the block. If the model
+    already uses the packed attention nothing is switched (nor restored). Yields the model.
+    """
+    previous = getattr(model.config, "_attn_implementation", None)
+    if previous == TRANSFORMERS_ATTENTION_NAME:
+        yield model
+        return
+    prepare_packed_model(model, attention_backend=attention_backend)
+    try:
+        yield model
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def _needs_backward_in_block(model: torch.nn.Module) -> bool:
+    """True when a differentiable forward's backward would recompute the forward (gradient checkpointing)."""
+    return torch.is_grad_enabled() and model.training and bool(getattr(model, "is_gradient_checkpointing", False))
+
+
 def _check_space(space: str) -> None:
     if space not in SPACE_CHOICES:
         raise ValueError(f"space must be one of {SPACE_CHOICES}, got {space!r}")
@@ -94,7 +119,10 @@ def response_logprobs(model: torch.nn.Module, prompts: Sequence[TokenIds], respo
                       temperature: float = 1.0) -> dict[str, list[torch.Tensor]]:
     """Per-token log-probs of each response under the conditional [x; y] and/or marginal [prefix; y] context.
 
-    model: a transformers causal LM (Qwen3, Qwen2, Llama, ...); switched to the packed attention in place.
+    model: a transformers causal LM (Qwen3, Qwen2, Llama, ...). It runs with the packed attention; when it did not
+    use it already, its attention implementation is restored on return. With gradient checkpointing on and grad
+    enabled, call this inside `with packed_attention(model):` and run the backward there too (the recomputed forward
+    needs the packed attention), else a ValueError is raised.
     prompts, responses: one list of token ids (or 1-D int tensor) per sample; responses non-empty.
     space: "cond", "marg" or "both". marginal_prefix: context of the marginal sequences (default Qwen's
     <|im_start|>). max_tokens_per_batch: token budget of one packed forward.
@@ -107,7 +135,21 @@ def response_logprobs(model: torch.nn.Module, prompts: Sequence[TokenIds], respo
     if len(prompts) != len(responses):
         raise ValueError(f"prompts and responses must have the same length, got {len(prompts)} and {len(responses)}")
     if getattr(model.config, "_attn_implementation", None) != TRANSFORMERS_ATTENTION_NAME:
-        prepare_packed_model(model)
+        if _needs_backward_in_block(model):
+            raise ValueError("response_logprobs with gradient checkpointing and grad enabled must run inside "
+                             "`with dsrl_fast.model.packed_attention(model):` together with the backward, got a model "
+                             f"using attention {model.config._attn_implementation!r}")
+        with packed_attention(model):
+            return _response_logprobs(model, prompts, responses, space, marginal_prefix, max_tokens_per_batch,
+                                      with_entropy, impl, temperature)
+    return _response_logprobs(model, prompts, responses, space, marginal_prefix, max_tokens_per_batch, with_entropy,
+                              impl, temperature)
+
+
+def _response_logprobs(model: torch.nn.Module, prompts: Sequence[TokenIds], responses: Sequence[TokenIds], space: str,
+                       marginal_prefix: TokenIds, max_tokens_per_batch: int, with_entropy: bool, impl: str,
+                       temperature: float) -> dict[str, list[torch.Tensor]]:
+    """`response_logprobs` on a model that uses the packed attention."""
     device = next(model.parameters()).device
     spaces = ("cond", "marg") if space == "both" else (space,)
     keys = list(spaces) + ([f"{s}_entropy" for s in spaces] if with_entropy else [])
