@@ -34,7 +34,8 @@ from typing import Any, NamedTuple
 from bench.harness import markdown_table
 
 # Adding a kernel module to the report is one entry here (the module must export compile_specs()).
-KERNEL_MODULES = ("dsrl_fast.kernels.linear_logprobs", "dsrl_fast.kernels.varlen_attention")
+KERNEL_MODULES = ("dsrl_fast.kernels.linear_logprobs", "dsrl_fast.kernels.logits_rows",
+                  "dsrl_fast.kernels.varlen_attention")
 CAPABILITY = 90
 WARP_SIZE = 32
 # Opt-in dynamic shared memory per block on sm_90 (227 KiB).
@@ -59,6 +60,7 @@ class CompileResult:
     stack_bytes: int | None = None
     shared_bytes: int | None = None
     wgmma_count: int | None = None
+    float_atomic_count: int | None = None
     compile_s: float | None = None
     error: str | None = None
 
@@ -137,6 +139,15 @@ def ptxas_usage(ptx: str) -> PtxasUsage:
                       static_shared_bytes=int(smem.group(1)) if smem else 0)
 
 
+# Global float atomics/reductions in PTX: `red.global.add.f32`, `atom.global.v2.f32.add`, `red.relaxed.gpu.global...`.
+FLOAT_ATOMIC_RE = re.compile(r"^\s*(?:@!?%p\d+\s+)?(?:red|atom)\.[\w.]*global[\w.]*\.(?:f32|f16|bf16|f64)\b", re.M)
+
+
+def float_atomic_count(ptx: str) -> int:
+    """Static count of global floating-point atomic/reduction instructions (`red.global` / `atom.global`) in PTX."""
+    return len(FLOAT_ATOMIC_RE.findall(ptx))
+
+
 def compile_spec(spec: dict[str, Any], module_name: str) -> CompileResult:
     """Compile one compile_specs() entry for sm_90a and measure it (also usable to try other configs)."""
     import triton
@@ -159,7 +170,8 @@ def compile_spec(spec: dict[str, Any], module_name: str) -> CompileResult:
     return dataclasses.replace(base, registers=usage.registers, spill_store_bytes=usage.spill_store_bytes,
                                spill_load_bytes=usage.spill_load_bytes, stack_bytes=usage.stack_bytes,
                                shared_bytes=compiled.metadata.shared + usage.static_shared_bytes,
-                               wgmma_count=ptx.count("wgmma.mma_async"), compile_s=time.perf_counter() - start)
+                               wgmma_count=ptx.count("wgmma.mma_async"), float_atomic_count=float_atomic_count(ptx),
+                               compile_s=time.perf_counter() - start)
 
 
 def compile_entry(module_name: str, index: int) -> CompileResult:
@@ -182,16 +194,16 @@ def _cell(value: int | None) -> str:
 
 def format_table(results: Sequence[CompileResult]) -> str:
     headers = ["kernel", "variant", "dtype", "config", "regs", "spill bytes (st/ld)", "stack", "smem bytes", "wgmma",
-               "compile s"]
+               "f32 atomics", "compile s"]
     rows = []
     for r in results:
         if r.error:
-            rows.append([r.kernel, r.variant, r.dtype, r.config, "FAILED", "-", "-", "-", "-", f"{r.compile_s:.1f}"])
+            rows.append([r.kernel, r.variant, r.dtype, r.config, "FAILED", "-", "-", "-", "-", "-", f"{r.compile_s:.1f}"])
             continue
         spills = f"{r.spill_bytes} ({r.spill_store_bytes}/{r.spill_load_bytes})"
         wgmma = f"yes ({r.wgmma_count})" if r.wgmma_count else "no"
         rows.append([r.kernel, r.variant, r.dtype, r.config, _cell(r.registers), spills, _cell(r.stack_bytes),
-                     _cell(r.shared_bytes), wgmma, f"{r.compile_s:.1f}"])
+                     _cell(r.shared_bytes), wgmma, _cell(r.float_atomic_count), f"{r.compile_s:.1f}"])
     return markdown_table(headers, rows)
 
 

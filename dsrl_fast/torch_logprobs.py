@@ -46,6 +46,8 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, labels, lse, entropy)
         ctx.inv_t = inv_t
         ctx.with_entropy = with_entropy
+        # An unused output's gradient arrives as None, not zeros: the entropy gradient is formed only when needed.
+        ctx.set_materialize_grads(False)
         return logprobs, entropy
 
     @staticmethod

@@ -1,17 +1,24 @@
-"""Token log-probs and entropy straight from hidden states and the LM-head weight, never storing the logits.
+"""Token log-probs and entropy straight from hidden states and the LM-head weight, never storing all logits.
 
-Work accounting (N tokens, hidden H, vocabulary V): the forward is one logits GEMM (2·N·H·V) with an online
-logsumexp; the backward recomputes each logits tile (2·N·H·V) and feeds both gradient GEMMs (4·N·H·V), so dense work
-is 8·N·H·V against the 6·N·H·V of a method that keeps logits. We take that path because a row's probabilities are
-final only after its logsumexp has seen the whole vocabulary, and keeping even a chunk of fp32 logits costs
-chunk × V × 4 bytes (600 MB for 1k tokens of a 152k vocabulary). The saving comes from skipping work instead: a
-backward tile whose rows all have zero gradient (prompt tokens, NSR-filtered samples, zero-advantage groups) returns
-before its first GEMM.
+Work and bound (N tokens, N_a of them with a nonzero gradient, hidden H, vocabulary V, 16-bit operands):
 
-Forward: grid (row blocks, vocabulary splits); each program streams its share of the vocabulary and writes partial
-statistics (running max, Σexp, Σexp·z, label logit) that `combine_partials` merges in O(splits × N).
-Backward: grid (row blocks × vocabulary blocks), grouped so neighbouring programs share a row block in L2; each
-program rebuilds its logits tile, forms dz and adds dz·W into d_hidden and dzᵀ·h into d_weight with fp32 atomics.
+- Forward (`_forward_kernel`): one logits GEMM, 2·N·H·V FLOPs, with an online logsumexp/entropy epilogue; it writes
+  4 fp32 statistics per (row, vocabulary split) and nothing per logit. The 1-D grid is rastered so that the
+  programs running at once cover few row blocks and every split: their hidden panels (GROUP × BLOCK_N × H) stay in
+  L2 and each weight tile streamed from HBM is shared by the row blocks in flight. HBM traffic is then
+  hidden once + weight × ⌈row blocks / row blocks in flight⌉, far below the GEMM time at Qwen shapes.
+- Backward, per vocabulary slice of width S (`_dlogits_kernel` + two cuBLAS GEMMs): the kernel recomputes the
+  logits tile of the slice (2·N_a·H·S), applies the softmax/entropy gradient epilogue and writes the slice of
+  dz (N_a, S) in the input dtype; cuBLAS then accumulates d_hidden += dz·W_slice into an fp32 (N_a, H) buffer
+  (2·N_a·H·S) and writes d_weight[slice] = dzᵀ·h once (2·N_a·H·S). Dense work is 8·N_a·H·V in total, every FLOP on
+  tensor cores, and every reduction is either inside a GEMM's K loop or grid-ordered: no atomics, so two runs give
+  bitwise-identical gradients. Rows with zero gradient (masked, NSR-filtered, zero-advantage) are compacted away
+  before the backward, so its cost is proportional to the rows kept.
+- Why this reaches its bound: each step is a compute-bound GEMM (arithmetic intensity ≥ ~700 FLOP/byte at Qwen
+  shapes against the ~165 FLOP/byte ridge of an H100/H200); the only extra HBM traffic is the dz slice (written
+  once, read twice inside compute-bound GEMMs) and the fp32 d_hidden read-modify-write per slice. The ceiling is
+  6/8 = 75% of the 6·N·H·V cuBLAS rate for a path that keeps no logits (bench/roofline.py gives the prediction per
+  shape). The workspace is the dz slice, N_a·S·2 bytes, plus the fp32 d_hidden accumulator, N_a·H·4 bytes.
 """
 
 from __future__ import annotations
@@ -37,11 +44,14 @@ class KernelConfig(NamedTuple):
 # run on FMA units and need smaller tiles to stay spill-free on sm_90a (see bench/compile_report.py). The
 # interpreter runs Python per block op, so it gets the largest tiles that keep test shapes meaningful.
 FORWARD_CONFIG = KernelConfig(block_n=128, block_v=128, block_h=64, num_warps=8, num_stages=3)
-BACKWARD_CONFIG = KernelConfig(block_n=64, block_v=128, block_h=64, num_warps=8, num_stages=3)
+DLOGITS_CONFIG = KernelConfig(block_n=128, block_v=128, block_h=64, num_warps=8, num_stages=3)
 FP32_FORWARD_CONFIG = KernelConfig(block_n=64, block_v=128, block_h=32, num_warps=8, num_stages=2)
-FP32_BACKWARD_CONFIG = KernelConfig(block_n=32, block_v=128, block_h=32, num_warps=8, num_stages=3)
+FP32_DLOGITS_CONFIG = KernelConfig(block_n=64, block_v=128, block_h=32, num_warps=8, num_stages=2)
 INTERPRETER_CONFIG = KernelConfig(block_n=64, block_v=256, block_h=128, num_warps=1, num_stages=1)
 GROUP_ROWS = 8
+# The dz slice of the backward is sized to stay within this share of the fp32 logits (N·V·4 bytes).
+SLICE_LOGITS_SHARE = 0.015
+SLICE_MULTIPLE = 128
 
 
 class Partials(NamedTuple):
@@ -54,13 +64,23 @@ class Partials(NamedTuple):
 
 
 @triton.jit
-def _logits_tile(h_ptr, w_ptr, offs_n, offs_v, N, V, H, stride_hn, stride_wv, inv_temperature,
+def _grouped_tile(pid, n_row_blocks, n_col_blocks, GROUP: tl.constexpr):
+    """(row block, column block) of program `pid`: GROUP row blocks sweep the columns together (L2 reuse)."""
+    per_group = GROUP * n_col_blocks
+    first_row_block = (pid // per_group) * GROUP
+    group_rows = tl.minimum(n_row_blocks - first_row_block, GROUP)
+    local = pid % per_group
+    return first_row_block + local % group_rows, local // group_rows
+
+
+@triton.jit
+def _logits_tile(h_ptr, w_ptr, offs_n, offs_v, N, v_end, H, stride_hn, stride_wv, inv_temperature,
                  BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr):
-    """(BLOCK_N, BLOCK_V) fp32 tile of hidden @ weight.T / temperature; vocabulary tail = -inf."""
+    """(BLOCK_N, BLOCK_V) fp32 tile of hidden @ weight.T / temperature; columns at or past v_end = -inf."""
     offs_h = tl.arange(0, BLOCK_H)
     acc = tl.zeros((BLOCK_N, BLOCK_V), dtype=tl.float32)
     row_ok = offs_n < N
-    col_ok = offs_v < V
+    col_ok = offs_v < v_end
     for h0 in range(0, H, BLOCK_H):
         h_ok = (h0 + offs_h) < H
         h = tl.load(h_ptr + offs_n[:, None].to(tl.int64) * stride_hn + (h0 + offs_h)[None, :],
@@ -73,11 +93,10 @@ def _logits_tile(h_ptr, w_ptr, offs_n, offs_v, N, V, H, stride_hn, stride_wv, in
 
 @triton.jit
 def _forward_kernel(h_ptr, w_ptr, labels_ptr, max_ptr, sum_ptr, sumz_ptr, label_ptr,
-                    N, V, H, stride_hn, stride_wv, inv_temperature, tiles_per_split,
-                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                    N, V, H, stride_hn, stride_wv, inv_temperature, tiles_per_split, num_splits,
+                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP: tl.constexpr,
                     WITH_ENTROPY: tl.constexpr, PRECISION: tl.constexpr):
-    pid_n = tl.program_id(0)
-    split = tl.program_id(1)
+    pid_n, split = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), num_splits, GROUP)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = offs_n < N
     labels = tl.load(labels_ptr + offs_n, mask=row_ok, other=-1)
@@ -107,35 +126,22 @@ def _forward_kernel(h_ptr, w_ptr, labels_ptr, max_ptr, sum_ptr, sumz_ptr, label_
 
 
 @triton.jit
-def _backward_kernel(h_ptr, w_ptr, labels_ptr, lse_ptr, entropy_ptr, g_logp_ptr, g_ent_ptr, dh_ptr, dw_ptr,
-                     N, V, H, stride_hn, stride_wv, inv_temperature,
-                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP: tl.constexpr,
-                     HAS_ENT_GRAD: tl.constexpr, COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr,
-                     PRECISION: tl.constexpr):
-    # Grouped launch order: GROUP consecutive row blocks sweep the vocabulary together, so their hidden rows and
-    # the current weight tiles stay in L2.
-    pid = tl.program_id(0)
-    n_row_blocks = tl.cdiv(N, BLOCK_N)
-    n_vocab_blocks = tl.cdiv(V, BLOCK_V)
-    per_group = GROUP * n_vocab_blocks
-    first_row_block = (pid // per_group) * GROUP
-    group_rows = tl.minimum(n_row_blocks - first_row_block, GROUP)
-    pid_n = first_row_block + (pid % per_group) % group_rows
-    pid_v = (pid % per_group) // group_rows
-
+def _dlogits_kernel(h_ptr, w_ptr, labels_ptr, lse_ptr, entropy_ptr, g_logp_ptr, g_ent_ptr, dz_ptr,
+                    N, V, H, v_begin, slice_width, stride_hn, stride_wv, stride_dzn, inv_temperature,
+                    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP: tl.constexpr,
+                    HAS_ENT_GRAD: tl.constexpr, PRECISION: tl.constexpr):
+    """dz[:, c] = d loss / d z[:, v_begin + c] for the columns c < slice_width of one vocabulary slice."""
+    pid_n, pid_c = _grouped_tile(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(slice_width, BLOCK_V), GROUP)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    offs_c = pid_c * BLOCK_V + tl.arange(0, BLOCK_V)
+    offs_v = v_begin + offs_c
+    v_end = tl.minimum(v_begin + slice_width, V)
     row_ok = offs_n < N
-    g_logp = tl.load(g_logp_ptr + offs_n, mask=row_ok, other=0.0)
-    active = g_logp != 0.0
-    if HAS_ENT_GRAD:
-        g_ent = tl.load(g_ent_ptr + offs_n, mask=row_ok, other=0.0)
-        active = active | (g_ent != 0.0)
-    if tl.max(active.to(tl.int32), axis=0) == 0:
-        return
+    col_ok = offs_v < v_end
 
-    z = _logits_tile(h_ptr, w_ptr, offs_n, offs_v, N, V, H, stride_hn, stride_wv, inv_temperature,
+    z = _logits_tile(h_ptr, w_ptr, offs_n, offs_v, N, v_end, H, stride_hn, stride_wv, inv_temperature,
                      BLOCK_N, BLOCK_V, BLOCK_H, PRECISION)
+    g_logp = tl.load(g_logp_ptr + offs_n, mask=row_ok, other=0.0)
     lse = tl.load(lse_ptr + offs_n, mask=row_ok, other=0.0)
     labels = tl.load(labels_ptr + offs_n, mask=row_ok, other=-1)
     log_p = z - lse[:, None]
@@ -143,27 +149,13 @@ def _backward_kernel(h_ptr, w_ptr, labels_ptr, lse_ptr, entropy_ptr, g_logp_ptr,
     # d logp_label / dz = onehot - p ; d entropy / dz = -p · (log p + entropy)
     dz = g_logp[:, None] * (tl.where(offs_v[None, :] == labels[:, None], 1.0, 0.0) - p)
     if HAS_ENT_GRAD:
+        g_ent = tl.load(g_ent_ptr + offs_n, mask=row_ok, other=0.0)
         entropy = tl.load(entropy_ptr + offs_n, mask=row_ok, other=0.0)
         dz -= g_ent[:, None] * p * (tl.where(p > 0, log_p, 0.0) + entropy[:, None])
-    dz = tl.where(row_ok[:, None] & (offs_v < V)[None, :], dz * inv_temperature, 0.0)
-    dz_op = dz.to(h_ptr.dtype.element_ty)
-
-    offs_h = tl.arange(0, BLOCK_H)
-    col_ok = offs_v < V
-    for h0 in range(0, H, BLOCK_H):
-        h_ok = (h0 + offs_h) < H
-        if COMPUTE_DH:
-            w = tl.load(w_ptr + offs_v[:, None].to(tl.int64) * stride_wv + (h0 + offs_h)[None, :],
-                        mask=col_ok[:, None] & h_ok[None, :], other=0.0)
-            dh = tl.dot(dz_op, w, input_precision=PRECISION)
-            tl.atomic_add(dh_ptr + offs_n[:, None].to(tl.int64) * H + (h0 + offs_h)[None, :], dh,
-                          mask=row_ok[:, None] & h_ok[None, :], sem="relaxed")
-        if COMPUTE_DW:
-            h = tl.load(h_ptr + offs_n[:, None].to(tl.int64) * stride_hn + (h0 + offs_h)[None, :],
-                        mask=row_ok[:, None] & h_ok[None, :], other=0.0)
-            dw = tl.dot(tl.trans(dz_op), h, input_precision=PRECISION)
-            tl.atomic_add(dw_ptr + offs_v[:, None].to(tl.int64) * H + (h0 + offs_h)[None, :], dw,
-                          mask=col_ok[:, None] & h_ok[None, :], sem="relaxed")
+    mask = row_ok[:, None] & col_ok[None, :]
+    dz = tl.where(mask, dz * inv_temperature, 0.0)
+    tl.store(dz_ptr + offs_n[:, None].to(tl.int64) * stride_dzn + offs_c[None, :],
+             dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -176,28 +168,30 @@ def _interpreting(t: torch.Tensor) -> bool:
 
 
 def gpu_config(kind: str, dtype: torch.dtype) -> KernelConfig:
-    """The vetted GPU config of `kind` ("forward" or "backward") for operands of `dtype`."""
-    assert kind in ("forward", "backward")
+    """The vetted GPU config of `kind` ("forward" or "dlogits") for operands of `dtype`."""
+    assert kind in ("forward", "dlogits")
     if dtype == torch.float32:
-        return FP32_FORWARD_CONFIG if kind == "forward" else FP32_BACKWARD_CONFIG
-    return FORWARD_CONFIG if kind == "forward" else BACKWARD_CONFIG
+        return FP32_FORWARD_CONFIG if kind == "forward" else FP32_DLOGITS_CONFIG
+    return FORWARD_CONFIG if kind == "forward" else DLOGITS_CONFIG
 
 
 def default_config(kind: str, hidden: torch.Tensor) -> KernelConfig:
-    """The vetted config of `kind` ("forward" or "backward") for tensors like `hidden` (device and dtype)."""
+    """The vetted config of `kind` ("forward" or "dlogits") for tensors like `hidden` (device and dtype)."""
     return INTERPRETER_CONFIG if _interpreting(hidden) else gpu_config(kind, hidden.dtype)
 
 
-def _num_splits(n_row_blocks: int, n_vocab_tiles: int, device: torch.device) -> int:
-    if device.type != "cuda":
-        return min(n_vocab_tiles, 2)
-    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(n_vocab_tiles, triton.cdiv(target, n_row_blocks)))
+def num_splits(n_row_blocks: int, n_vocab_tiles: int, num_sms: int) -> int:
+    """Vocabulary splits of the forward: about 4 programs per SM in total, at least one tile per split."""
+    return max(1, min(n_vocab_tiles, triton.cdiv(4 * num_sms, n_row_blocks)))
+
+
+def _device_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def forward_partials(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, inv_temperature: float,
                      with_entropy: bool, config: KernelConfig | None = None,
-                     num_splits: int | None = None) -> Partials:
+                     splits: int | None = None) -> Partials:
     """Launch the forward kernel.
 
     hidden: (N, H) fp32/fp16/bf16, unit stride on H; weight: (V, H) same dtype; labels: (N,) int64 in [0, V).
@@ -210,14 +204,16 @@ def forward_partials(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.T
     cfg = config or default_config("forward", hidden)
     n_row_blocks = triton.cdiv(n, cfg.block_n)
     n_vocab_tiles = triton.cdiv(v, cfg.block_v)
-    splits = num_splits or _num_splits(n_row_blocks, n_vocab_tiles, hidden.device)
+    if splits is None:
+        splits = num_splits(n_row_blocks, n_vocab_tiles, _device_sms(hidden.device))
+        splits = min(splits, 2) if hidden.device.type != "cuda" else splits
     tiles_per_split = triton.cdiv(n_vocab_tiles, splits)
     splits = triton.cdiv(n_vocab_tiles, tiles_per_split)
     stats = torch.empty((4, splits, n), dtype=torch.float32, device=hidden.device)
-    _forward_kernel[(n_row_blocks, splits)](
+    _forward_kernel[(n_row_blocks * splits,)](
         hidden, weight, labels, stats[0], stats[1], stats[2], stats[3],
-        n, v, h_dim, hidden.stride(0), weight.stride(0), inv_temperature, tiles_per_split,
-        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, WITH_ENTROPY=with_entropy,
+        n, v, h_dim, hidden.stride(0), weight.stride(0), inv_temperature, tiles_per_split, splits,
+        BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, GROUP=GROUP_ROWS, WITH_ENTROPY=with_entropy,
         PRECISION=_precision(hidden.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return Partials(stats[0], stats[1], stats[2], stats[3])
@@ -233,36 +229,40 @@ def combine_partials(partials: Partials) -> tuple[torch.Tensor, torch.Tensor, to
     return lse, partials.label_logit.sum(dim=0), lse - mean_z
 
 
-def backward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
-             entropy: torch.Tensor | None, grad_logprobs: torch.Tensor, grad_entropy: torch.Tensor | None,
-             inv_temperature: float, compute_dh: bool, compute_dw: bool,
-             config: KernelConfig | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Launch the backward kernel.
+def slice_width(vocab: int, element_size: int, multiple: int = SLICE_MULTIPLE) -> int:
+    """Vocabulary columns per backward slice: the dz slice (rows × width × element_size bytes) stays within
+    SLICE_LOGITS_SHARE of the fp32 logits (rows × vocab × 4 bytes), rounded down to `multiple` (at least one)."""
+    width = int(SLICE_LOGITS_SHARE * vocab * 4 / element_size) // multiple * multiple
+    return max(multiple, min(width, triton.cdiv(vocab, multiple) * multiple))
 
-    lse, entropy, grad_logprobs, grad_entropy: (N,) fp32 contiguous (entropy/grad_entropy None when the entropy has
-    no gradient). Returns (d_hidden (N, H) fp32 or None, d_weight (V, H) fp32 or None).
+
+def dlogits_slice(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
+                  entropy: torch.Tensor | None, grad_logprobs: torch.Tensor, grad_entropy: torch.Tensor | None,
+                  inv_temperature: float, v_begin: int, out: torch.Tensor,
+                  config: KernelConfig | None = None) -> None:
+    """Launch the dz kernel for the vocabulary columns [v_begin, v_begin + out.shape[1]) of rows `hidden`.
+
+    hidden: (N, H); weight: (V, H) same dtype; labels, lse, grad_logprobs (and entropy, grad_entropy when the entropy
+    has a gradient): (N,) contiguous, fp32 except labels (int64). out: (N, S) in hidden's dtype, unit column stride;
+    receives d loss / d logits (the softmax and entropy gradients, divided by the temperature).
     """
     n, h_dim = hidden.shape
     v = weight.shape[0]
-    assert grad_logprobs.dtype == torch.float32 and grad_logprobs.is_contiguous()
-    assert (entropy is None) == (grad_entropy is None)
-    cfg = config or default_config("backward", hidden)
-    d_hidden = torch.zeros((n, h_dim), dtype=torch.float32, device=hidden.device) if compute_dh else None
-    d_weight = torch.zeros((v, h_dim), dtype=torch.float32, device=hidden.device) if compute_dw else None
-    if not (compute_dh or compute_dw):
-        return d_hidden, d_weight
-    grid = (triton.cdiv(n, cfg.block_n) * triton.cdiv(v, cfg.block_v),)
+    width = out.shape[1]
+    assert out.shape[0] == n and out.stride(1) == 1 and out.dtype == hidden.dtype
+    assert grad_logprobs.dtype == torch.float32 and grad_logprobs.is_contiguous() and lse.is_contiguous()
+    assert (entropy is None) == (grad_entropy is None) and 0 <= v_begin < v and v_begin + width <= v
+    cfg = config or default_config("dlogits", hidden)
     has_ent = grad_entropy is not None
-    _backward_kernel[grid](
+    grid = (triton.cdiv(n, cfg.block_n) * triton.cdiv(width, cfg.block_v),)
+    _dlogits_kernel[grid](
         hidden, weight, labels, lse, entropy if has_ent else lse, grad_logprobs,
-        grad_entropy if has_ent else grad_logprobs,
-        d_hidden if compute_dh else grad_logprobs, d_weight if compute_dw else grad_logprobs,
-        n, v, h_dim, hidden.stride(0), weight.stride(0), inv_temperature,
+        grad_entropy if has_ent else grad_logprobs, out,
+        n, v, h_dim, v_begin, width, hidden.stride(0), weight.stride(0), out.stride(0), inv_temperature,
         BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_H=cfg.block_h, GROUP=GROUP_ROWS,
-        HAS_ENT_GRAD=has_ent, COMPUTE_DH=compute_dh, COMPUTE_DW=compute_dw,
-        PRECISION=_precision(hidden.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HAS_ENT_GRAD=has_ent, PRECISION=_precision(hidden.dtype), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
-    return d_hidden, d_weight
 
 
 def compile_specs() -> list[dict[str, object]]:
@@ -274,32 +274,33 @@ def compile_specs() -> list[dict[str, object]]:
     num_warps, num_stages, expect_wgmma (16-bit operands must reach Hopper's wgmma tensor-core instructions).
     """
     specs: list[dict[str, object]] = []
-    scalars = {"N": "i32", "V": "i32", "H": "i32", "stride_hn": "i32", "stride_wv": "i32", "inv_temperature": "fp32"}
-    aligned = ("H", "stride_hn", "stride_wv")
+    scalars = {"N": "i32", "V": "i32", "H": "i32"}
+    strides = {"stride_hn": "i32", "stride_wv": "i32"}
     torch_dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     for dtype, torch_dtype in torch_dtypes.items():
         precision = _precision(torch_dtype)
         inputs = {"h_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "labels_ptr": "*i64"}
-        fwd, bwd = gpu_config("forward", torch_dtype), gpu_config("backward", torch_dtype)
+        fwd, dlg = gpu_config("forward", torch_dtype), gpu_config("dlogits", torch_dtype)
         specs.append({
             "kernel": _forward_kernel, "variant": "entropy", "dtype": dtype,
             "signature": {**inputs, **{name: "*fp32" for name in ("max_ptr", "sum_ptr", "sumz_ptr", "label_ptr")},
-                          **scalars, "tiles_per_split": "i32"},
+                          **scalars, **strides, "inv_temperature": "fp32", "tiles_per_split": "i32",
+                          "num_splits": "i32"},
             "constexprs": {"BLOCK_N": fwd.block_n, "BLOCK_V": fwd.block_v, "BLOCK_H": fwd.block_h,
-                           "WITH_ENTROPY": True, "PRECISION": precision},
-            "aligned": aligned, "num_warps": fwd.num_warps, "num_stages": fwd.num_stages,
+                           "GROUP": GROUP_ROWS, "WITH_ENTROPY": True, "PRECISION": precision},
+            "aligned": ("H", "stride_hn", "stride_wv"), "num_warps": fwd.num_warps, "num_stages": fwd.num_stages,
             "expect_wgmma": dtype != "fp32",
         })
         for has_ent in (False, True):
             specs.append({
-                "kernel": _backward_kernel, "variant": "dh+dw+entropy" if has_ent else "dh+dw", "dtype": dtype,
+                "kernel": _dlogits_kernel, "variant": "logp+entropy" if has_ent else "logp", "dtype": dtype,
                 "signature": {**inputs, **{name: "*fp32" for name in ("lse_ptr", "entropy_ptr", "g_logp_ptr",
-                                                                       "g_ent_ptr", "dh_ptr", "dw_ptr")},
-                              **scalars},
-                "constexprs": {"BLOCK_N": bwd.block_n, "BLOCK_V": bwd.block_v, "BLOCK_H": bwd.block_h,
-                               "GROUP": GROUP_ROWS, "HAS_ENT_GRAD": has_ent, "COMPUTE_DH": True, "COMPUTE_DW": True,
-                               "PRECISION": precision},
-                "aligned": aligned, "num_warps": bwd.num_warps, "num_stages": bwd.num_stages,
-                "expect_wgmma": dtype != "fp32",
+                                                                       "g_ent_ptr")},
+                              "dz_ptr": f"*{dtype}", **scalars, "v_begin": "i32", "slice_width": "i32", **strides,
+                              "stride_dzn": "i32", "inv_temperature": "fp32"},
+                "constexprs": {"BLOCK_N": dlg.block_n, "BLOCK_V": dlg.block_v, "BLOCK_H": dlg.block_h,
+                               "GROUP": GROUP_ROWS, "HAS_ENT_GRAD": has_ent, "PRECISION": precision},
+                "aligned": ("H", "stride_hn", "stride_wv", "stride_dzn"), "num_warps": dlg.num_warps,
+                "num_stages": dlg.num_stages, "expect_wgmma": dtype != "fp32",
             })
     return specs
