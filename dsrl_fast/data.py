@@ -167,17 +167,22 @@ class PromptSampler:
 
     Epoch ``e`` visits ``range(n)`` in the order of a permutation seeded by ``(seed, e)``. A
     batch that runs past the end of an epoch is completed from the next one, so every batch
-    holds ``batch_size`` indices. ``state_dict()`` after k batches, loaded into a fresh sampler,
-    continues with batch k + 1.
+    holds ``batch_size`` indices; with ``drop_last`` an epoch ends after its ``n // batch_size``
+    full batches instead and its remaining indices are skipped (a PyTorch DataLoader's
+    ``drop_last``). ``state_dict()`` after k batches, loaded into a fresh sampler, continues with
+    batch k + 1.
     """
 
-    def __init__(self, n: int, batch_size: int, seed: int = 0):
+    def __init__(self, n: int, batch_size: int, seed: int = 0, drop_last: bool = False):
         for name, value in (("n", n), ("batch_size", batch_size)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         if not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        self.n, self.batch_size, self.seed = n, batch_size, seed
+        if drop_last and batch_size > n:
+            raise ValueError(f"batch_size must be <= n={n} with drop_last (an epoch holds no full batch), "
+                             f"got {batch_size}")
+        self.n, self.batch_size, self.seed, self.drop_last = n, batch_size, seed, drop_last
         self.epoch, self.position = 0, 0
         self._order = self._permutation(0)
 
@@ -191,7 +196,7 @@ class PromptSampler:
             take = min(self.batch_size - len(batch), self.n - self.position)
             batch.extend(self._order[self.position : self.position + take].tolist())
             self.position += take
-            if self.position == self.n:
+            if self.position == self.n or self.drop_last and self.n - self.position < self.batch_size:
                 self.epoch, self.position = self.epoch + 1, 0
                 self._order = self._permutation(self.epoch)
         return batch

@@ -35,10 +35,14 @@ def lines(path):
 def test_log_writes_and_flushes_each_line(tmp_path):
     logger = MetricsLogger(tmp_path / "run")
     logger.log(0, {"reward_mean": 0.25, "space": "marginal", "fully_solved": np.int64(3), "lr": np.float32(0.5)})
-    logger.log(1, {"reward_mean": float("nan")})
+    logger.log(1, {"reward_mean": float("nan"), "loss": float("inf"), "grad_norm": np.float32("-inf")})
     records = lines(tmp_path / "run" / "metrics.jsonl")  # read while the logger is still open
     assert records[0] == {"step": 0, "reward_mean": 0.25, "space": "marginal", "fully_solved": 3, "lr": 0.5}
-    assert next(iter(records[0])) == "step" and math.isnan(records[1]["reward_mean"])
+    # strict JSON: non-finite values are null, never a bare NaN/Infinity token
+    assert next(iter(records[0])) == "step" and records[1] == {"step": 1, "reward_mean": None, "loss": None,
+                                                               "grad_norm": None}
+    for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda token: pytest.fail(f"non-JSON constant {token} in {line!r}"))
     logger.close()
     logger.close()
     with pytest.raises(RuntimeError, match="after close"):

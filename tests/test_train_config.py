@@ -20,7 +20,9 @@ from dsrl_fast.train.config import (
     config_to_dict,
     embedded_default,
     list_presets,
+    config_help,
     load_config,
+    paper_default,
     preset_path,
     save_config,
 )
@@ -51,7 +53,7 @@ def test_embedded_default_is_the_no_file_config():
 
 def test_yaml_round_trip(tmp_path):
     cfg = load_config(None, ["algo.marginal_prefix=[151644, 7]", "optim.betas=[0.8, 0.95]", "algo.clip_high=0.28",
-                             "wandb_project=proj", "deepspeed.bf16=null", "seed=7"])
+                             "wandb_project=proj", "deepspeed.enabled=null", "seed=7"])
     path = tmp_path / "sub" / "config.yaml"
     save_config(cfg, path)
     assert load_config(path, []) == cfg
@@ -126,7 +128,7 @@ def test_override_order_and_null_name(tmp_path):
         ("model.gradient_checkpointing=2", TypeError, ["model.gradient_checkpointing must be bool", "2"]),
         ("algo.marginal_prefix=[1, x]", TypeError, ["algo.marginal_prefix must be a list of int values or null"]),
         ("optim.betas=[0.9]", TypeError, ["optim.betas must be a list of 2 float values", "[0.9]"]),
-        ("steps=null", TypeError, ["steps must be int", "null"]),
+        ("steps=null", ValueError, ["steps must be set when epochs is null", "got steps=null"]),
         ("algo.algo=ppo", ValueError, ["algo.algo must be one of", "'dsrl'", "'ppo'"]),
         ("algo.switch_step=-1", ValueError, ["algo.switch_step must be >= 0", "-1"]),
         ("algo.marginal_prefix=[]", ValueError, ["algo.marginal_prefix must be a non-empty list"]),
@@ -200,8 +202,14 @@ def test_direct_construction_checks():
         TrainConfig(algo={"bogus": 1})
     with pytest.raises(TypeError, match="model must be a mapping of ModelConfig fields"):
         TrainConfig(model="Qwen/Qwen3-4B")
-    with pytest.raises(ValueError, match="deepspeed.bf16=true needs model.dtype 'auto' or 'bfloat16', got 'float16'"):
-        TrainConfig(model=ModelConfig(dtype="float16"), deepspeed=DeepSpeedConfig(bf16=True))
+    with pytest.raises(ValueError, match="sft.steps must be 0 with a pretrained model"):
+        TrainConfig(model=ModelConfig(name_or_path="m"), data={"train_path": "t.jsonl"}, sft={"steps": 5})
+    with pytest.raises(ValueError, match="resume and overwrite must not both be true"):
+        TrainConfig(resume=True, overwrite=True)
+    with pytest.raises(ValueError, match="steps must be set when epochs is null"):
+        TrainConfig(steps=None, epochs=None)
+    with pytest.raises(ValueError, match="data.prompt_overflow must be one of"):
+        TrainConfig(data={"prompt_overflow": "cut"})
     assert DeepSpeedConfig(zero_stage=3, offload_params=True, offload_optimizer=True).offload_params
 
 
@@ -217,9 +225,11 @@ def test_presets(name, tmp_path):
     assert cfg.model.name_or_path == f"Qwen/Qwen3-{size}" and cfg.data.train_path == "/data/math/train.jsonl"
     assert (cfg.prompts_per_step, cfg.rollout.n, cfg.rollout.temperature) == (128, 8, 1.0)
     assert (cfg.rollout.max_response_len, cfg.data.max_prompt_len, cfg.rollout.engine) == (8192, 1024, "vllm")
-    assert (cfg.algo.algo, cfg.algo.switch_step, cfg.algo.pretrain_loss_coef) == ("dsrl", 20, 0.01)
+    # the authors' 19 marginal updates and 6 epochs of MATH with drop_last (348 steps on 7,500 problems)
+    assert (cfg.algo.algo, cfg.algo.switch_step, cfg.algo.pretrain_loss_coef) == ("dsrl", 19, 0.01)
+    assert (cfg.steps, cfg.epochs) == (None, 6)
     assert (cfg.algo.clip_low, cfg.algo.clip_high, cfg.algo.clip_ratio_c) == (0.2, 0.2, 10.0)
-    assert (cfg.optim.lr, cfg.deepspeed.zero_stage, cfg.deepspeed.bf16, cfg.model.dtype) == (1e-6, 2, True, "bfloat16")
+    assert (cfg.optim.lr, cfg.deepspeed.zero_stage, cfg.model.dtype) == (1e-6, 2, "bfloat16")
     assert cfg.data.template == "qwen3_non_thinking" and cfg.algo.kl_coef == 0.0
     save_config(cfg, tmp_path / "resolved.yaml")
     assert load_config(tmp_path / "resolved.yaml", []) == cfg
@@ -228,3 +238,29 @@ def test_presets(name, tmp_path):
 def test_unknown_preset():
     with pytest.raises(ValueError, match=r"presets \(.*'qwen3_4b_math'.*\), got 'llama'"):
         preset_path("llama")
+
+
+def test_a_named_model_starts_from_the_paper_setup_not_the_toy_demo():
+    """`dsrl-fast train model.name_or_path=X data.train_path=Y` is a faithful run: none of the toy's settings."""
+    cfg = load_config(None, ["model.name_or_path=Qwen/Qwen3-4B", MATH])
+    assert cfg == paper_default("Qwen/Qwen3-4B", "/data/math/train.jsonl")
+    assert (cfg.optim.lr, cfg.optim.marginal_lr, cfg.rollout.max_response_len) == (1e-6, None, 8192)
+    assert (cfg.algo.pretrain_loss_coef, cfg.algo.switch_step, cfg.sft.steps) == (0.01, 19, 0)
+    assert (cfg.data.template, cfg.rollout.engine, cfg.prompts_per_step) == ("qwen3_non_thinking", "vllm", 128)
+    assert (cfg.steps, cfg.epochs, cfg.model.gradient_checkpointing) == (None, 6, True)
+    # overrides still apply on top, in order, and a null name keeps the toy base
+    assert load_config(None, ["model.name_or_path=m", MATH, "optim.lr=2e-6"]).optim.lr == 2e-6
+    assert load_config(None, ["model.name_or_path=m", "model.name_or_path=null"]) == embedded_default()
+
+
+def test_config_help_documents_every_key():
+    text = config_help()
+    keys = [line.split(" (")[0].strip() for line in text.splitlines() if line.startswith("  ") and
+            not line.startswith("      ")]
+    sections = {f.name: f.type for f in fields(TrainConfig) if f.name in {c.SECTION for c in SECTIONS}}
+    expected = [f.name for f in fields(TrainConfig) if f.name not in sections]
+    expected += [f"{name}.{f.name}" for name, cls in zip(sections, SECTIONS) for f in fields(cls)]
+    assert set(expected) <= set(keys), set(expected) - set(keys)
+    docs = dict(zip(keys, [line.strip() for line in text.splitlines() if line.startswith("      ")]))
+    assert all(docs.values()), [k for k, v in docs.items() if not v]
+    assert "algo.switch_step (int, default 19)" in text and "19 marginal updates" in docs["algo.switch_step"]

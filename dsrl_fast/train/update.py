@@ -90,45 +90,106 @@ def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 class TorchUpdater:
-    """Single-process AdamW with gradient clipping."""
+    """Single-process AdamW with gradient clipping and fp32 master weights for 16-bit models.
+
+    The model computes in its own dtype. For a bf16/fp16 parameter the optimizer holds an fp32 master copy (and
+    fp32 Adam states): each step casts the gradient to fp32, updates the master and copies it back rounded to the
+    model's dtype, so updates far below the 16-bit resolution (lr 1e-6 on weights ~1e-2) accumulate instead of
+    vanishing. fp32 parameters are their own masters. fp16 models also get dynamic loss scaling (the loss is
+    multiplied by `scale` before the backward; a step whose gradients overflow is skipped and the scale halved).
+    """
+
+    FP16_INITIAL_SCALE = 2.0**16
+    FP16_GROWTH_INTERVAL = 1000
 
     def __init__(self, module: PolicyModule, *, lr: float, weight_decay: float, betas: tuple[float, float],
                  eps: float, grad_clip: float):
         self.module = module
         self.grad_clip = grad_clip
-        params = [p for p in module.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.masters = [p if p.dtype == torch.float32 else torch.nn.Parameter(p.detach().float().clone())
+                        for p in self.params]
+        self.optimizer = torch.optim.AdamW(self.masters, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+        fp16 = any(p.dtype == torch.float16 for p in self.params)
+        self.scale = self.FP16_INITIAL_SCALE if fp16 else 1.0
+        self._good_steps = 0
 
     def forward_backward(self, batch: PackedBatch, advantages: torch.Tensor, config: PolicyLossConfig, last: bool,
                          **kwargs: torch.Tensor | None) -> PolicyLossOutput:
         out = self.module(batch, advantages, config, **kwargs)
-        out.loss.backward()
+        (out.loss * self.scale if self.scale != 1.0 else out.loss).backward()
         return out
 
+    def _masters_take_grads(self) -> None:
+        for param, master in zip(self.params, self.masters):
+            if master is param:
+                if param.grad is not None and self.scale != 1.0:
+                    param.grad.div_(self.scale)
+                continue
+            master.grad = None if param.grad is None else param.grad.float().div_(self.scale)
+            param.grad = None
+
     def step(self, lr: float) -> float:
-        """Clip, step, zero the gradients; returns the pre-clip gradient norm."""
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else float("inf"))
+        """Clip, step, zero the gradients; returns the pre-clip gradient norm (inf/nan: the step was skipped)."""
+        self._masters_take_grads()
+        norm = torch.nn.utils.clip_grad_norm_(self.masters, self.grad_clip if self.grad_clip > 0 else float("inf"))
+        if self.scale != 1.0 and not torch.isfinite(norm):
+            self.scale /= 2  # fp16 overflow: skip this step with a smaller scale next time
+            self._good_steps = 0
+            self.optimizer.zero_grad(set_to_none=True)
+            return float(norm)
         _set_lr(self.optimizer, lr)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for param, master in zip(self.params, self.masters):
+                if master is not param:
+                    param.copy_(master)
+        if self.scale != 1.0:
+            self._good_steps += 1
+            if self._good_steps % self.FP16_GROWTH_INTERVAL == 0:
+                self.scale *= 2
         return float(norm)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.module.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        masters = [m.detach() for p, m in zip(self.params, self.masters) if m is not p]
+        return {"model": self.module.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "masters": masters, "loss_scale": self.scale, "good_steps": self._good_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.module.model.load_state_dict(state["model"])
+        copies = [m for p, m in zip(self.params, self.masters) if m is not p]
+        saved = state.get("masters", [])
+        if len(saved) != len(copies):
+            raise ValueError(f"state['masters'] must hold {len(copies)} fp32 master tensors for this model's 16-bit "
+                             f"parameters, got {len(saved)} (was the checkpoint saved with another model.dtype?)")
+        with torch.no_grad():
+            for master, tensor in zip(copies, saved):
+                master.copy_(tensor)
         self.optimizer.load_state_dict(state["optimizer"])
+        self.scale = float(state.get("loss_scale", self.scale))
+        self._good_steps = int(state.get("good_steps", 0))
 
     def named_parameters_for_sync(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The model's tensors in its own dtype (what vLLM and the Hugging Face export receive)."""
         for name, tensor in self.module.model.state_dict().items():
             yield name, tensor.detach()
 
 
-def deepspeed_config(*, zero_stage: int, offload_optimizer: bool, offload_params: bool, bf16: bool, lr: float,
-                     weight_decay: float, betas: tuple[float, float], eps: float, grad_clip: float) -> dict[str, Any]:
-    """The DeepSpeed config dict: one micro-batch per engine call, boundaries and lr managed by the trainer."""
+def mixed_precision(dtype: torch.dtype) -> dict[str, Any]:
+    """DeepSpeed's precision sections for a model in `dtype`: bf16/fp16 turn on DeepSpeed's fp32 master weights."""
+    return {"bf16": {"enabled": dtype == torch.bfloat16},
+            "fp16": {"enabled": dtype == torch.float16, "loss_scale": 0, "initial_scale_power": 16}}
+
+
+def deepspeed_config(*, zero_stage: int, offload_optimizer: bool, offload_params: bool, dtype: torch.dtype,
+                     lr: float, weight_decay: float, betas: tuple[float, float], eps: float,
+                     grad_clip: float) -> dict[str, Any]:
+    """The DeepSpeed config dict: one micro-batch per engine call, boundaries and lr managed by the trainer.
+
+    dtype: the model's parameter dtype; bf16/fp16 models train in DeepSpeed's mixed precision (fp32 masters and
+    optimizer states, 16-bit compute), fp32 models in fp32.
+    """
     # DeepSpeed allocates its gradient buckets each micro-step: its 5e8-element default costs ~1 s per micro-step
     # on CPU, where the models are small anyway.
     bucket = 500_000_000 if torch.cuda.is_available() else 1 << 20
@@ -144,7 +205,7 @@ def deepspeed_config(*, zero_stage: int, offload_optimizer: bool, offload_params
         "gradient_accumulation_steps": 1,
         "gradient_clipping": grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": bf16},
+        **mixed_precision(dtype),
         # torch_adam avoids compiling DeepSpeed's fused/cpu Adam extensions (not needed for correctness).
         "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": weight_decay, "betas": list(betas),
                                                   "eps": eps, "torch_adam": True}},
