@@ -234,10 +234,36 @@ def _validate_loss_inputs(n: int, hidden: torch.Tensor, advantages: torch.Tensor
         raise ValueError("advantages must not contain NaN, got at least one NaN")
 
 
+LOSS_IMPLS = ("auto", "triton", "grad_in_forward", "torch")
+
+
+def _resolve_loss_impl(impl: str, hidden: torch.Tensor, weight: torch.Tensor, workspace_bytes: int | None,
+                       weight_grad_fp32: bool) -> str:
+    """Check the path options and map impl to "triton", "grad_in_forward" or "torch" (see policy_loss)."""
+    from dsrl_fast import grad_in_forward_loss as gif
+
+    if workspace_bytes is not None and (isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, int)
+                                        or workspace_bytes <= 0):
+        raise ValueError(f"workspace_bytes must be a positive int or None, got {workspace_bytes!r}")
+    if not isinstance(weight_grad_fp32, bool):
+        raise TypeError(f"weight_grad_fp32 must be a bool, got {type(weight_grad_fp32).__name__}")
+    chosen = resolve_impl(impl, hidden.device, choices=LOSS_IMPLS)
+    if chosen == "grad_in_forward":
+        resolve_impl("triton", hidden.device)
+        return chosen
+    budget = gif.DEFAULT_WORKSPACE_BYTES if workspace_bytes is None else workspace_bytes
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    if impl == "auto" and chosen == "triton" and needs_grad and gif.fits_budget(hidden.shape[0], weight.shape[0],
+                                                                                 budget):
+        return "grad_in_forward"
+    return chosen
+
+
 def policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, advantages: torch.Tensor, *,
                 mask: torch.Tensor | None = None, old_logprobs: torch.Tensor | None = None,
                 ref_logprobs: torch.Tensor | None = None, seq_ids: torch.Tensor | None = None,
-                config: PolicyLossConfig = PolicyLossConfig(), impl: str = "auto") -> PolicyLossOutput:
+                config: PolicyLossConfig = PolicyLossConfig(), impl: str = "auto", workspace_bytes: int | None = None,
+                weight_grad_fp32: bool = False) -> PolicyLossOutput:
     """Clipped policy-gradient loss straight from final hidden states and the LM-head weight.
 
     Args:
@@ -251,7 +277,15 @@ def policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
         seq_ids: (N,) int64 sequence of each token (needed by the seq-mean aggregations; with `samples` it makes the
             NSR/PSR filter act per sequence, otherwise per token).
         config: PolicyLossConfig (clip, dual clip, temperature, samples, agg, KL, entropy).
-        impl: "auto" (Triton on CUDA, PyTorch otherwise), "triton" or "torch".
+        impl: "auto", "triton" (no logits kept: 8·N·H·V, recomputed in the backward), "grad_in_forward" (the
+            gradients are computed during the forward from chunks of fp32 logits: 6·N·H·V; logprobs and entropy
+            are then returned without gradient) or "torch" (the PyTorch reference). "auto" is "torch" off CUDA;
+            on CUDA it is "grad_in_forward" when a gradient is needed and a chunk of
+            min(N, grad_in_forward_loss.MIN_CHUNK_ROWS) fp32 logit rows fits in workspace_bytes, else "triton".
+        workspace_bytes: memory budget of the gradient-in-forward path's fp32 logits chunk (chunk × V × 4 bytes);
+            None = grad_in_forward_loss.DEFAULT_WORKSPACE_BYTES (1 GiB).
+        weight_grad_fp32: on the gradient-in-forward path, accumulate d_weight over chunks in fp32 (V × H × 4 bytes
+            more) rather than in the weight's dtype; the gradient is handed over in the weight's dtype either way.
 
     Returns:
         PolicyLossOutput(loss, logprobs, entropy, metrics). Gradients flow to hidden and weight only. With no kept
@@ -262,7 +296,14 @@ def policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
     validate_linear_inputs(hidden, weight, labels, config.temperature)
     n = hidden.shape[0]
     _validate_loss_inputs(n, hidden, advantages, mask, old_logprobs, ref_logprobs, seq_ids, config)
-    chosen = resolve_impl(impl, hidden.device)
+    chosen = _resolve_loss_impl(impl, hidden, weight, workspace_bytes, weight_grad_fp32)
+    if chosen == "grad_in_forward":
+        from dsrl_fast import grad_in_forward_loss as gif
+
+        return gif.grad_in_forward_policy_loss(
+            hidden, weight, labels, advantages, mask=mask, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+            seq_ids=seq_ids, config=config, weight_grad_fp32=weight_grad_fp32,
+            workspace_bytes=gif.DEFAULT_WORKSPACE_BYTES if workspace_bytes is None else workspace_bytes)
     logprobs, entropy = raw_linear_logprobs(hidden, weight, labels, config.temperature, True, chosen)
     loss, metrics = _token_policy_loss(logprobs, advantages, entropy=entropy, mask=mask, old_logprobs=old_logprobs,
                                        ref_logprobs=ref_logprobs, seq_ids=seq_ids, is_weights=None, config=config)

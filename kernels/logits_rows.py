@@ -28,21 +28,22 @@ def _row_stats_kernel(z_ptr, labels_ptr, lse_ptr, label_logit_ptr, entropy_ptr, 
     row = tl.program_id(0).to(tl.int64)
     base = z_ptr + row * stride_zn
     offs = tl.arange(0, BLOCK_V)
-    run_max = tl.full((BLOCK_V,), float("-inf"), dtype=tl.float32)
+    # Lanes start at a finite floor (no inf - inf); a lane that never sees a column keeps it and weighs 0 below.
+    run_max = tl.full((BLOCK_V,), -3.0e38, dtype=tl.float32)
     run_sum = tl.zeros((BLOCK_V,), dtype=tl.float32)
     run_sumz = tl.zeros((BLOCK_V,), dtype=tl.float32)
     for v0 in range(0, V, BLOCK_V):
         ok = (v0 + offs) < V
-        z = tl.load(base + v0 + offs, mask=ok, other=float("-inf")) * inv_temperature
-        new_max = tl.maximum(run_max, z)
-        rescale = tl.where(new_max == float("-inf"), 0.0, tl.exp(run_max - new_max))
+        z = tl.where(ok, tl.load(base + v0 + offs, mask=ok, other=0.0) * inv_temperature, -3.0e38)
+        new_max = tl.where(ok, tl.maximum(run_max, z), run_max)
+        rescale = tl.exp(run_max - new_max)
         p = tl.where(ok, tl.exp(z - new_max), 0.0)
         run_sum = run_sum * rescale + p
         if WITH_ENTROPY:
-            run_sumz = run_sumz * rescale + tl.where(ok, p * z, 0.0)
+            run_sumz = run_sumz * rescale + p * z
         run_max = new_max
     row_max = tl.max(run_max, axis=0)
-    lane_scale = tl.where(run_max == float("-inf"), 0.0, tl.exp(run_max - row_max))
+    lane_scale = tl.exp(run_max - row_max)
     total = tl.sum(run_sum * lane_scale, axis=0)
     lse = row_max + tl.log(total)
     tl.store(lse_ptr + row, lse)

@@ -36,10 +36,15 @@ def make_batch(dtype: torch.dtype = torch.float32, device: str = "cpu", off_poli
     )
 
 
+# The gradient-in-forward path runs with a 16-row chunk here, so chunks cross sequences and the 37-token batch.
+GIF_WORKSPACE = 16 * V * 4
+
+
 def check_against_oracle(cfg: PolicyLossConfig, impl: str, batch: dict, atol: float = 2e-5) -> None:
+    extra = {"workspace_bytes": GIF_WORKSPACE} if impl == "grad_in_forward" else {}
     out = policy_loss(batch["hidden"], batch["weight"], batch["labels"], batch["advantages"], mask=batch["mask"],
                       old_logprobs=batch["old_logprobs"], ref_logprobs=batch["ref_logprobs"],
-                      seq_ids=batch["seq_ids"], config=cfg, impl=impl)
+                      seq_ids=batch["seq_ids"], config=cfg, impl=impl, **extra)
     d_hidden, d_weight = torch.autograd.grad(out.loss, (batch["hidden"], batch["weight"]), allow_unused=False)
 
     h64 = batch["hidden"].detach().cpu().double().requires_grad_()
@@ -74,28 +79,29 @@ def test_samples_and_aggregation_torch(samples: str, agg: str) -> None:
 
 @pytest.mark.parametrize(("samples", "agg"), [("all", "token-mean"), ("negative", "token-mean"),
                                               ("positive", "seq-mean-token-mean"), ("all", "seq-mean-token-sum-norm")])
-def test_samples_and_aggregation_triton(samples: str, agg: str) -> None:
-    cfg = PolicyLossConfig(samples=samples, agg=agg, max_response_len=16)
-    check_against_oracle(cfg, "triton", make_batch(device=KERNEL_DEVICE))
+@pytest.mark.parametrize("impl", ["triton", "grad_in_forward"])
+def test_samples_and_aggregation_triton(impl: str, samples: str, agg: str) -> None:
+    cfg = PolicyLossConfig(samples=samples, agg=agg, max_response_len=16, loss_scale=0.5)
+    check_against_oracle(cfg, impl, make_batch(device=KERNEL_DEVICE))
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", ["torch", "triton", "grad_in_forward"])
 @pytest.mark.parametrize("kl_type", ["k1", "k2", "k3"])
 def test_kl_penalty(impl: str, kl_type: str) -> None:
-    device = KERNEL_DEVICE if impl == "triton" else "cpu"
+    device = "cpu" if impl == "torch" else KERNEL_DEVICE
     check_against_oracle(PolicyLossConfig(kl_coef=0.1, kl_type=kl_type), impl, make_batch(device=device))
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", ["torch", "triton", "grad_in_forward"])
 def test_dual_clip_entropy_temperature_clip_higher(impl: str) -> None:
-    device = KERNEL_DEVICE if impl == "triton" else "cpu"
+    device = "cpu" if impl == "torch" else KERNEL_DEVICE
     cfg = PolicyLossConfig(clip_ratio_c=1.5, clip_high=0.28, entropy_coef=0.01, temperature=0.8, samples="all")
     check_against_oracle(cfg, impl, make_batch(device=device))
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", ["torch", "triton", "grad_in_forward"])
 def test_fp16_inputs(impl: str) -> None:
-    device = KERNEL_DEVICE if impl == "triton" else "cpu"
+    device = "cpu" if impl == "torch" else KERNEL_DEVICE
     # fp16 inputs are exact in the oracle (it upcasts them); the budget covers fp16 rounding of dz in the GEMMs.
     check_against_oracle(PolicyLossConfig(), impl, make_batch(dtype=torch.float16, device=device), atol=2e-3)
 
@@ -110,9 +116,9 @@ def test_on_policy_ratio_is_one_and_norm_tokens() -> None:
     assert out.metrics["clip_frac"].item() == 0.0
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", ["torch", "triton", "grad_in_forward"])
 def test_metrics(impl: str) -> None:
-    device = KERNEL_DEVICE if impl == "triton" else "cpu"
+    device = "cpu" if impl == "torch" else KERNEL_DEVICE
     batch = make_batch(device=device)
     out = policy_loss(batch["hidden"], batch["weight"], batch["labels"], batch["advantages"], mask=batch["mask"],
                       old_logprobs=batch["old_logprobs"], ref_logprobs=batch["ref_logprobs"],
@@ -131,10 +137,10 @@ def test_metrics(impl: str) -> None:
                                                                rel=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", ["torch", "triton", "grad_in_forward"])
 @pytest.mark.parametrize("case", ["all-masked", "no-negative", "zero-tokens"])
 def test_empty_selection_gives_zero_loss_and_gradient(impl: str, case: str) -> None:
-    device = KERNEL_DEVICE if impl == "triton" else "cpu"
+    device = "cpu" if impl == "torch" else KERNEL_DEVICE
     batch = make_batch(device=device)
     cfg = PolicyLossConfig(samples="negative" if case == "no-negative" else "all", agg="seq-mean-token-mean")
     if case == "all-masked":
