@@ -1,0 +1,168 @@
+"""verl: dsrl_fast's losses in verl's policy-loss registry and our fused log-probs behind its fused-kernel hook.
+
+One-line swap (verl 0.9 config overrides)::
+
+    actor_rollout_ref.model.external_lib=dsrl_fast.integrations.verl_plugin
+    actor_rollout_ref.actor.policy_loss.loss_mode=nsr            # or dsrl / psr / nsr_prerl
+    actor_rollout_ref.model.use_fused_kernels=True actor_rollout_ref.model.fused_kernel_options.impl_backend=dsrl
+
+verl imports `external_lib` in every worker, and `verl_plugin` calls `register()` on import.
+
+Losses (signature of verl's `register_policy_loss`): the clip range, dual clip (verl's clip_ratio_c, always on in
+its "vanilla" loss) and loss_agg_mode come from verl's ActorConfig; rollout IS weights are applied as `weights=`.
+- "dsrl": all samples, normalized like verl (its global token/sequence counts): equals verl's "vanilla".
+- "nsr" / "psr": only sequences with A < 0 / A > 0; dropped sequences leave numerator and denominator (the
+  authors' NSR, per micro-batch like their verl 0.5 fork; with data parallelism verl then averages rank means).
+- "nsr_prerl": "nsr" times 0.01, the authors' pretrain_loss_coef, for the marginal phase.
+Build others with `make_policy_loss` and `register_policy_loss` under your own name.
+
+The marginal (PreRL) phase needs marginal inputs, which verl's loss function never sees: it scores whatever
+`input_ids` the actor is given. So during the warmup (steps < S) the trainer must hand the actor the rows
+``[151644] + response`` (positions from 0) instead of ``[prompt; response]`` — `marginal_batch` builds them from
+verl's right-padded `responses` / `response_mask` — and use loss_mode "nsr_prerl" with advantages r − mean
+(algorithm.norm_adv_by_std_in_grpo=False); from step S on, the normal batch and "dsrl". That swap happens in
+verl's driver loop (`RayPPOTrainer.fit`, before `update_actor`), which has no extension point: subclass the trainer
+and override the step (the old-log-prob pass must see the same rows). This module does not ship that subclass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from dsrl_fast.config import SAMPLE_FILTERS, PolicyLossConfig
+from dsrl_fast.integrations.common import (DENOMINATORS, PIP_INTEGRATIONS, kept_rows, marginal_batch,
+                                           peer_policy_loss, require)
+from dsrl_fast.logprobs import linear_logprobs
+
+_core = require("verl.trainer.ppo.core_algos", PIP_INTEGRATIONS)
+_monkey_patch = require("verl.models.transformers.monkey_patch", PIP_INTEGRATIONS)
+_dense_common = require("verl.models.transformers.dense_common", PIP_INTEGRATIONS)
+
+AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+REGISTERED = {"dsrl": ("all", "peer", 1.0), "nsr": ("negative", "kept", 1.0), "psr": ("positive", "kept", 1.0),
+              "nsr_prerl": ("negative", "kept", 0.01)}
+BACKEND = "dsrl"
+
+__all__ = ["BACKEND", "REGISTERED", "forward_with_dsrl_backend", "loss_config_from_verl", "make_policy_loss",
+           "marginal_batch", "register"]
+
+
+def loss_config_from_verl(config: Any, loss_agg_mode: str, horizon: int, *, samples: str,
+                          loss_scale: float) -> PolicyLossConfig:
+    """PolicyLossConfig of verl's ActorConfig: clip_ratio(_low/_high), clip_ratio_c (dual clip), loss_agg_mode."""
+    if loss_agg_mode not in AGGREGATIONS:
+        raise ValueError(f"loss_agg_mode must be one of {AGGREGATIONS} for dsrl_fast losses, got {loss_agg_mode!r}")
+    clip = config.clip_ratio
+    low = config.clip_ratio_low if config.clip_ratio_low is not None else clip
+    high = config.clip_ratio_high if config.clip_ratio_high is not None else clip
+    norm = None
+    if loss_agg_mode == "seq-mean-token-sum-norm":
+        norm = int(config.global_batch_info.get("loss_scale_factor") or horizon)
+    return PolicyLossConfig(clip_low=low, clip_high=high, clip_ratio_c=config.get("clip_ratio_c", 3.0),
+                            samples=samples, agg=loss_agg_mode, max_response_len=norm, loss_scale=loss_scale)
+
+
+def _verl_count(config: Any, agg: str, mask: torch.Tensor) -> torch.Tensor | float:
+    """verl's normalizer of `agg` for this micro-batch (agg_loss with its global_batch_info), as a local count."""
+    info = config.global_batch_info
+    dp_size = info.get("dp_size", 1) or 1
+    if agg == "token-mean":
+        total = info.get("batch_num_tokens")
+        return mask.sum().clamp_min(1) if total is None else total / dp_size
+    total = info.get("global_batch_size")
+    return mask.any(dim=-1).sum().clamp_min(1) if total is None else total / dp_size
+
+
+def make_policy_loss(samples: str = "all", *, denominator: str = "peer",
+                     loss_scale: float = 1.0) -> Callable[..., tuple[torch.Tensor, dict[str, Any]]]:
+    """A verl policy-loss function (register it with verl's `register_policy_loss(name)`).
+
+    samples: "all" | "negative" (NSR) | "positive" (PSR). denominator: "peer" (verl's global normalizers) or "kept"
+    (the kept tokens/sequences of the micro-batch). loss_scale: multiplies the loss.
+    """
+    if samples not in SAMPLE_FILTERS:
+        raise ValueError(f"samples must be one of {SAMPLE_FILTERS}, got {samples!r}")
+    if denominator not in DENOMINATORS:
+        raise ValueError(f"denominator must be one of {DENOMINATORS}, got {denominator!r}")
+
+    def policy_loss(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
+                    response_mask: torch.Tensor, loss_agg_mode: str = "token-mean", config: Any = None,
+                    rollout_is_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+        """(B, T) verl tensors → (loss () fp32, metrics of floats)."""
+        if config is None:
+            raise ValueError("config (verl's ActorConfig) is required, got None")
+        mask = response_mask.bool()
+        cfg = loss_config_from_verl(config, loss_agg_mode, log_prob.shape[-1], samples=samples,
+                                    loss_scale=loss_scale)
+        count = _verl_count(config, cfg.agg, mask) if denominator == "peer" else None
+        loss, metrics = peer_policy_loss(log_prob, advantages, mask, old_logprobs=old_log_prob, config=cfg,
+                                         weights=rollout_is_weights, denominator=denominator, peer_count=count)
+        with torch.no_grad():
+            kept = kept_rows(advantages, mask, samples)[:, None] & mask
+            log_ratio = torch.where(kept, log_prob - old_log_prob, 0.0)
+            ppo_kl = (-log_ratio).sum() / kept.sum().clamp_min(1)
+        return loss, {"actor/pg_clipfrac": metrics["clip_frac"].item(), "actor/ppo_kl": ppo_kl.item(),
+                      "actor/dsrl_kept_tokens": metrics["kept_tokens"].item()}
+
+    return policy_loss
+
+
+def forward_with_dsrl_backend(self: torch.nn.Module, input_ids: torch.Tensor | None = None,
+                              attention_mask: torch.Tensor | None = None,
+                              position_ids: torch.Tensor | None = None, past_key_values: Any = None,
+                              inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                              use_cache: bool | None = None, return_dict: bool | None = None,
+                              temperature: float = 1.0, shift_labels: torch.Tensor | None = None,
+                              **kwargs: Any) -> Any:
+    """verl's fused-kernel forward contract (`forward_with_torch_backend`) on dsrl_fast's fused log-probs.
+
+    Returns verl's CausalLMOutputForPPO with log_probs and entropy (B, L) fp32 of the next token (labels rolled
+    by one, as verl does, or verl's `shift_labels` as given). No (B, L, V) logits are built.
+    """
+    if return_dict is False:
+        raise ValueError("forward_with_dsrl_backend returns a dict-like output, got return_dict=False")
+    outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+    hidden = outputs[0]
+    if shift_labels is not None:
+        targets = shift_labels
+    elif labels is not None:
+        targets = torch.roll(labels, shifts=-1, dims=-1)
+    elif input_ids is not None:
+        targets = torch.roll(input_ids, shifts=-1, dims=-1)
+    else:
+        raise ValueError("forward_with_dsrl_backend needs labels, shift_labels or input_ids, got none")
+    weight = self.get_output_embeddings().weight
+    out = linear_logprobs(hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype), weight,
+                          targets.reshape(-1).to(torch.int64), temperature=float(temperature), with_entropy=True)
+    return _dense_common.CausalLMOutputForPPO(log_probs=out.logprobs.view(targets.shape),
+                                              entropy=out.entropy.view(targets.shape),
+                                              past_key_values=outputs.past_key_values)
+
+
+def _install_backend() -> None:
+    """Make verl's fused-kernel hook accept impl_backend="dsrl" (other backends go to verl's own hook)."""
+    original = _monkey_patch.patch_forward_with_backends
+    if getattr(original, "_dsrl_fast", False):
+        return
+
+    def patch_forward_with_backends(model: torch.nn.Module, use_fused_kernels: bool = False,
+                                    fused_kernels_backend: str | None = None) -> None:
+        if not (use_fused_kernels and fused_kernels_backend == BACKEND):
+            original(model, use_fused_kernels=use_fused_kernels, fused_kernels_backend=fused_kernels_backend)
+            return
+        model._verl_fused_kernels_backend = BACKEND
+        model.__class__.forward = forward_with_dsrl_backend
+
+    patch_forward_with_backends._dsrl_fast = True  # type: ignore[attr-defined]
+    _monkey_patch.patch_forward_with_backends = patch_forward_with_backends
+
+
+def register() -> None:
+    """Register the losses of `REGISTERED` with verl and the "dsrl" fused-kernel backend (idempotent)."""
+    for name, (samples, denominator, scale) in REGISTERED.items():
+        _core.register_policy_loss(name)(make_policy_loss(samples, denominator=denominator, loss_scale=scale))
+    _install_backend()
