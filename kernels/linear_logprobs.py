@@ -50,7 +50,7 @@ FP32_DLOGITS_CONFIG = KernelConfig(block_n=64, block_v=128, block_h=32, num_warp
 INTERPRETER_CONFIG = KernelConfig(block_n=64, block_v=256, block_h=128, num_warps=1, num_stages=1)
 GROUP_ROWS = 8
 # The dz slice of the backward is sized to stay within this share of the fp32 logits (N·V·4 bytes).
-SLICE_LOGITS_SHARE = 0.015
+SLICE_LOGITS_SHARE = 0.01
 SLICE_MULTIPLE = 128
 
 

@@ -84,6 +84,7 @@ def sliced_backward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
             matmul_into(dh_acc, dz_slice, weight[v0:v0 + cols], accumulate=True)
         if d_weight is not None:
             matmul_into(d_weight[v0:v0 + cols], dz_slice.T, h_rows, accumulate=False)
+    del dz
     if dh_acc is None:
         return None, d_weight
     if not compact:
