@@ -77,7 +77,7 @@ def test_curve_is_monotone_at_paper_scale():
     values = list(curve.values())
     assert list(curve) == [1, 2, 4, 8, 16, 32, 64, 128, 256]
     assert values[0] == pytest.approx(sum(counts) / (300 * 50))  # pass@1 is the mean accuracy
-    assert all(a <= b + 1e-15 for a, b in zip(values, values[1:]))
+    assert all(a <= b + 1e-15 for a, b in itertools.pairwise(values))
 
 
 def test_majority_on_hand_examples():
