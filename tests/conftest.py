@@ -38,3 +38,22 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def toy_reward() -> Iterator[None]:
+    """One math-verify reward for every in-process trainer run of a module: its workers start once (~10 s each
+    time). Patches the trainer's reward factory while the module runs."""
+    import dsrl_fast.train.trainer as trainer_mod
+    from dsrl_fast.reward import MathVerifyReward
+
+    reward = MathVerifyReward(num_workers=1)
+
+    def get_reward_fn(name: str = "math_verify") -> object:
+        assert name == "math_verify", name
+        return reward.__call__  # no `close`: the trainer leaves it running for the next run
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trainer_mod, "get_reward_fn", get_reward_fn)
+        yield
+    reward.close()

@@ -16,7 +16,7 @@ import math
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -28,20 +28,15 @@ pytest.importorskip("transformers", reason="the trainer runs a transformers mode
 import dsrl_fast.train.trainer as trainer_mod
 from dsrl_fast.logprobs import linear_logprobs
 from dsrl_fast.model import lm_head_weight, packed_hidden_states
-from dsrl_fast.reward import MathVerifyReward, RewardFn
 from dsrl_fast.rollout.base import SamplingConfig
 from dsrl_fast.train.checkpoint import REFERENCE_FILE, STATE_FILE, checkpoint_dir
 from dsrl_fast.train.config import load_config
 from dsrl_fast.train.metrics_log import MetricsLogger, read_metrics
 from dsrl_fast.train.trainer import TrainSummary, train
+from tests.toy_runs import BASE, run
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-BASE = (
-    "steps=4", "algo.switch_step=2", "prompts_per_step=4", "rollout.n=8", "checkpoint_every=2", "progress=false",
-    "sft.steps=100", "sft.batch_size=16", "data.toy_low=10", "data.toy_high=19", "data.toy_train_size=84",
-    "data.eval_size=16",
-)
 # The KL run: one marginal step at a high learning rate (the actor visibly leaves the reference), then GRPO.
 KL_RUN = ("algo.switch_step=1", "algo.kl_coef=0.1", "optim.marginal_lr=1e-3")
 REQUIRED_KEYS = (
@@ -59,26 +54,7 @@ HF_DRIFT_BOUND = 1e-5
 VLLM_DRIFT_BOUND = 1e-4
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _shared_reward() -> Iterator[None]:
-    """One math-verify reward for every in-process run of the module: its workers start once (~10 s each time)."""
-    reward = MathVerifyReward(num_workers=1)
-
-    def get_reward_fn(name: str = "math_verify") -> RewardFn:
-        assert name == "math_verify", name
-        return reward.__call__  # no `close`: the trainer leaves it running for the next run
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(trainer_mod, "get_reward_fn", get_reward_fn)
-        yield
-    reward.close()
-
-
-def run(output_dir: Path, *overrides: str) -> TrainSummary:
-    return train(load_config(None, [*BASE, f"output_dir={output_dir}", *overrides]))
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "toy_reward")
 
 
 def rows_of(output_dir: Path) -> list[dict[str, Any]]:
@@ -129,13 +105,13 @@ def _packed_logprobs(model: torch.nn.Module, batch: Any, temperature: float) -> 
 
 
 @pytest.fixture(scope="module")
-def main_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[TrainSummary, Path]:
+def main_run(tmp_path_factory: pytest.TempPathFactory, toy_reward: None) -> tuple[TrainSummary, Path]:
     out = tmp_path_factory.mktemp("main_run")
     return run(out), out
 
 
 @pytest.fixture(scope="module")
-def kl_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[TrainSummary, Path, ReferenceProbe]:
+def kl_run(tmp_path_factory: pytest.TempPathFactory, toy_reward: None) -> tuple[TrainSummary, Path, ReferenceProbe]:
     out = tmp_path_factory.mktemp("kl_run")
     probe = ReferenceProbe(trainer_mod.run_update)
     with pytest.MonkeyPatch.context() as patch:

@@ -19,18 +19,17 @@ VLLM_INIT_DIR = "vllm_init"
 # What a previous run leaves behind; `overwrite=true` removes exactly these.
 RUN_ARTIFACTS = ("checkpoints", "metrics.jsonl", "samples.jsonl", "training.png", "tensorboard", "wandb_run_id",
                  "config.yaml", VLLM_INIT_DIR)
-# A directory holding any of these holds a run whose results a new run would destroy.
+# A directory holding any of these (a non-empty checkpoints/ folder, non-empty files) holds a run whose results a
+# new run would destroy.
 _RESULTS = ("checkpoints", "metrics.jsonl", "samples.jsonl")
 
 
 def previous_run_artifacts(output_dir: Path) -> list[str]:
     """Names of the results of an earlier run in `output_dir` (non-empty checkpoints/, metrics, samples)."""
-    found = []
-    for name in _RESULTS:
-        path = output_dir / name
-        if path.is_dir() and any(path.iterdir()) or path.is_file() and path.stat().st_size > 0:
-            found.append(name)
-    return found
+    checkpoints = output_dir / "checkpoints"
+    found = ["checkpoints"] if checkpoints.is_dir() and any(checkpoints.iterdir()) else []
+    return found + [name for name in _RESULTS[1:] if (output_dir / name).is_file() and
+                    (output_dir / name).stat().st_size > 0]
 
 
 def _check_writable(directory: Path) -> None:

@@ -53,7 +53,6 @@ from dsrl_fast.train.setup import (
     check_requirements,
     encode_problems,
     load_train_eval_problems,
-    model_dtype,
     resolve_marginal_prefix,
     resolve_run_length,
 )
