@@ -33,7 +33,7 @@ import torch
 from dsrl_fast.config import SAMPLE_FILTERS, PolicyLossConfig
 from dsrl_fast.integrations.common import DENOMINATORS, PIP_INTEGRATIONS, peer_policy_loss, require
 
-require("openrlhf", PIP_INTEGRATIONS + " (then: pip install --no-deps openrlhf==0.11.2)")
+require("openrlhf", PIP_INTEGRATIONS + " && pip install --no-deps openrlhf==0.11.2")
 
 __all__ = ["DSRLPolicyLoss", "patch_policy_loss", "setup_worker"]
 

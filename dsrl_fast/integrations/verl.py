@@ -37,9 +37,10 @@ from dsrl_fast.integrations.common import (DENOMINATORS, PIP_INTEGRATIONS, kept_
                                            peer_policy_loss, require)
 from dsrl_fast.logprobs import linear_logprobs
 
-_core = require("verl.trainer.ppo.core_algos", PIP_INTEGRATIONS)
-_monkey_patch = require("verl.models.transformers.monkey_patch", PIP_INTEGRATIONS)
-_dense_common = require("verl.models.transformers.dense_common", PIP_INTEGRATIONS)
+_PIP = PIP_INTEGRATIONS + " && pip install --no-deps verl==0.9.1"
+_core = require("verl.trainer.ppo.core_algos", _PIP)
+_monkey_patch = require("verl.models.transformers.monkey_patch", _PIP)
+_dense_common = require("verl.models.transformers.dense_common", _PIP)
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 REGISTERED = {"dsrl": ("all", "peer", 1.0), "nsr": ("negative", "kept", 1.0), "psr": ("positive", "kept", 1.0),
