@@ -15,7 +15,7 @@ import torch
 
 from dsrl_fast.train import metrics_log
 from dsrl_fast.train.metrics_log import MetricsLogger, StepProgress, print0, read_metrics
-from dsrl_fast.train.plot import _find_switch, _merge_steps, _phase_labels, moving_average, plot_metrics
+from dsrl_fast.train.plot import _find_switch, _merge_steps, _phase_labels, moving_average, panels_of, plot_metrics
 
 
 @pytest.fixture
@@ -265,3 +265,11 @@ def test_plot_errors(tmp_path):
         plot_metrics(empty, tmp_path / "x.png")
     with pytest.raises(TypeError, match="switch_step must be an int or None, got str"):
         plot_metrics(empty, tmp_path / "x.png", switch_step="20")
+
+
+def test_panels_cover_loss_grad_norm_lr_and_held_out_accuracy():
+    rows = [{"step": 0, "reward_mean": 0.1, "loss": 0.5, "grad_norm": 1.0, "lr": 1e-5, "accuracy": 0.1},
+            {"step": 1, "reward_mean": 0.2, "loss": None, "grad_norm": 0.8, "lr": 1e-4, "eval_accuracy": 0.3}]
+    assert panels_of(rows) == [("mean reward", ["reward_mean"]), ("sampled accuracy", ["accuracy"]),
+                               ("held-out accuracy", ["eval_accuracy"]), ("loss", ["loss"]),
+                               ("gradient norm", ["grad_norm"]), ("learning rate", ["lr"])]

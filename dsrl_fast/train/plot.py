@@ -1,4 +1,5 @@
-"""Training curves from a metrics.jsonl file: reward, accuracy, response length and thought shares per step."""
+"""Training curves from a metrics.jsonl file: reward, accuracy (sampled and held-out), response length, thought
+shares, loss, gradient norm and learning rate per step."""
 
 from __future__ import annotations
 
@@ -12,15 +13,21 @@ import numpy as np
 
 from dsrl_fast.train.metrics_log import read_metrics
 
-__all__ = ["moving_average", "plot_metrics"]
+__all__ = ["moving_average", "panels_of", "plot_metrics"]
 
 # (y label, metric keys) of each panel, in order; a panel is drawn when any of its keys has a value.
 _PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("mean reward", ("reward_mean",)),
-    ("accuracy", ("accuracy", "eval_accuracy")),
+    ("sampled accuracy", ("accuracy",)),
+    ("held-out accuracy", ("eval_accuracy",)),
     ("response length (tokens)", ("response_len_mean",)),
     ("share of reasoning steps", ("transition_share", "reflection_share")),
+    ("loss", ("loss",)),
+    ("gradient norm", ("grad_norm",)),
+    ("learning rate", ("lr",)),
 )
+# Schedules, not noisy measurements: drawn as they are, without a moving average.
+_EXACT = frozenset({"lr"})
 _COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red")
 _MARGINAL_NAMES = {"negative": "NSR-PreRL", "positive": "PSR-PreRL", "all": "PreRL"}
 _CONDITIONAL_NAMES = {"negative": "NSR-RL", "positive": "PSR-RL", "all": "GRPO"}
@@ -58,6 +65,12 @@ def _series(rows: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarra
         return np.zeros(0), np.zeros(0)
     steps, values = zip(*points)
     return np.asarray(steps, dtype=np.float64), np.asarray(values, dtype=np.float64)
+
+
+def panels_of(rows: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
+    """(y label, metric keys) of each panel the rows have values for, in drawing order."""
+    panels = [(ylabel, [k for k in keys if _series(rows, k)[0].size]) for ylabel, keys in _PANELS]
+    return [p for p in panels if p[1]]
 
 
 def _phase_name(row: dict[str, Any] | None, marginal: bool) -> str:
@@ -116,9 +129,10 @@ def plot_metrics(metrics_path: str | os.PathLike[str], out_png: str | os.PathLik
     switch = switch_step if switch_step is not None else _find_switch(rows)
     if switch is not None and not first_step < switch <= last_step:
         switch = None  # a single-phase run (switch at 0, or after the last logged step)
-    panels = [(ylabel, [k for k in keys if _series(rows, k)[0].size]) for ylabel, keys in _PANELS]
-    panels = [p for p in panels if p[1]]
-    fig = Figure(figsize=(10, 2.6 * max(len(panels), 1) + 0.6), layout="constrained")
+    panels = panels_of(rows)
+    columns = 2 if len(panels) > 4 else 1
+    rows_of_panels = max(1, math.ceil(len(panels) / columns))
+    fig = Figure(figsize=(10 if columns == 1 else 16, 2.6 * rows_of_panels + 0.6), layout="constrained")
     FigureCanvasAgg(fig)
     span = f"step {first_step}" if first_step == last_step else f"steps {first_step}-{last_step}"
     fig.suptitle(f"{path.parent.name}/{path.name}: {span}, moving averages over {window} steps", fontsize=11)
@@ -127,12 +141,18 @@ def plot_metrics(metrics_path: str | os.PathLike[str], out_png: str | os.PathLik
         ax.text(0.5, 0.5, "no plottable metrics (reward_mean, accuracy, response_len_mean, *_share)",
                 ha="center", va="center", transform=ax.transAxes)
         ax.set_axis_off()
-    axes: list[Any] = list(fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]) if panels else []
+    grid = fig.subplots(rows_of_panels, columns, sharex=True, squeeze=False) if panels else None
+    axes: list[Any] = list(grid.flatten()[:len(panels)]) if grid is not None else []
+    for spare in (grid.flatten()[len(panels):] if grid is not None else []):
+        spare.set_axis_off()
     labels = _phase_labels(rows, switch) if switch is not None else None
     for i, (ax, (ylabel, keys)) in enumerate(zip(axes, panels)):
         for color, key in zip(_COLORS, keys):
             steps, values = _series(rows, key)
             sparse = steps.size < 0.5 * len(rows)
+            if key in _EXACT:
+                ax.step(steps, values, where="post", color=color, linewidth=1.5, label=key)
+                continue
             if sparse or steps.size == 1:
                 ax.plot(steps, values, "o-", color=color, markersize=4, label=key)
                 continue
@@ -153,7 +173,9 @@ def plot_metrics(metrics_path: str | os.PathLike[str], out_png: str | os.PathLik
         ax.legend(fontsize=8, loc="best", ncol=2)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if len(axes):
-        axes[-1].set_xlabel("step")
+        for ax in axes[-columns:]:
+            ax.set_xlabel("step")
+            ax.xaxis.set_tick_params(labelbottom=True)
         pad = 0.5 if last_step > first_step else 1.0
         axes[-1].set_xlim(first_step - pad, last_step + pad)
     out = Path(out_png)
