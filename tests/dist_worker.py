@@ -1,6 +1,6 @@
 """A few DSRL updates of a tiny Qwen3 on fixed synthetic rollouts, plain or under torchrun, for equivalence tests.
 
-    python tests/dist_worker.py --mode {torch,zero2,zero3} --steps 3 --out result.json
+    python tests/dist_worker.py --mode {torch,zero2,zero3} --steps 3 [--dtype bfloat16] --out result.json
     torchrun --nproc_per_node 2 --master_addr 127.0.0.1 --master_port PORT tests/dist_worker.py --mode zero3 ...
 
 Every process builds the same model and the same samples for all prompts, keeps its contiguous shard of prompts
@@ -115,9 +115,10 @@ class CountingUpdater:
         return self.inner.named_parameters_for_sync()
 
 
-def build_updater(mode: str, world: int) -> Updater:
-    """The tiny Qwen3 (seeded, fp32, packed torch attention) under AdamW: plain for "torch", else DeepSpeed ZeRO."""
-    model = prepare_packed_model(tiny_model("qwen3"), attention_backend="torch").train()
+def build_updater(mode: str, world: int, dtype: torch.dtype) -> Updater:
+    """The tiny Qwen3 (seeded, in `dtype`, packed torch attention) under AdamW: plain for "torch", else DeepSpeed
+    ZeRO; both keep fp32 masters for a 16-bit model."""
+    model = prepare_packed_model(tiny_model("qwen3").to(dtype), attention_backend="torch").train()
     module = PolicyModule(model, impl="torch")
     if mode == "torch":
         if world != 1:
@@ -130,7 +131,7 @@ def build_updater(mode: str, world: int) -> Updater:
     # through gloo); marking it unavailable skips its one-time C++ build (~25 s, minutes on a busy 2-core machine).
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     config = deepspeed_config(zero_stage=2 if mode == "zero2" else 3, offload_optimizer=False, offload_params=False,
-                              bf16=False, lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS, eps=EPS,
+                              dtype=dtype, lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS, eps=EPS,
                               grad_clip=GRAD_CLIP)
     # DeepSpeed allocates its gradient buckets afresh each micro-step; the default 5e8 elements cost ~1 s on CPU.
     config["zero_optimization"].update(reduce_bucket_size=BUCKET, allgather_bucket_size=BUCKET)
@@ -150,13 +151,13 @@ def _gather_counts(values: list[int], world: int) -> list[list[int]]:
     return [t.tolist() for t in out]
 
 
-def run(mode: str, steps: int) -> dict[str, Any]:
+def run(mode: str, steps: int, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Train `steps` steps; the result dict (identical on every rank)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if world > 1:
         dist.init_process_group("gloo")
-    updater = CountingUpdater(build_updater(mode, world))
+    updater = CountingUpdater(build_updater(mode, world, dtype))
     records = []
     for step in range(steps):
         rule = phase(step)
@@ -180,6 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mode", choices=MODES, required=True)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
@@ -187,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["DS_ACCELERATOR"] = "cpu"
     torch.manual_seed(0)
     torch.use_deterministic_algorithms(True)
-    result = run(args.mode, args.steps)
+    result = run(args.mode, args.steps, getattr(torch, args.dtype))
     if int(os.environ.get("RANK", "0")) == 0:
         args.out.write_text(json.dumps(result, indent=1))
     if dist.is_initialized():

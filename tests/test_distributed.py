@@ -33,8 +33,13 @@ STEPS = 3
 TIMEOUT_S = 420
 # Same fp32 math in a different summation order (gloo reductions, ZeRO buckets): observed ≤ 1.2e-6 relative.
 RTOL = 1e-5
-# run name -> (mode, processes)
-RUNS = {"torch_1": ("torch", 1), "zero2_1": ("zero2", 1), "zero2_2": ("zero2", 2), "zero3_2": ("zero3", 2)}
+# run name -> (mode, processes, dtype)
+RUNS = {"torch_1": ("torch", 1, "float32"), "zero2_1": ("zero2", 1, "float32"), "zero2_2": ("zero2", 2, "float32"),
+        "zero3_2": ("zero3", 2, "float32"), "torch_1_bf16": ("torch", 1, "bfloat16"),
+        "zero2_1_bf16": ("zero2", 1, "bfloat16")}
+# bf16 compute: the plain updater and DeepSpeed both update fp32 masters from bf16 gradients; their forward passes
+# round alike, but bf16 sums of different order differ by ~2^-8 relative.
+BF16_RTOL = 2e-2
 
 
 def _free_port() -> int:
@@ -43,8 +48,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _command(mode: str, procs: int, out: Path) -> list[str]:
-    args = [str(WORKER), "--mode", mode, "--steps", str(STEPS), "--out", str(out)]
+def _command(mode: str, procs: int, dtype: str, out: Path) -> list[str]:
+    args = [str(WORKER), "--mode", mode, "--steps", str(STEPS), "--dtype", dtype, "--out", str(out)]
     if procs == 1:
         return [sys.executable, *args]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_addr",
@@ -57,8 +62,8 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any
     tmp = tmp_path_factory.mktemp("dist")
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     procs = {}
-    for name, (mode, n) in RUNS.items():
-        command = _command(mode, n, tmp / f"{name}.json")
+    for name, (mode, n, dtype) in RUNS.items():
+        command = _command(mode, n, dtype, tmp / f"{name}.json")
         log = (tmp / f"{name}.log").open("w")
         procs[name] = (command, subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT),
                        log)
@@ -114,3 +119,17 @@ def test_deepspeed_matches_single_process(results: dict[str, dict[str, Any]], na
     err = _max_rel([got["param_sumsq"][n] for n in names], [want["param_sumsq"][n] for n in names])
     worst = max(names, key=lambda n: abs(got["param_sumsq"][n] / want["param_sumsq"][n] - 1))
     assert err < RTOL, f"{name}: final parameter sum of squares max relative error {err:.2e} at {worst}"
+
+
+def test_deepspeed_bf16_trains_through_fp32_masters_like_the_plain_updater(results: dict[str, dict[str, Any]]) -> None:
+    """DeepSpeed's bf16 mode (its own fp32 masters) and the plain updater's masters take the same steps."""
+    want, got, fp32 = results["torch_1_bf16"], results["zero2_1_bf16"], results["torch_1"]
+    for key in ("loss", "grad_norm"):
+        err = _max_rel([s[key] for s in got["steps"]], [s[key] for s in want["steps"]])
+        assert err < BF16_RTOL, f"zero2 bf16 vs plain bf16: per-step {key} max relative error {err:.2e}"
+    names = sorted(want["param_sumsq"])
+    err = _max_rel([got["param_sumsq"][n] for n in names], [want["param_sumsq"][n] for n in names])
+    assert err < BF16_RTOL, f"zero2 bf16 vs plain bf16: final parameter sum of squares error {err:.2e}"
+    # and both train like fp32: the bf16 runs end near the fp32 run's weights, not at the initial ones
+    err = _max_rel([want["param_sumsq"][n] for n in names], [fp32["param_sumsq"][n] for n in names])
+    assert err < BF16_RTOL, f"plain bf16 vs fp32: final parameter sum of squares error {err:.2e}"
