@@ -38,6 +38,7 @@ from dsrl_fast import PolicyLossConfig, policy_loss, token_policy_loss
 
 SEQ_LEN = 256
 LOGIT_STD = 4.0
+ZIPF_EXPONENT = 1.1
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PASS_FLOPS = {"fwd": 2, "bwd": 4, "fwdbwd": 6}
 CPU_SHAPES = ("tiny", "small")
@@ -109,10 +110,16 @@ class Impl:
 
 
 def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device, seed: int) -> Inputs:
-    """Random hidden ~ N(0, 1), weight scaled so logits have std LOGIT_STD (a peaked softmax), labels sampled."""
+    """Logits that look like a real LM's: a Zipf unigram prior (exponent ZIPF_EXPONENT over a random ranking of the
+    vocabulary, carried by hidden column 0 = 1) plus a context term of std LOGIT_STD; labels sampled from that
+    softmax, so label frequencies are Zipf-like and most rows are peaked (flat logits hide peers' work skipping)."""
     gen = torch.Generator(device=device).manual_seed(seed)
-    hidden = torch.randn(shape.n, shape.h, device=device, generator=gen).to(dtype)
-    weight = (torch.randn(shape.v, shape.h, device=device, generator=gen) * (LOGIT_STD / shape.h**0.5)).to(dtype)
+    hidden = torch.randn(shape.n, shape.h, device=device, generator=gen)
+    weight = torch.randn(shape.v, shape.h, device=device, generator=gen) * (LOGIT_STD / shape.h**0.5)
+    ranks = torch.randperm(shape.v, device=device, generator=gen).float() + 1.0
+    hidden[:, 0] = 1.0
+    weight[:, 0] = -ZIPF_EXPONENT * torch.log(ranks)
+    hidden, weight = hidden.to(dtype), weight.to(dtype)
     labels = torch.empty(shape.n, dtype=torch.int64, device=device)
     rows = max(1, (1 << 26) // shape.v)
     for start in range(0, shape.n, rows):
@@ -134,6 +141,32 @@ def _naive(device: torch.device) -> LossFn:
             entropy = -(log_p.exp() * log_p).sum(-1)
         return token_policy_loss(logprobs, x.advantages, entropy=entropy, config=LOSS_CONFIG)[0]
     return loss
+
+
+def _trl_chunked(device: torch.device) -> LossFn:
+    from trl.kernels.chunked_logprob import ChunkedLogProbFunction
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+    def loss(x: Inputs) -> torch.Tensor:
+        logprobs, entropy = ChunkedLogProbFunction.apply(x.hidden, x.weight, None, x.labels, LOSS_CONFIG.temperature,
+                                                         _CHUNKED_LOGPROB_CHUNK_SIZE, None, 1.0, ("entropy",))[:2]
+        return token_policy_loss(logprobs, x.advantages, entropy=entropy.detach(), config=LOSS_CONFIG)[0]
+    return loss
+
+
+def _verl_lce(device: torch.device) -> LossFn:
+    from verl.utils.kernel.linear_cross_entropy import linear_cross_entropy
+
+    def loss(x: Inputs) -> torch.Tensor:
+        logprobs, entropy = linear_cross_entropy(x.hidden, x.weight, x.labels, float(LOSS_CONFIG.temperature), "none")
+        return token_policy_loss(logprobs, x.advantages, entropy=entropy.detach(), config=LOSS_CONFIG)[0]
+    return loss
+
+
+def _cuda_only(name: str) -> Callable[[Shape, str, torch.device], str | None]:
+    def reason(shape: Shape, dtype: str, device: torch.device) -> str | None:
+        return f"{name} runs on CUDA only" if device.type != "cuda" else None
+    return reason
 
 
 def _ours(impl: str) -> Callable[[torch.device], LossFn]:
@@ -216,10 +249,15 @@ IMPLS = {
     "naive": Impl("naive", _naive, _skip()),
     "torch": Impl("torch", _ours("torch"), _skip()),
     "triton": Impl("triton", _ours("triton"), _skip(_triton_skip)),
+    "grad_in_forward": Impl("grad_in_forward", _ours("grad_in_forward"), _skip(_triton_skip)),
     "liger_flce": Impl("liger_flce", _liger_flce, _skip(_triton_skip, module=("liger_kernel", "liger-kernel"))),
     "liger_grpo": Impl("liger_grpo", _liger_grpo, _skip(_grpo_skip, module=("liger_kernel", "liger-kernel"))),
     "cce": Impl("cce", _cce, _skip(module=("cut_cross_entropy", "cut-cross-entropy")),
                 probe_on_cpu=True),
+    "trl_chunked": Impl("trl_chunked", _trl_chunked, _skip(module=("trl.kernels.chunked_logprob", "trl >= 1.16"))),
+    "verl_lce": Impl("verl_lce", _verl_lce,
+                     _skip(_cuda_only("verl's linear_cross_entropy (Triton kernels, CUDA streams)"),
+                           module=("verl.utils.kernel.linear_cross_entropy", "verl"))),
 }
 IMPL_NAMES = tuple(IMPLS)
 

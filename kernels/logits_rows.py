@@ -80,21 +80,21 @@ def _block_v(z: torch.Tensor) -> int:
     return INTERPRETER_BLOCK_V if z.device.type == "cpu" else GPU_BLOCK_V
 
 
-def row_stats(z: torch.Tensor, labels: torch.Tensor, inv_temperature: float,
-              with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def row_stats(z: torch.Tensor, labels: torch.Tensor, inv_temperature: float, with_entropy: bool,
+              block_v: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(lse, label_logit, entropy or None), each (C,) fp32, of z / temperature. z: (C, V) fp32, unit column
-    stride; labels: (C,) int64 contiguous."""
+    stride; labels: (C,) int64 contiguous. block_v: columns per step (None: the vetted default)."""
     c, v = z.shape
     assert z.dtype == torch.float32 and z.stride(1) == 1 and labels.is_contiguous() and c > 0
     out = torch.empty((3, c), dtype=torch.float32, device=z.device)
     _row_stats_kernel[(c,)](z, labels, out[0], out[1], out[2], v, z.stride(0), inv_temperature,
-                            BLOCK_V=_block_v(z), WITH_ENTROPY=with_entropy, num_warps=GPU_NUM_WARPS)
+                            BLOCK_V=block_v or _block_v(z), WITH_ENTROPY=with_entropy, num_warps=GPU_NUM_WARPS)
     return out[0], out[1], out[2] if with_entropy else None
 
 
 def row_grad(z: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, entropy: torch.Tensor | None,
              grad_logprobs: torch.Tensor, grad_entropy: torch.Tensor | None, inv_temperature: float,
-             out: torch.Tensor) -> None:
+             out: torch.Tensor, block_v: int | None = None) -> None:
     """Write d loss / d z into `out` (C, V) fp32/fp16/bf16, unit column stride; it may alias z's storage as
     described in the module docstring. lse, grad_logprobs (and entropy, grad_entropy together): (C,) fp32."""
     c, v = z.shape
@@ -105,7 +105,8 @@ def row_grad(z: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor, entropy: 
     has_ent = grad_entropy is not None
     _row_grad_kernel[(c,)](z, labels, lse, entropy if has_ent else lse, grad_logprobs,
                            grad_entropy if has_ent else grad_logprobs, out, v, z.stride(0), out.stride(0),
-                           inv_temperature, BLOCK_V=_block_v(z), HAS_ENT_GRAD=has_ent, num_warps=GPU_NUM_WARPS)
+                           inv_temperature, BLOCK_V=block_v or _block_v(z), HAS_ENT_GRAD=has_ent,
+                           num_warps=GPU_NUM_WARPS)
 
 
 def compile_specs() -> list[dict[str, object]]:

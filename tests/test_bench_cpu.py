@@ -82,3 +82,32 @@ def test_oom_and_errors_mark_their_rows_and_the_sweep_goes_on(capsys: pytest.Cap
     captured = capsys.readouterr()
     assert "| exhausted | fwd    | OOM" in captured.out
     assert "ERROR broken fwd @ tiny N=64 H=64 V=1007: RuntimeError: simulated bug" in captured.err
+
+
+def test_gpu_run_dry_run_writes_every_section(tmp_path: Path) -> None:
+    """bench.gpu_run --dry-run: every section runs on CPU (tiny shapes, interpreter) and writes its results."""
+    out = tmp_path / "run"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_run", str(out), "--dry-run"], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, f"rc={proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == {"tests", "fused_loss", "roofline", "tile_sweep", "l2_atomics"}
+    assert all(v["rc"] == 0 for v in summary.values()), summary
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["dry_run"] and meta["git_sha"] and meta["versions"]["torch"] and meta["timestamp"]
+    impls = {json.loads(line)["impl"] for line in (out / "fused_loss.jsonl").read_text().splitlines()}
+    assert {"triton", "grad_in_forward", "trl_chunked"} <= impls
+    sweep = [json.loads(line) for line in (out / "tile_sweep.jsonl").read_text().splitlines()]
+    assert {r["kernel"] for r in sweep} == {"_forward_kernel", "_dlogits_kernel", "_row_stats_kernel",
+                                            "_row_grad_kernel"} and all("ms" in r for r in sweep)
+    ops = {json.loads(line)["op"] for line in (out / "l2_atomics.jsonl").read_text().splitlines()}
+    assert ops == {"atomic_add_f32", "store_f32"}
+    assert " passed" in (out / "tests.log").read_text()
+
+
+def test_gpu_run_refuses_without_cuda_or_interpreter(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_run", str(tmp_path), "--dry-run"], cwd=REPO_ROOT,
+                          env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2 and "set TRITON_INTERPRET=1" in proc.stderr
