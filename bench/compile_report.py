@@ -140,7 +140,8 @@ def ptxas_usage(ptx: str) -> PtxasUsage:
 
 
 # Global float atomics/reductions in PTX: `red.global.add.f32`, `atom.global.v2.f32.add`, `red.relaxed.gpu.global...`.
-FLOAT_ATOMIC_RE = re.compile(r"^\s*(?:@!?%p\d+\s+)?(?:red|atom)\.[\w.]*global[\w.]*\.(?:f32|f16|bf16|f64)\b", re.M)
+FLOAT_ATOMIC_RE = re.compile(r"^\s*(?:@!?%p\d+\s+)?(?:red|atom)\.[\w.]*global[\w.]*\.(?:f32|f16|bf16|f64)\b",
+                             re.MULTILINE)
 
 
 def float_atomic_count(ptx: str) -> int:

@@ -15,7 +15,11 @@ import dataclasses
 import torch
 
 from dsrl_fast.config import PolicyLossConfig
-from dsrl_fast.ops.grad_in_forward import GradInForwardOptions, PrecomputedGradients, logprobs_and_grads
+from dsrl_fast.ops.grad_in_forward import (
+    GradInForwardOptions,
+    PrecomputedGradients,
+    logprobs_and_grads,
+)
 from dsrl_fast.policy_loss import (
     PolicyLossOutput,
     _kept_tokens,

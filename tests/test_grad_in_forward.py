@@ -61,7 +61,7 @@ def test_odd_shapes_and_weight_grad_dtype(shape: tuple[int, int, int], weight_gr
 
 def test_rows_without_weight_get_logprobs_but_no_gradient() -> None:
     case = make_case(31, 40, 300, torch.float32)
-    hidden, weight, labels, advantages, mask, seq_ids = case
+    hidden, weight, labels, _, mask, _ = case
     out, (d_hidden, _) = run(case, PolicyLossConfig(), workspace_bytes=8 * 300 * 4)
     logp, _ = logprobs_entropy_f64(hidden.detach().cpu(), weight.detach().cpu(), labels.cpu(), 1.0)
     torch.testing.assert_close(out.logprobs.cpu().double(), logp, rtol=0, atol=2e-5)
@@ -78,7 +78,7 @@ def test_bitwise_deterministic() -> None:
 
 def test_gradients_are_handed_over_once_and_scaled() -> None:
     case = make_case(12, 32, 200, torch.float32)
-    hidden, weight, labels, advantages, mask, seq_ids = case
+    hidden, weight, labels, advantages, mask, _ = case
     out = policy_loss(hidden, weight, labels, advantages, mask=mask, impl="grad_in_forward")
     ref = policy_loss(hidden, weight, labels, advantages, mask=mask, impl="torch")
     (3.0 * out.loss).backward(retain_graph=True)

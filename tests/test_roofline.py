@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from dsrl_fast.kernels import linear_logprobs as kernels
 
 from bench import roofline
-from dsrl_fast.kernels import linear_logprobs as kernels
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
