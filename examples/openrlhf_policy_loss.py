@@ -26,7 +26,7 @@ def main() -> None:
                                  denominator="kept")
         loss, clip_ratio, ppo_kl, _, _ = loss_fn(log_probs, old, advantages, action_mask=mask)
         (grad,) = torch.autograd.grad(loss, log_probs)
-        print(f"{samples:>8}: loss={loss.item():+.5f} clip_ratio={clip_ratio.item():.3f} "
+        print(f"{samples:>8}: loss={loss.item():+.5f} clip_ratio={clip_ratio.item():.3f} ppo_kl={ppo_kl.item():.4f} "
               f"rows with gradient={int((grad.abs().sum(-1) > 0).sum())}")
 
 

@@ -23,14 +23,14 @@ def main() -> None:
     config = ActorConfig(strategy="fsdp", clip_ratio=0.2, clip_ratio_high=0.28, ppo_micro_batch_size_per_gpu=2,
                          ppo_mini_batch_size=4, rollout_n=1)
     log_prob = (-torch.rand(rows, length)).requires_grad_()
-    batch = dict(old_log_prob=log_prob.detach() + 0.1 * torch.randn(rows, length), log_prob=log_prob,
-                 advantages=torch.tensor([1.0, -1.0, 0.5, -0.5])[:, None].expand(rows, length),
-                 response_mask=torch.ones(rows, length))
+    batch = {"old_log_prob": log_prob.detach() + 0.1 * torch.randn(rows, length), "log_prob": log_prob,
+                 "advantages": torch.tensor([1.0, -1.0, 0.5, -0.5])[:, None].expand(rows, length),
+                 "response_mask": torch.ones(rows, length)}
     for name in ("vanilla", "dsrl", "nsr", "psr", "nsr_prerl"):
         loss, metrics = get_policy_loss_fn(name)(**batch, loss_agg_mode="token-mean", config=config)
         print(f"{name:>9}: loss={loss.item():+.5f} clipfrac={metrics['actor/pg_clipfrac']:.3f}")
     responses = torch.randint(0, 100, (rows, length))
-    input_ids, attention_mask, position_ids = marginal_batch(responses, batch["response_mask"], (151644,))
+    input_ids, _attention_mask, position_ids = marginal_batch(responses, batch["response_mask"], (151644,))
     print("marginal row 0:", input_ids[0].tolist(), "positions:", position_ids[0].tolist())
 
 

@@ -20,7 +20,7 @@ def test_missing_peer_names_the_pip_command(module: str, peer: str) -> None:
     code = (f"import sys; sys.modules[{peer!r}] = None\n"
             f"try:\n    import dsrl_fast.integrations.{module}\n"
             f"except ImportError as err:\n    print(err)\nelse:\n    print('imported')")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "pip install 'dsrl_fast[integrations]'" in out.stdout, out.stdout
 

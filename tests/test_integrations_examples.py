@@ -25,6 +25,6 @@ def test_example_runs(script: str, tmp_path: Path) -> None:
     if script == "trl_dsrl.py":
         args = args + ["--output-dir", str(tmp_path)]
     out = subprocess.run([sys.executable, str(ROOT / "examples" / script), *args], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
+                         text=True, timeout=300, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     assert expected in out.stdout, out.stdout[-2000:]

@@ -52,20 +52,20 @@ def batch() -> dict[str, torch.Tensor]:
     mask = (torch.arange(T)[None] < lengths[:, None]).long()
     log_probs = (-torch.rand(B, T, dtype=torch.float64) * 2).float().requires_grad_()
     old = log_probs.detach() + 0.4 * torch.randn(B, T)
-    return dict(log_probs=log_probs, old_log_probs=old,
-                advantages=torch.tensor([0.9, -1.2, 0.3, -0.4, 0.0])[:, None].expand(B, T).contiguous(),
-                action_mask=mask, rollout_log_probs=old + 0.3 * torch.randn(B, T))
+    return {"log_probs": log_probs, "old_log_probs": old,
+                "advantages": torch.tensor([0.9, -1.2, 0.3, -0.4, 0.0])[:, None].expand(B, T).contiguous(),
+                "action_mask": mask, "rollout_log_probs": old + 0.3 * torch.randn(B, T)}
 
 
 CASES = {
-    "token": dict(kwargs=dict(clip_eps_low=0.2, clip_eps_high=0.28), call={}),
-    "seq-dual": dict(kwargs=dict(dual_clip=3.0, token_level_loss=False), call={}),
-    "token-global": dict(kwargs=dict(dual_clip=2.0), call=dict(dp_size=2, batch_num_tokens=30.0)),
-    "seq-global": dict(kwargs=dict(token_level_loss=False), call=dict(dp_size=4, global_batch_size=13.0)),
-    "tis-clip": dict(kwargs=dict(is_correction_level="token", is_correction_mode="clip",
-                                 is_correction_threshold=[0.8, 1.2]), call={}),
-    "icepop-mask": dict(kwargs=dict(is_correction_level="token", is_correction_mode="mask",
-                                    is_correction_threshold=[0.8, 1.25]), call={}),
+    "token": {"kwargs": {"clip_eps_low": 0.2, "clip_eps_high": 0.28}, "call": {}},
+    "seq-dual": {"kwargs": {"dual_clip": 3.0, "token_level_loss": False}, "call": {}},
+    "token-global": {"kwargs": {"dual_clip": 2.0}, "call": {"dp_size": 2, "batch_num_tokens": 30.0}},
+    "seq-global": {"kwargs": {"token_level_loss": False}, "call": {"dp_size": 4, "global_batch_size": 13.0}},
+    "tis-clip": {"kwargs": {"is_correction_level": "token", "is_correction_mode": "clip",
+                                 "is_correction_threshold": [0.8, 1.2]}, "call": {}},
+    "icepop-mask": {"kwargs": {"is_correction_level": "token", "is_correction_mode": "mask",
+                                    "is_correction_threshold": [0.8, 1.25]}, "call": {}},
 }
 
 
@@ -116,10 +116,10 @@ def test_patch_rebinds_the_name_ppo_actor_calls(openrlhf_loss, dsrl_openrlhf) ->
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [
-    (dict(policy_loss_type="gspo"), "policy_loss_type must be 'ppo'"),
-    (dict(is_correction_level="seq"), "is_correction_level must be 'off' or 'token'"),
-    (dict(is_correction_level="token", is_correction_gating="tv"), "is_correction_gating must be 'ratio'"),
-    (dict(samples="neg"), "samples must be one of"),
+    ({"policy_loss_type": "gspo"}, "policy_loss_type must be 'ppo'"),
+    ({"is_correction_level": "seq"}, "is_correction_level must be 'off' or 'token'"),
+    ({"is_correction_level": "token", "is_correction_gating": "tv"}, "is_correction_gating must be 'ratio'"),
+    ({"samples": "neg"}, "samples must be one of"),
 ])
 def test_rejects_unsupported_options(dsrl_openrlhf, kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):

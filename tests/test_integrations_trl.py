@@ -16,11 +16,10 @@ import torch
 pytest.importorskip("trl", reason="the TRL integration needs trl (pip install 'dsrl_fast[integrations]')")
 datasets = pytest.importorskip("datasets", reason="TRL's trainer needs datasets")
 
-from trl import GRPOConfig, GRPOTrainer  # noqa: E402
+from trl import GRPOConfig, GRPOTrainer
 
-from dsrl_fast.integrations.trl import DSRLGRPOTrainer, DSRLOptions  # noqa: E402
-from dsrl_fast.toy import (IM_START, build_tiny_qwen3, build_toy_tokenizer, make_addition_problems,  # noqa: E402
-                           save_tiny_model)
+from dsrl_fast.integrations.trl import DSRLGRPOTrainer, DSRLOptions
+from dsrl_fast.toy import IM_START, build_tiny_qwen3, build_toy_tokenizer, make_addition_problems, save_tiny_model
 
 MAX_COMPLETION = 7
 
@@ -41,10 +40,10 @@ def digit_reward(completions: list[str], **_: object) -> list[float]:
 
 
 def make_args(tmp_path, **overrides) -> GRPOConfig:
-    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=4,
-                max_completion_length=MAX_COMPLETION, max_steps=3, learning_rate=1e-3, logging_steps=1,
-                report_to="none", use_cpu=True, save_strategy="no", beta=0.0, seed=7, bf16=False,
-                disable_tqdm=True)
+    base = {"output_dir": str(tmp_path), "per_device_train_batch_size": 4, "num_generations": 4,
+                "max_completion_length": MAX_COMPLETION, "max_steps": 3, "learning_rate": 1e-3, "logging_steps": 1,
+                "report_to": "none", "use_cpu": True, "save_strategy": "no", "beta": 0.0, "seed": 7, "bf16": False,
+                "disable_tqdm": True}
     base.update(overrides)
     return GRPOConfig(**base)
 
@@ -66,12 +65,12 @@ def loss_inputs(tokenizer, batch: int = 5) -> dict[str, torch.Tensor]:
     completion_ids = torch.randint(5, len(tokenizer), (batch, MAX_COMPLETION))
     lengths = torch.tensor([7, 3, 1, 5, 6])[:batch]
     completion_mask = (torch.arange(MAX_COMPLETION)[None] < lengths[:, None]).long()
-    return dict(
-        prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
-        completion_mask=completion_mask, advantages=torch.tensor([1.1, -0.4, 0.0, -1.3, 0.6])[:batch],
-        num_items_in_batch=completion_mask.sum() * 3.0,
-        importance_sampling_ratio=torch.rand(batch, MAX_COMPLETION) * 1.5,
-    )
+    return {
+        "prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "completion_ids": completion_ids,
+        "completion_mask": completion_mask, "advantages": torch.tensor([1.1, -0.4, 0.0, -1.3, 0.6])[:batch],
+        "num_items_in_batch": completion_mask.sum() * 3.0,
+        "importance_sampling_ratio": torch.rand(batch, MAX_COMPLETION) * 1.5,
+    }
 
 
 def run_loss(trainer, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -86,8 +85,8 @@ def run_loss(trainer, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, li
 def test_loss_and_gradients_equal_trl(tokenizer, tmp_path, loss_type: str, beta: float) -> None:
     # with beta > 0 TRL loads a reference model from the policy's path, so both trainers load a saved tiny model
     path = str(save_tiny_model(tiny_model(tokenizer), tokenizer, tmp_path / "model"))
-    kwargs = dict(args=dict(loss_type=loss_type, beta=beta, epsilon=0.2, epsilon_high=0.28,
-                            use_bias_correction_kl=False, steps_per_generation=2))
+    kwargs = {"args": {"loss_type": loss_type, "beta": beta, "epsilon": 0.2, "epsilon_high": 0.28,
+                            "use_bias_correction_kl": False, "steps_per_generation": 2}}
     theirs = build(GRPOTrainer, tokenizer, tmp_path, path, **copy.deepcopy(kwargs))
     ours = build(DSRLGRPOTrainer, tokenizer, tmp_path, path, dsrl=DSRLOptions(impl="torch"), **kwargs)
     inputs = loss_inputs(tokenizer)
@@ -112,7 +111,7 @@ def test_loss_and_gradients_equal_trl(tokenizer, tmp_path, loss_type: str, beta:
 def test_three_grpo_steps_match_trl(tokenizer, tmp_path) -> None:
     """Same seed, same sampled completions: three optimizer steps of our loss give TRL's weights."""
     base = tiny_model(tokenizer)
-    args = dict(loss_type="dapo", beta=0.0)
+    args = {"loss_type": "dapo", "beta": 0.0}
     theirs = build(GRPOTrainer, tokenizer, tmp_path / "trl", copy.deepcopy(base), args=dict(args))
     theirs.train()
     ours = build(DSRLGRPOTrainer, tokenizer, tmp_path / "dsrl", copy.deepcopy(base), args=dict(args),
@@ -132,7 +131,7 @@ def test_three_grpo_steps_match_trl(tokenizer, tmp_path) -> None:
 
 def test_dsrl_switch_runs_marginal_nsr_then_grpo(tokenizer, tmp_path) -> None:
     prefix = (tokenizer.convert_tokens_to_ids(IM_START),)
-    trainer = build(DSRLGRPOTrainer, tokenizer, tmp_path, tiny_model(tokenizer), args=dict(max_steps=3),
+    trainer = build(DSRLGRPOTrainer, tokenizer, tmp_path, tiny_model(tokenizer), args={"max_steps": 3},
                     dsrl=DSRLOptions(switch_step=2, marginal_prefix=prefix, impl="torch"))
     base = copy.deepcopy(trainer.model)
     trainer.train()
@@ -176,8 +175,8 @@ def test_marginal_loss_uses_prefix_context(tokenizer, tmp_path) -> None:
 
 def test_rejects_unsupported_options(tokenizer, tmp_path) -> None:
     with pytest.raises(ValueError, match="top_entropy_quantile=0.5"):
-        build(DSRLGRPOTrainer, tokenizer, tmp_path, tiny_model(tokenizer), args=dict(top_entropy_quantile=0.5))
+        build(DSRLGRPOTrainer, tokenizer, tmp_path, tiny_model(tokenizer), args={"top_entropy_quantile": 0.5})
     with pytest.raises(ValueError, match="loss_type must be one of"):
-        build(DSRLGRPOTrainer, tokenizer, tmp_path, tiny_model(tokenizer), args=dict(loss_type="sapo"))
+        build(DSRLGRPOTrainer, tokenizer, tmp_path, tiny_model(tokenizer), args={"loss_type": "sapo"})
     with pytest.raises(ValueError, match="switch_step must be an int >= 0"):
         DSRLOptions(switch_step=-1)

@@ -10,8 +10,8 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="model integration needs transformers (the train extra)")
 
-from dsrl_fast.attention import TRANSFORMERS_ATTENTION_NAME  # noqa: E402
-from dsrl_fast.model import packed_attention, response_logprobs  # noqa: E402
+from dsrl_fast.attention import TRANSFORMERS_ATTENTION_NAME
+from dsrl_fast.model import packed_attention, response_logprobs
 
 VOCAB = 101
 PREFIX = (3,)

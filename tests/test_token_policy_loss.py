@@ -17,14 +17,14 @@ def padded_batch() -> dict[str, torch.Tensor]:
     lengths = torch.tensor([7, 2, 5, 0, 4])
     mask = torch.arange(T)[None] < lengths[:, None]
     logp = (-torch.rand(B, T, dtype=torch.float64) * 3).requires_grad_()
-    return dict(
-        logprobs=logp,
-        advantages=torch.tensor([1.3, -0.7, 0.0, -1.1, 0.4], dtype=torch.float64),
-        mask=mask,
-        old_logprobs=(logp.detach() + 0.4 * torch.randn(B, T, dtype=torch.float64)),
-        ref_logprobs=(logp.detach() + 0.3 * torch.randn(B, T, dtype=torch.float64)),
-        entropy=torch.rand(B, T, dtype=torch.float64) * 2,
-    )
+    return {
+        "logprobs": logp,
+        "advantages": torch.tensor([1.3, -0.7, 0.0, -1.1, 0.4], dtype=torch.float64),
+        "mask": mask,
+        "old_logprobs": (logp.detach() + 0.4 * torch.randn(B, T, dtype=torch.float64)),
+        "ref_logprobs": (logp.detach() + 0.3 * torch.randn(B, T, dtype=torch.float64)),
+        "entropy": torch.rand(B, T, dtype=torch.float64) * 2,
+    }
 
 
 def oracle(batch: dict[str, torch.Tensor], cfg: PolicyLossConfig) -> torch.Tensor:
@@ -111,7 +111,7 @@ def test_importance_weights_scale_the_policy_term_only() -> None:
     assert torch.isfinite(grad).all()
 
 
-GOOD = dict(logprobs=torch.zeros(B, T), advantages=torch.zeros(B), mask=torch.ones(B, T, dtype=torch.bool))
+GOOD = {"logprobs": torch.zeros(B, T), "advantages": torch.zeros(B), "mask": torch.ones(B, T, dtype=torch.bool)}
 
 
 @pytest.mark.parametrize(

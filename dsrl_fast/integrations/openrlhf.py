@@ -125,8 +125,7 @@ def patch_policy_loss(*, samples: str = "all", denominator: str = "peer",
         return DSRLPolicyLoss(*args, samples=samples, denominator=denominator, loss_scale=loss_scale, **kwargs)
 
     for name in ("openrlhf.models", "openrlhf.models.loss"):
-        setattr(require(name, "OpenRLHF's GPU environment (openrlhf.models imports flash_attn)"), "PolicyLoss",
-                factory)
+        require(name, "OpenRLHF's GPU environment (openrlhf.models imports flash_attn)").PolicyLoss = factory
     actor_module = sys.modules.get("openrlhf.trainer.ray.ppo_actor")
     if actor_module is not None:
         actor_module.PolicyLoss = factory

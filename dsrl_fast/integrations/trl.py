@@ -27,8 +27,14 @@ from typing import Any
 import torch
 
 from dsrl_fast.config import SAMPLE_FILTERS, PolicyLossConfig
-from dsrl_fast.integrations.common import (DENOMINATORS, PIP_INTEGRATIONS, marginal_batch, peer_policy_loss,
-                                           phase_config, require)
+from dsrl_fast.integrations.common import (
+    DENOMINATORS,
+    PIP_INTEGRATIONS,
+    marginal_batch,
+    peer_policy_loss,
+    phase_config,
+    require,
+)
 from dsrl_fast.logprobs import linear_logprobs
 from dsrl_fast.model import lm_head_weight
 

@@ -33,8 +33,14 @@ from typing import Any
 import torch
 
 from dsrl_fast.config import SAMPLE_FILTERS, PolicyLossConfig
-from dsrl_fast.integrations.common import (DENOMINATORS, PIP_INTEGRATIONS, kept_rows, marginal_batch,
-                                           peer_policy_loss, require)
+from dsrl_fast.integrations.common import (
+    DENOMINATORS,
+    PIP_INTEGRATIONS,
+    kept_rows,
+    marginal_batch,
+    peer_policy_loss,
+    require,
+)
 from dsrl_fast.logprobs import linear_logprobs
 
 _PIP = PIP_INTEGRATIONS + " && pip install --no-deps verl==0.9.1"
