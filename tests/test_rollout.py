@@ -309,7 +309,7 @@ def test_vllm_update_weights_syncs_trainer_weights(vllm_engine, trainer, tokeniz
 
 @vllm_only
 def test_vllm_update_weights_rejects_partial_sets(vllm_engine, trainer):
-    """A fused QKV projection reloaded from one shard would be garbage: refused up front."""
+    """A fused QKV projection reloaded from one shard would be garbage: an error naming the missing weights."""
     partial = [(n, p) for n, p in trainer.named_parameters() if "k_proj" not in n]
     with pytest.raises(ValueError, match="k_proj"):
         vllm_engine.update_weights(partial)

@@ -26,6 +26,7 @@ import torch
 pytest.importorskip("transformers", reason="the trainer runs a transformers model (the train extra)")
 
 import dsrl_fast.train.trainer as trainer_mod
+from dsrl_fast.errors import UserError
 from dsrl_fast.logprobs import linear_logprobs
 from dsrl_fast.model import lm_head_weight, packed_hidden_states
 from dsrl_fast.rollout.base import SamplingConfig
@@ -265,6 +266,7 @@ def test_vllm_engine_run_keeps_the_sampler_in_sync(tmp_path: Path, monkeypatch: 
     monkeypatch.setattr(trainer_mod, "build_engine", keep_engine)
     try:
         summary = run(tmp_path, "rollout.engine=vllm", "optim.lr=1e-3")
+        assert not (tmp_path / "vllm_init").exists(), "the initial weights copy for vLLM is removed at the end"
         rows = rows_of(tmp_path)
         assert [r["step"] for r in rows] == [0, 1, 2, 3]
         assert [r["space"] for r in rows] == ["marginal"] * 2 + ["conditional"] * 2
@@ -298,7 +300,7 @@ def test_vllm_engine_run_keeps_the_sampler_in_sync(tmp_path: Path, monkeypatch: 
 def test_bad_configs_raise_errors_naming_the_key(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown config key 'algo.swich_step'"):
         load_config(None, ["algo.swich_step=3"])
-    with pytest.raises(TypeError, match="steps must be int, got str 'four'"):
+    with pytest.raises(TypeError, match="steps must be int or null, got str 'four'"):
         load_config(None, ["steps=four"])
     with pytest.raises(ValueError, match=r"algo.algo must be one of .*got 'ppo'"):
         load_config(None, ["algo.algo=ppo"])
@@ -316,11 +318,11 @@ def test_bad_configs_raise_errors_naming_the_key(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("content", "error", "match"), [
-    (None, FileNotFoundError, "is not a file"),
-    ('{"problem": "Compute 1+2.", "answer": "3"}\n{"problem": "Compute 2+2."}\n', ValueError,
+    (None, UserError, "data.train_path: .*is not a file"),
+    ('{"problem": "Compute 1+2.", "answer": "3"}\n{"problem": "Compute 2+2."}\n', UserError,
      r"line 2: missing field 'answer'"),
-    ('{"question": "Compute 1+2.", "answer": "3"}\n', ValueError, r"line 1: missing field 'problem'"),
-    ("", ValueError, "holds no problems"),
+    ('{"question": "Compute 1+2.", "answer": "3"}\n', UserError, r"line 1: missing field 'problem'"),
+    ("", UserError, "holds no problems"),
 ])
 def test_bad_data_files_raise_clear_errors_through_train(tmp_path: Path, content: str | None,
                                                         error: type[Exception], match: str) -> None:

