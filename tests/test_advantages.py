@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dsrl_fast.advantages import ESTIMATORS, broadcast_to_tokens, compute_advantages, sample_filter
+from dsrl_fast.advantages import ESTIMATORS, broadcast_to_tokens, compute_advantages, gae, sample_filter, whiten
 
 
 @pytest.fixture(autouse=True)
@@ -156,3 +156,107 @@ def test_broadcast_to_tokens():
         broadcast_to_tokens(per_sample, torch.tensor([0, 3]))
     with pytest.raises(ValueError, match="sample_ids must be a 1-D integer tensor"):
         broadcast_to_tokens(per_sample, torch.tensor([0.0]))
+
+
+def _two_rank_run(fn, shards):
+    """Run fn(shard, reduce_sum) on two threads whose reduce_sum adds the tensors both threads pass (a stand-in for
+    an all-reduce over two ranks); returns both results."""
+    import threading
+
+    barrier = threading.Barrier(2)
+    slots: list = [None, None]
+    results: list = [None, None]
+
+    def make_reduce(rank):
+        def reduce_sum(t):
+            slots[rank] = t.clone()
+            barrier.wait()
+            total = slots[0] + slots[1]
+            barrier.wait()
+            return total
+        return reduce_sum
+
+    def work(rank):
+        results[rank] = fn(shards[rank], make_reduce(rank))
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+@pytest.mark.parametrize("estimator", ["reinforce_pp", "reinforce_pp_baseline"])
+def test_batch_estimators_whiten_over_the_global_batch(estimator):
+    """Two ranks holding 3 and 2 whole groups with reduce_sum get exactly the one-process advantages."""
+    rewards = torch.randint(0, 2, (5, 4)).double()
+    rewards[:, 0] = 1.0
+    counts = torch.randint(1, 9, (5, 4))
+    whole = compute_advantages(rewards, estimator, token_counts=counts)
+    shards = [(rewards[:3], counts[:3]), (rewards[3:], counts[3:])]
+    got = _two_rank_run(lambda s, red: compute_advantages(s[0], estimator, token_counts=s[1], reduce_sum=red), shards)
+    torch.testing.assert_close(torch.cat(got), whole, rtol=1e-12, atol=1e-12)
+    local = torch.cat([compute_advantages(r, estimator, token_counts=c) for r, c in shards])
+    assert (local - whole).abs().max() > 1e-3, "per-rank whitening must differ here, or the test proves nothing"
+
+
+def test_reinforce_pp_baseline_matches_verl_formula():
+    """verl: scores - group mean, broadcast to tokens, whitened over the response mask (float64 loop)."""
+    rewards = torch.rand(4, 3, dtype=torch.float64)
+    lengths = torch.randint(1, 7, (4, 3))
+    centered = rewards - rewards.mean(dim=1, keepdim=True)
+    tokens = torch.cat([centered.reshape(-1)[i].repeat(int(n)) for i, n in enumerate(lengths.reshape(-1))])
+    expected = (centered - tokens.mean()) / torch.sqrt(tokens.var(unbiased=True) + 1e-8)
+    got = compute_advantages(rewards, "reinforce_pp_baseline", token_counts=lengths)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def _gae_reference(rewards, values, lengths, gamma, lam):
+    adv = torch.zeros_like(rewards)
+    for b, n in enumerate(lengths):
+        running = 0.0
+        for t in reversed(range(n)):
+            next_v = values[b, t + 1] if t + 1 < n else 0.0
+            delta = rewards[b, t] + gamma * next_v - values[b, t]
+            running = delta + gamma * lam * running
+            adv[b, t] = running
+    return adv
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 1.0), (0.99, 0.95), (0.9, 0.0)])
+def test_gae_against_a_float64_loop(gamma, lam):
+    lengths = [7, 1, 4, 13, 2]
+    mask = torch.zeros(5, 13, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        mask[b, :n] = True
+    rewards = torch.randn(5, 13, dtype=torch.float64)
+    values = torch.randn(5, 13, dtype=torch.float64)
+    garbage = torch.full_like(rewards, 1e6)  # padding content must not leak in
+    out = gae(torch.where(mask, rewards, garbage), torch.where(mask, values, garbage), mask, gamma, lam)
+    expected = _gae_reference(rewards, values, lengths, gamma, lam)
+    torch.testing.assert_close(out.advantages, torch.where(mask, expected, 0.0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.returns, torch.where(mask, expected + values, 0.0), rtol=1e-12, atol=1e-12)
+
+
+def test_gae_with_zero_values_and_lambda_one_is_the_return_to_go():
+    rewards = torch.tensor([[0.0, -0.1, 1.0, 5.0]])
+    mask = torch.tensor([[True, True, True, False]])
+    out = gae(rewards, torch.zeros_like(rewards), mask, 1.0, 1.0)
+    torch.testing.assert_close(out.advantages, torch.tensor([[0.9, 0.9, 1.0, 0.0]]))
+
+
+def test_whiten_global_equals_whole_and_validation():
+    x = torch.randn(6, 5, dtype=torch.float64)
+    w = (torch.rand(6, 5) > 0.3).double()
+    whole = whiten(x, w)
+    got = _two_rank_run(lambda s, red: whiten(s[0], s[1], red), [(x[:2], w[:2]), (x[2:], w[2:])])
+    torch.testing.assert_close(torch.cat(got) * w, whole * w, rtol=1e-12, atol=1e-12)
+    kept = x[w > 0]
+    torch.testing.assert_close(whole[w > 0], (kept - kept.mean()) / torch.sqrt(kept.var() + 1e-8))
+    with pytest.raises(ValueError, match="weights must have shape"):
+        whiten(x, w[:2])
+    with pytest.raises(ValueError, match="gamma must be a number in"):
+        gae(x, x, w > 0, gamma=1.5)
+    with pytest.raises(ValueError, match="values and mask"):
+        gae(x, x[:2], w > 0)
