@@ -2,16 +2,28 @@
 
 Answers come from one field, in one of three modes:
 
-- ``"field"``: the field's value as a string (integral floats such as ``27.0`` become ``"27"``);
+- ``"field"``: the field's value as a string;
 - ``"boxed"``: the last ``\\boxed{}`` of the field (minerva_math keeps its answer in ``solution``);
 - ``"list"``: a list, or a list rendered as a string such as ``"['2']"`` (olympiadbench's
   ``final_answer``), joined with ``", "``.
+
+Answers are exact. A number is written as the exact decimal its source text spells, never through a binary
+float: JSON ``7.0`` → ``"7"``, ``2.50`` → ``"2.5"``, ``1e30`` → ``"1"`` and 30 zeros, ``1e-3`` → ``"0.001"`` (a
+Parquet or Hugging Face float, which has no source text, by its shortest round-trip form: ``1e+30`` → the same 31
+digits).
+Non-finite numbers (``NaN``, ``Infinity``), booleans, numbers that would take more than
+:data:`MAX_NUMBER_DIGITS` digits, and empty or whitespace-only answers are errors naming the file and line;
+``empty_answers="skip"`` skips rows with an empty answer instead and logs how many. JSONL files must be UTF-8
+(a byte-order mark at the start is accepted); an undecodable byte is an error naming the file, line and column.
 """
 
 from __future__ import annotations
 
 import ast
+import decimal
 import json
+import logging
+import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +33,57 @@ import numpy as np
 
 from dsrl_fast.reward import extract_boxed
 
-__all__ = ["AnswerMode", "Problem", "PromptSampler", "load_hf_problems", "load_problems"]
+__all__ = ["MAX_NUMBER_DIGITS", "AnswerMode", "EmptyAnswers", "Problem", "PromptSampler", "load_hf_problems",
+           "load_problems"]
+
+logger = logging.getLogger(__name__)
 
 AnswerMode = Literal["field", "boxed", "list"]
 _ANSWER_MODES = ("field", "boxed", "list")
+EmptyAnswers = Literal["error", "skip"]
+_EMPTY_ANSWERS = ("error", "skip")
+MAX_NUMBER_DIGITS = 1000
+
+
+@dataclass(frozen=True)
+class _JsonNumber:
+    """A JSON number as its source text (the parser's hook; turned into int/float outside answers)."""
+
+    text: str
+
+    def value(self) -> int | float:
+        try:
+            return int(self.text)
+        except ValueError:
+            return float(self.text)
+
+
+def _plain_numbers(value: Any) -> Any:
+    if isinstance(value, _JsonNumber):
+        return value.value()
+    if isinstance(value, dict):
+        return {k: _plain_numbers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain_numbers(v) for v in value]
+    return value
+
+
+def _exact_decimal(text: str, where: str, key: str) -> str:
+    """The exact decimal that number text spells, without exponent or trailing fractional zeros."""
+    try:
+        number = decimal.Decimal(text)
+    except decimal.InvalidOperation as exc:
+        raise ValueError(f"{where}: field {key!r} holds the unreadable number {text!r}") from exc
+    if not number.is_finite():
+        raise ValueError(f"{where}: field {key!r} must be a finite number, got {text}")
+    if number.is_zero():
+        return "0"
+    digits = max(number.adjusted() + 1, 0) + max(-number.as_tuple().exponent, 0)  # type: ignore[operator]
+    if digits > MAX_NUMBER_DIGITS:
+        raise ValueError(f"{where}: field {key!r} holds {text[:40]!r}, which takes more than {MAX_NUMBER_DIGITS} "
+                         "digits to write exactly; give the answer as a string")
+    out = format(number, "f")
+    return out.rstrip("0").rstrip(".") if "." in out else out
 
 
 @dataclass(frozen=True)
@@ -36,7 +95,13 @@ class Problem:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
+class _EmptyAnswer(ValueError):
+    """An answer (or a list element of one) that is empty or whitespace."""
+
+
 def _answer_text(value: Any, mode: AnswerMode, where: str, key: str) -> str:
+    if isinstance(value, _JsonNumber):
+        value = value.text if mode == "boxed" else value
     if mode == "boxed":
         boxed = extract_boxed(value) if isinstance(value, str) else None
         if boxed is None:
@@ -51,10 +116,19 @@ def _answer_text(value: Any, mode: AnswerMode, where: str, key: str) -> str:
         if not isinstance(value, (list, tuple)) or not value:
             raise ValueError(f"{where}: field {key!r} must be a non-empty list, got {value!r}")
         return ", ".join(_answer_text(v, "field", where, key) for v in value)
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    if value is None or isinstance(value, (dict, list, tuple)):
-        raise ValueError(f"{where}: field {key!r} must be a scalar answer, got {value!r}")
+    if isinstance(value, _JsonNumber):
+        return _exact_decimal(value.text, where, key)
+    if isinstance(value, bool) or value is None or isinstance(value, (dict, list, tuple)):
+        raise ValueError(f"{where}: field {key!r} must be a string or a number, got {value!r}")
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{where}: field {key!r} must be a finite number, got {value!r}")
+        return _exact_decimal(repr(value), where, key)
+    if isinstance(value, int):
+        return str(value)
+    if not str(value).strip():
+        raise _EmptyAnswer(f"{where}: field {key!r} is an empty answer ({value!r}); fix the row or pass "
+                           "empty_answers='skip'")
     return str(value).strip()
 
 
@@ -64,33 +138,54 @@ def _to_problems(
     problem_key: str,
     answer_key: str,
     answer_mode: AnswerMode,
+    empty_answers: EmptyAnswers = "error",
 ) -> list[Problem]:
     if answer_mode not in _ANSWER_MODES:
         raise ValueError(f"answer_mode must be one of {_ANSWER_MODES}, got {answer_mode!r}")
+    if empty_answers not in _EMPTY_ANSWERS:
+        raise ValueError(f"empty_answers must be one of {_EMPTY_ANSWERS}, got {empty_answers!r}")
     problems = []
+    skipped = 0
     for where, row in rows:
         for key in (problem_key, answer_key):
             if key not in row:
                 raise ValueError(f"{where}: missing field {key!r} (fields present: {sorted(row)})")
         prompt = row[problem_key]
         if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"{where}: field {problem_key!r} must be a non-empty string, got {prompt!r}")
-        answer = _answer_text(row[answer_key], answer_mode, where, answer_key)
-        meta = {k: v for k, v in row.items() if k not in (problem_key, answer_key)}
+            shown = prompt.text if isinstance(prompt, _JsonNumber) else prompt
+            raise ValueError(f"{where}: field {problem_key!r} must be a non-empty string, got {shown!r}")
+        try:
+            answer = _answer_text(row[answer_key], answer_mode, where, answer_key)
+        except _EmptyAnswer:
+            if empty_answers == "error":
+                raise
+            skipped += 1
+            continue
+        try:
+            meta = {k: _plain_numbers(v) for k, v in row.items() if k not in (problem_key, answer_key)}
+        except ValueError as exc:  # an integer past Python's digit limit
+            raise ValueError(f"{where}: {exc}") from exc
         problems.append(Problem(prompt, answer, meta))
+    if skipped:
+        logger.warning("%s: skipped %d rows with an empty answer in field %r", source, skipped, answer_key)
     if not problems:
         raise ValueError(f"{source} holds no problems")
     return problems
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
             where = f"{path}, line {line_no}"
             try:
-                row = json.loads(line)
+                line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"{where}, column {exc.start + 1}: not UTF-8 (byte {raw[exc.start]:#04x}: "
+                                 f"{exc.reason}); re-encode the file as UTF-8") from exc
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line, parse_float=_JsonNumber, parse_int=_JsonNumber, parse_constant=_JsonNumber)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{where}: invalid JSON ({exc.msg})") from exc
             if not isinstance(row, dict):
@@ -113,11 +208,13 @@ def load_problems(
     answer_key: str = "answer",
     answer_mode: AnswerMode = "field",
     limit: int | None = None,
+    empty_answers: EmptyAnswers = "error",
 ) -> list[Problem]:
     """Problems from a ``.jsonl`` or ``.parquet`` file; the first ``limit`` if given.
 
-    Raises FileNotFoundError for a missing file and ValueError for an empty file or a row that
-    lacks a field (naming the field, the line and the fields present).
+    Raises FileNotFoundError for a missing file and ValueError for an empty file, a row that lacks a field
+    (naming the field, the line and the fields present), bytes that are not UTF-8, or an answer that is not
+    exact text (see the module docstring). ``empty_answers="skip"`` skips rows whose answer is empty.
     """
     path = Path(path)
     if not path.is_file():
@@ -128,7 +225,7 @@ def load_problems(
         rows = _parquet_rows(path)
     else:
         raise ValueError(f"path must end in .jsonl or .parquet, got {str(path)!r}")
-    return _to_problems(_take(rows, limit), str(path), problem_key, answer_key, answer_mode)
+    return _to_problems(_take(rows, limit), str(path), problem_key, answer_key, answer_mode, empty_answers)
 
 
 def load_hf_problems(
@@ -139,6 +236,7 @@ def load_hf_problems(
     answer_key: str = "answer",
     answer_mode: AnswerMode = "field",
     limit: int | None = None,
+    empty_answers: EmptyAnswers = "error",
 ) -> list[Problem]:
     """Problems from a Hugging Face dataset (``datasets.load_dataset(name, config, split=split)``)."""
     try:
@@ -147,7 +245,7 @@ def load_hf_problems(
         raise ImportError(f"loading the Hugging Face dataset {name!r} needs `datasets`: pip install datasets") from exc
     table = datasets.load_dataset(name, config, split=split)
     rows = ((f"{name}[{split}], row {i}", row) for i, row in enumerate(table))
-    return _to_problems(_take(rows, limit), f"{name}[{split}]", problem_key, answer_key, answer_mode)
+    return _to_problems(_take(rows, limit), f"{name}[{split}]", problem_key, answer_key, answer_mode, empty_answers)
 
 
 _Rows = Iterator[tuple[str, Mapping[str, Any]]]

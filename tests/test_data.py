@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import types
 from pathlib import Path
@@ -38,6 +39,68 @@ def test_jsonl_fields_and_meta(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [{"q": "1+1?", "a": 2, "id": 7}, {"q": "x?", "a": 27.0}])
     problems = load_problems(path, problem_key="q", answer_key="a")
     assert problems == [Problem("1+1?", "2", {"id": 7}), Problem("x?", "27", {})]
+
+
+def test_numbers_keep_their_exact_text(tmp_path):
+    """JSON numbers become the exact decimal their text spells, never a float's expansion."""
+    texts = ("1e30", "2.50", "7.0", "-0.0", "1.5e-3", "0.1", "12345678901234567890123", "-17", "1E+2",
+             "9007199254740993.0")
+    lines = ['{"problem": "p", "answer": ' + text + ', "level": 3, "w": 0.5, "v": [1, 2.0]}' for text in texts]
+    (tmp_path / "n.jsonl").write_text("\n".join(lines) + "\n")
+    problems = load_problems(tmp_path / "n.jsonl")
+    assert [p.answer for p in problems] == ["1" + "0" * 30, "2.5", "7", "0", "0.0015", "0.1",
+                                            "12345678901234567890123", "-17", "100", "9007199254740993"]
+    assert problems[0].meta == {"level": 3, "w": 0.5, "v": [1, 2.0]}
+    assert type(problems[0].meta["level"]) is int and type(problems[0].meta["w"]) is float
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("NaN", "must be a finite number, got NaN"),
+        ("Infinity", "must be a finite number, got Infinity"),
+        ("-Infinity", "must be a finite number, got -Infinity"),
+        ("true", "must be a string or a number, got True"),
+        ("null", "must be a string or a number, got None"),
+        ("1e5000", "more than 1000 digits to write exactly"),
+        ('""', "is an empty answer"),
+        ('" \\t "', "is an empty answer"),
+    ],
+)
+def test_bad_answers_name_the_line(tmp_path, text, message):
+    (tmp_path / "b.jsonl").write_text('{"problem": "ok", "answer": "1"}\n{"problem": "p", "answer": ' + text + "}\n")
+    with pytest.raises(ValueError, match=rf"b\.jsonl, line 2: field 'answer' .*{message}"):
+        load_problems(tmp_path / "b.jsonl")
+
+
+def test_empty_answers_skipped_with_a_count(tmp_path, caplog):
+    fields = write_jsonl(tmp_path / "f.jsonl", [{"problem": "a", "answer": "1"}, {"problem": "b", "answer": " "},
+                                                {"problem": "c", "answer": "\t"}, {"problem": "d", "answer": "4"}])
+    lists = write_jsonl(tmp_path / "l.jsonl", [{"problem": "a", "answer": ["1"]}, {"problem": "b", "answer": ["2", ""]},
+                                               {"problem": "c", "answer": "['3', '4']"}])
+    with pytest.raises(ValueError, match="line 2: field 'answer' is an empty answer"):
+        load_problems(fields)
+    with pytest.raises(ValueError, match="line 2: field 'answer' is an empty answer"):
+        load_problems(lists, answer_mode="list")
+    with caplog.at_level(logging.WARNING, logger="dsrl_fast.data"):
+        assert [p.prompt_text for p in load_problems(fields, empty_answers="skip")] == ["a", "d"]
+        assert [p.answer for p in load_problems(lists, answer_mode="list", empty_answers="skip")] == ["1", "3, 4"]
+    assert "f.jsonl: skipped 2 rows with an empty answer" in caplog.text
+    assert "l.jsonl: skipped 1 rows with an empty answer" in caplog.text
+    with pytest.raises(ValueError, match="empty_answers must be one of"):
+        load_problems(fields, empty_answers="drop")
+
+
+def test_utf8_bom_accepted_and_bad_bytes_located(tmp_path):
+    body = '{"problem": "π?", "answer": "½"}\n{"problem": "q", "answer": "2"}\n'.encode()
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + body)
+    assert [p.answer for p in load_problems(tmp_path / "bom.jsonl")] == ["½", "2"]
+    (tmp_path / "latin1.jsonl").write_bytes(body + '{"problem": "caf\xe9", "answer": "3"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.jsonl, line 3, column 17: not UTF-8 \(byte 0xe9"):
+        load_problems(tmp_path / "latin1.jsonl")
+    (tmp_path / "midbom.jsonl").write_bytes(body + b"\xef\xbb\xbf" + body)
+    with pytest.raises(ValueError, match="line 3: invalid JSON"):
+        load_problems(tmp_path / "midbom.jsonl")
 
 
 def test_answer_modes(tmp_path):
@@ -102,6 +165,12 @@ def test_parquet_roundtrip(tmp_path):
         Problem("p1", "1", {"level": 3}),
         Problem("p2", "x^2", {"level": 5}),
     ]
+    floats = [{"problem": "p", "answer": v} for v in (7.0, 1e30, 0.1, -2.5)]
+    pq.write_table(pa.Table.from_pylist(floats), tmp_path / "f.parquet")
+    assert [p.answer for p in load_problems(tmp_path / "f.parquet")] == ["7", "1" + "0" * 30, "0.1", "-2.5"]
+    pq.write_table(pa.Table.from_pylist([{"problem": "p", "answer": float("nan")}]), tmp_path / "nan.parquet")
+    with pytest.raises(ValueError, match="row 0: field 'answer' must be a finite number, got nan"):
+        load_problems(tmp_path / "nan.parquet")
 
 
 def test_parquet_without_pyarrow(tmp_path, monkeypatch):
