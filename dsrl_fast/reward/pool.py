@@ -255,7 +255,7 @@ class CheckPool:
         if call.start_failures >= self._max_start_failures:
             raise RuntimeError(
                 f"reward check workers failed to start {call.start_failures} times in a row; last cause: {reason}. "
-                "With the 'spawn' start method the calling script must guard its entry point with "
+                "With the 'spawn' and 'forkserver' start methods the calling script must guard its entry point with "
                 "`if __name__ == '__main__':`"
             )
 
