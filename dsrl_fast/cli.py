@@ -113,6 +113,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dsrl-fast", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"dsrl-fast {_version()}")
+    # The deepspeed launcher passes --local_rank=N before the subcommand; it also sets LOCAL_RANK, which is used.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     _add_debug(parser, False)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
