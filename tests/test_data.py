@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dsrl_fast.data import Problem, PromptSampler, load_hf_problems, load_problems
-from dsrl_fast.reward import MathVerifyReward
+from dsrl_fast.reward import HendrycksMathReward, MathVerifyReward
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "benchmarks"
 
@@ -231,6 +231,17 @@ def check_self_verification(answers_by_name: dict[str, list[str]], fast_path: bo
 def test_benchmark_answers_verify_against_themselves(benchmark_answers):
     """A "\\boxed{ref}" response scores 1 for >= 95% of every benchmark (fast path on)."""
     check_self_verification(benchmark_answers, fast_path=True)
+
+
+@needs_benchmarks
+def test_benchmark_answers_pass_the_hendrycks_check(benchmark_answers):
+    """Every one of the 1547 "\\boxed{ref}" responses scores 1 under hendrycks_math (extraction and normalization
+    agree on both sides; amc23's float answers load as integers)."""
+    reward = HendrycksMathReward()
+    for name, answers in benchmark_answers.items():
+        scores = reward(["\\boxed{" + a + "}" for a in answers], answers)
+        assert scores == [1.0] * len(answers), (name, [a for a, s in zip(answers, scores, strict=True) if s != 1.0])
+    assert benchmark_answers["amc23"][0] == "27" and all("." not in a for a in benchmark_answers["amc23"])
 
 
 @needs_benchmarks
