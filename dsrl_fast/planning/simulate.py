@@ -73,19 +73,22 @@ class LossWorkspace:
 
 
 class LiveBytes(TorchDispatchMode):
-    """Counts the bytes of storages created by operators under the mode, until each storage is freed.
+    """Bytes of live storages relative to when the mode was created, and their peak.
 
-    Storages of `ignore` (parameters, gradients, inputs) and views of them are never counted.
-    `live` and `peak` are in bytes.
+    Storages of `existing` (parameters, gradients, inputs) are live from the start and count when they are freed
+    (a gradient that autograd replaces by a new tensor, say); every storage an operator creates under the mode counts
+    until it is freed. `live` and `peak` are in bytes over the start.
     """
 
-    def __init__(self, ignore: Iterable[torch.Tensor] = ()):
+    def __init__(self, existing: Iterable[torch.Tensor] = ()):
         super().__init__()
         self.live = 0
         self.peak = 0
         self._seen: dict[int, weakref.ref] = {}
-        for tensor in ignore:
-            self._track(tensor.untyped_storage(), 0)
+        for tensor in existing:
+            storage = tensor.untyped_storage()
+            self._track(storage, storage.nbytes())
+        self.live = self.peak = 0
 
     def _forget(self, key: int, nbytes: int) -> None:
         self._seen.pop(key, None)
@@ -286,7 +289,8 @@ def _meta_model(config: Any, dtype: torch.dtype, gradient_checkpointing: bool) -
 
 
 def micro_batch_peak(config: Any, *, dtype: torch.dtype, tokens: int, scored: int, gradient_checkpointing: bool,
-                     workspace: LossWorkspace | None, entropy_gradient: bool = False) -> int:
+                     workspace: LossWorkspace | None, entropy_gradient: bool = False,
+                     first_micro_batch: bool = False) -> int:
     """Peak bytes of one packed micro-batch's forward + backward, over the parameters and their gradients.
 
     config: a transformers causal-LM config (see dsrl_fast.planning.shapes.model_config).
@@ -296,7 +300,10 @@ def micro_batch_peak(config: Any, *, dtype: torch.dtype, tokens: int, scored: in
     gradient from it), which isolates the trunk's activations.
     entropy_gradient: the loss has an entropy bonus (algo.entropy_coef != 0): the torch path's backward then also
     forms the entropy gradient.
-    Gradients exist before the micro-batch (as from the second micro-batch of a step on), so they are not counted.
+    first_micro_batch: False: the gradients exist before the micro-batch (as from a step's second micro-batch on);
+    True: they are created by its backward (the first micro-batch after the optimizer step freed them), which can
+    peak higher when autograd copies a gradient instead of taking it over. Either way the result excludes the
+    gradients' own bytes.
     """
     for name, value, low in (("tokens", tokens, 1), ("scored", scored, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -305,8 +312,9 @@ def micro_batch_peak(config: Any, *, dtype: torch.dtype, tokens: int, scored: in
         raise ValueError(f"scored must be <= tokens ({tokens}), got {scored}")
     model = _meta_model(config, dtype, gradient_checkpointing)
     params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.grad = torch.zeros_like(p)
+    if not first_micro_batch:
+        for p in params:
+            p.grad = torch.zeros_like(p)
     input_ids = torch.zeros((1, tokens), dtype=torch.long, device="meta")
     position_ids = torch.zeros((1, tokens), dtype=torch.long, device="meta")
     masked_idx = torch.zeros(scored, dtype=torch.long, device="meta")
@@ -315,7 +323,8 @@ def micro_batch_peak(config: Any, *, dtype: torch.dtype, tokens: int, scored: in
     # A dict of masks is taken as already prepared: the packed attention needs none (as in dsrl_fast.model).
     masks = {kind: None for kind in set(model.config.layer_types)} if hasattr(model.config, "layer_types") else None
     inputs = [input_ids, position_ids, masked_idx, labels]
-    with LiveBytes(ignore=[*params, *(p.grad for p in params), *model.buffers(), *inputs]) as tracker:
+    grads = [] if first_micro_batch else [p.grad for p in params]
+    with LiveBytes(existing=[*params, *grads, *model.buffers(), *inputs]) as tracker:
         out = model.get_decoder()(input_ids=input_ids, position_ids=position_ids, attention_mask=masks,
                                   use_cache=False)
         hidden = out.last_hidden_state[0].index_select(0, masked_idx)
@@ -324,4 +333,6 @@ def micro_batch_peak(config: Any, *, dtype: torch.dtype, tokens: int, scored: in
         del hidden
         loss.backward()
         del loss
+    if first_micro_batch:
+        return tracker.peak - sum(p.grad.untyped_storage().nbytes() for p in params if p.grad is not None)
     return tracker.peak

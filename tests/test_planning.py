@@ -1,0 +1,185 @@
+"""dsrl_fast.planning: parameter counts, state formulas, the micro-batch estimate against a measured CPU peak, CLI."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch._C._profiler import _EventType
+from torch.profiler import ProfilerActivity, profile
+
+from dsrl_fast.planning import LossWorkspace, format_plan, micro_batch_peak, parse_memory, plan_memory
+from dsrl_fast.planning.memory import GIB, MICRO_BATCH, STEP, TOKEN_GRANULE, count_parameters
+from dsrl_fast.planning.shapes import model_config
+from dsrl_fast.train.config import load_config, preset_path
+
+# Measured peak vs estimate. The estimate follows what PyTorch operators allocate; on CPU the BLAS kernels also pack
+# transposed operands into temporaries of their own (seen: up to 8% of the peak in the torch loss's backward), which a
+# GPU's cuBLAS does not need.
+MEASURED_RTOL = 0.10
+
+
+def _preset(name: str, *overrides: str):
+    return load_config(preset_path(name), ["data.train_path=unused.jsonl", *overrides])
+
+
+def _toy(*overrides: str):
+    return load_config(None, ["rollout.engine=vllm", *overrides])
+
+
+def test_shipped_shapes_count_the_published_parameters() -> None:
+    assert count_parameters(model_config("Qwen/Qwen3-4B")) == 4_022_468_096
+    assert count_parameters(model_config("Qwen/Qwen3-8B")) == 8_190_735_360
+    assert model_config("Qwen/Qwen3-4B-Base").hidden_size == 2560
+
+
+def test_unknown_model_is_refused_with_the_shipped_names() -> None:
+    with pytest.raises(ValueError, match="Qwen/Qwen3-4B"):
+        model_config("someone/unknown-7b")
+
+
+@pytest.mark.parametrize(("text", "expected"), [("80GiB", 80 * GIB), ("80 GB", 80 * 10**9), ("24", 24 * GIB),
+                                                ("1.5gib", 3 * GIB // 2), ("81920MiB", 80 * GIB)])
+def test_parse_memory(text: str, expected: int) -> None:
+    assert parse_memory(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "80XB", "-1GiB", "0GiB", "GiB"])
+def test_parse_memory_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="memory size"):
+        parse_memory(text)
+
+
+def test_loss_workspace_validates() -> None:
+    with pytest.raises(ValueError, match="kind"):
+        LossWorkspace("logits")
+    with pytest.raises(ValueError, match="slice_share"):
+        LossWorkspace(slice_share=0.0)
+    with pytest.raises(ValueError, match="workspace_bytes"):
+        LossWorkspace("grad_in_forward", workspace_bytes=0)
+
+
+def _items(plan) -> dict[str, int]:
+    return {item.name.split(" (")[0]: item.nbytes for item in plan.items}
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_state_is_divided_as_zero_stage_says(stage: int) -> None:
+    cfg = _toy("model.dtype=bfloat16", "deepspeed.enabled=true", f"deepspeed.zero_stage={stage}")
+    psi = count_parameters(model_config(None))
+    plan = plan_memory(cfg, gpus=4, gpu_memory=80 * GIB)
+    items = _items(plan)
+    assert items["weights"] == psi * 2 // (4 if stage == 3 else 1)
+    assert items["fp32 master weights"] == 4 * psi // (4 if stage >= 1 else 1)
+    assert items["optimizer states"] == 8 * psi // (4 if stage >= 1 else 1)
+    assert items["gradients"] == psi * 2 // (4 if stage >= 2 else 1)
+    assert items["vLLM"] == int(cfg.rollout.gpu_memory_utilization * 80 * GIB)
+
+
+def test_offload_and_fp32_remove_what_they_should() -> None:
+    psi = count_parameters(model_config(None))
+    offloaded = _items(plan_memory(_toy("model.dtype=bfloat16", "deepspeed.enabled=true", "deepspeed.zero_stage=2",
+                                        "deepspeed.offload_optimizer=true"), gpus=2, gpu_memory=80 * GIB))
+    assert offloaded["fp32 master weights"] == offloaded["optimizer states"] == offloaded["gradients"] == 0
+    assert offloaded["optimizer step"] == 0
+    fp32 = _items(plan_memory(_toy("model.dtype=float32"), gpus=1, gpu_memory=80 * GIB))
+    assert fp32["fp32 master weights"] == 0 and fp32["weights"] == 4 * psi and fp32["optimizer step"] == 4 * psi
+
+
+def test_peak_adds_up_and_max_tokens_is_the_largest_that_fits() -> None:
+    cfg = _toy("model.dtype=bfloat16", "rollout.engine=hf", "optim.max_tokens_per_micro_batch=4096")
+    budget = 64 << 20
+    plan = plan_memory(cfg, gpus=1, gpu_memory=budget, reserve=0)
+    fixed = sum(i.nbytes for i in plan.items if i.phase in ("always", "update"))
+    micro = sum(i.nbytes for i in plan.items if i.phase == MICRO_BATCH)
+    step = sum(i.nbytes for i in plan.items if i.phase == STEP)
+    assert plan.update_peak == fixed + max(micro, step)
+    assert plan.max_tokens is not None and plan.max_tokens % TOKEN_GRANULE == 0
+    config = model_config(None)
+
+    def micro_at(tokens: int) -> int:
+        return micro_batch_peak(config, dtype=torch.bfloat16, tokens=tokens, scored=tokens,
+                                gradient_checkpointing=False, workspace=LossWorkspace())
+
+    assert fixed + micro_at(plan.max_tokens) <= budget < fixed + micro_at(plan.max_tokens + TOKEN_GRANULE)
+    assert plan.fits == (plan.peak <= budget)
+    assert "largest optim.max_tokens_per_micro_batch that fits" in format_plan(plan)
+
+
+def test_checkpointing_and_vllm_sleep_lower_the_peak() -> None:
+    cfg = _preset("qwen3_4b_math", "deepspeed.enabled=true", "deepspeed.offload_optimizer=true")
+    plan = plan_memory(cfg, gpus=1, gpu_memory=80 * GIB, vllm_sleep=True)
+    activations = _items(plan)["activations"]
+    assert plan.gradient_checkpointing and plan.activations_other > 5 * activations
+    assert plan.update_peak < plan.rollout_peak  # vLLM asleep during the update
+    assert plan.max_tokens is not None and plan.max_tokens >= 65536
+
+
+def _allocator_peak(prof: profile) -> int:
+    """Peak of the bytes allocated minus freed, in time order, from the profiler's allocator events."""
+    events: list[tuple[int, int]] = []
+
+    def walk(nodes) -> None:
+        for node in nodes:
+            if node.tag == _EventType.Allocation:
+                events.append((node.start_time_ns, node.extra_fields.alloc_size))
+            walk(node.children)
+
+    walk(prof.profiler.kineto_results.experimental_event_tree())
+    live = peak = 0
+    for _, size in sorted(events):
+        live += size
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize(("impl", "checkpointing"), [
+    ("triton", True),
+    pytest.param("triton", False, marks=pytest.mark.slow),
+    pytest.param("torch", False, marks=pytest.mark.slow),
+    pytest.param("torch", True, marks=pytest.mark.slow),
+])
+def test_estimate_matches_the_measured_peak_of_a_training_micro_batch(impl: str, checkpointing: bool,
+                                                                      one_torch_thread: None) -> None:
+    """A tiny Qwen3 (fp32, tied head, odd sizes) runs two packed micro-batches through the project's packed
+    forward, fused loss and backward, then an AdamW step (multi-tensor, as on a GPU). The CPU allocator's peak,
+    read from the profiler's allocation events, is compared with the estimate: gradients + micro_batch_peak for
+    the micro-batches, AdamW's states + its square-root temporary for the step."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from dsrl_fast.config import PolicyLossConfig
+    from dsrl_fast.model import prepare_packed_model
+    from dsrl_fast.packing import pack
+    from dsrl_fast.train.update import PolicyModule, TorchUpdater
+
+    config = Qwen3Config(vocab_size=1007, hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=32, intermediate_size=256, tie_word_embeddings=True,
+                         max_position_embeddings=256)
+    model = Qwen3ForCausalLM(config)
+    prepare_packed_model(model, attention_backend="triton")
+    if checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    prompts = [torch.randint(0, 1007, (n,)) for n in (19, 31, 11)]
+    responses = [torch.randint(0, 1007, (n,)) for n in (53, 41, 66)]
+    batch = pack(prompts, responses, "cond")
+    updater = TorchUpdater(PolicyModule(model, impl=impl), lr=1e-3, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-8,
+                           grad_clip=1.0)
+    for group in updater.optimizer.param_groups:
+        group["foreach"] = True
+    advantages = torch.randn(batch.num_masked)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        for _ in range(2):
+            out = updater.forward_backward(batch, advantages, PolicyLossConfig(), last=False)
+            del out
+    measured = _allocator_peak(prof)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        updater.step(1e-3)
+    measured_step = _allocator_peak(prof)
+
+    psi = sum(p.numel() for p in model.parameters())
+    workspace = LossWorkspace("no_logits" if impl == "triton" else "torch")
+    estimate = 4 * psi + micro_batch_peak(config, dtype=torch.float32, tokens=batch.num_tokens,
+                                          scored=batch.num_masked, gradient_checkpointing=checkpointing,
+                                          workspace=workspace)
+    assert abs(estimate - measured) <= MEASURED_RTOL * measured, (estimate, measured)
+    assert abs(12 * psi - measured_step) <= 0.01 * measured_step, (12 * psi, measured_step)
