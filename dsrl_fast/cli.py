@@ -1,7 +1,7 @@
 """The `dsrl-fast` command line.
 
 Subcommands: `train` (the DSRL trainer), `eval` (Avg@n / Pass@k tables and plots), `analyze` (the paper's analyses),
-`presets` (the shipped run presets), `loss-demo` (the fused loss on CPU).
+`plan` (will a run fit in GPU memory?), `presets` (the shipped run presets), `loss-demo` (the fused loss on CPU).
 User errors (a bad config key or value, a missing file, bad data, a refused output directory) print one line and exit
 with status 2 before any heavy work; `--debug` shows their traceback. Internal errors keep theirs.
 """
@@ -16,6 +16,7 @@ from importlib.metadata import PackageNotFoundError, version
 from dsrl_fast.analysis.cli import add_analyze_parser
 from dsrl_fast.errors import CheckpointWriteError, RunStopped, UserError
 from dsrl_fast.eval.cli import add_eval_parser
+from dsrl_fast.planning.cli import add_plan_parser
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -120,6 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     add_eval_parser(sub, _add_debug)
     add_analyze_parser(sub, _add_debug)
+    add_plan_parser(sub, _add_debug)
     presets = sub.add_parser("presets", help="list the shipped presets")
     presets.set_defaults(handler=_presets)
     _add_debug(presets, argparse.SUPPRESS)

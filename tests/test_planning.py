@@ -183,3 +183,23 @@ def test_estimate_matches_the_measured_peak_of_a_training_micro_batch(impl: str,
                                           workspace=workspace)
     assert abs(estimate - measured) <= MEASURED_RTOL * measured, (estimate, measured)
     assert abs(12 * psi - measured_step) <= 0.01 * measured_step, (12 * psi, measured_step)
+
+
+def test_cli_prints_the_table_and_exits_0_whether_or_not_it_fits(capsys: pytest.CaptureFixture[str]) -> None:
+    from dsrl_fast.cli import main
+
+    assert main(["plan", "--preset", "qwen3_8b_math", "--gpus", "1", "--gpu-memory", "80GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "Qwen/Qwen3-8B (8,190,735,360 parameters, bfloat16)" in out and "fits: NO" in out
+    assert main(["plan", "--gpus", "1", "--gpu-memory", "80GiB", "rollout.engine=hf"]) == 0
+    assert "fits: yes" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["--gpu-memory", "80XB"], ["--gpus", "0"], ["optim.nope=1"],
+                                  ["--gpus", "2", "deepspeed.enabled=false"], ["--config", "missing.yaml"]])
+def test_cli_bad_input_is_one_line_and_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from dsrl_fast.cli import main
+
+    assert main(["plan", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dsrl-fast plan: error: ") and err.count("\n") == 1
