@@ -4,12 +4,17 @@
 `openrlhf/models/loss.py` through a bare `openrlhf.models` package object that skips that __init__. Covered: the
 DSRLPolicyLoss loss, gradient and metrics equal OpenRLHF's PolicyLoss (token-mean and seq-mean, dual clip,
 clip-higher, local and global normalizers, TIS "clip" and ICEPOP "mask" token-level IS correction); NSR/PSR;
-`patch_policy_loss` rebinds the name PPOActor calls. Not covered (Ray actors, DeepSpeed on GPUs, vLLM engines):
-a PPO step of OpenRLHF's own trainer, and `setup_worker` running inside a Ray worker.
+`patch_policy_loss` rebinds the name PPOActor calls; `patch_actor_forward` (OpenRLHF's real Actor class from
+openrlhf/models/actor.py, imported with flash_attn stand-ins, see below): action log-probs, entropy and parameter
+gradients equal OpenRLHF's own forward and a float64 reference on a tiny Qwen3, padded and packed, tied and untied
+head, temperature 0.7. Not covered (Ray actors, DeepSpeed on GPUs, vLLM engines, flash_attn): a PPO step of
+OpenRLHF's own trainer, `setup_worker` running inside a Ray worker, ZeRO-3 gathering of the head weight (the
+registration runs only for partitioned weights), ring attention across ranks, the Triton kernel (CPU runs impl=torch).
 """
 
 from __future__ import annotations
 
+import copy
 import importlib
 import sys
 import types
@@ -124,3 +129,171 @@ def test_patch_rebinds_the_name_ppo_actor_calls(openrlhf_loss, dsrl_openrlhf) ->
 def test_rejects_unsupported_options(dsrl_openrlhf, kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         dsrl_openrlhf.DSRLPolicyLoss(**kwargs)
+
+
+# ---- fused log-probs in Actor.forward ---------------------------------------------------------------------------
+# openrlhf/models/actor.py imports flash_attn.bert_padding and flash_attn.utils.distributed (through
+# ring_attn_utils.py). flash_attn has no CPU build, so `openrlhf_actor` puts minimal stand-ins for the four padding
+# helpers it uses in sys.modules while importing actor.py (removed again afterwards). They follow flash_attn's
+# documented contract (unpad_input returns (values, indices, cu_seqlens, max_seqlen, seqused)); both the original
+# and the patched forward use them, and the packed results are checked against an unpacked float64 reference.
+
+
+def _flash_attn_stubs() -> dict[str, types.ModuleType]:
+    einops = pytest.importorskip("einops", reason="the flash_attn stand-in needs einops.rearrange")
+
+    def unpad_input(hidden: torch.Tensor, mask: torch.Tensor):
+        lengths = mask.sum(dim=-1, dtype=torch.int32)
+        indices = torch.nonzero(mask.flatten(), as_tuple=False).flatten()
+        cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+        return hidden.flatten(0, 1)[indices], indices, cu_seqlens, int(lengths.max()), lengths
+
+    def pad_input(values: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
+        out = values.new_zeros(batch * seqlen, *values.shape[1:]).index_put((indices,), values)
+        return out.view(batch, seqlen, *values.shape[1:])
+
+    def all_gather(*_: object, **__: object) -> torch.Tensor:
+        raise AssertionError("ring attention is not exercised on CPU")
+
+    root, bert, utils, dist = (types.ModuleType(n) for n in ("flash_attn", "flash_attn.bert_padding",
+                                                             "flash_attn.utils", "flash_attn.utils.distributed"))
+    bert.unpad_input, bert.pad_input, bert.rearrange = unpad_input, pad_input, einops.rearrange
+    bert.index_first_axis = lambda x, idx: x[idx]
+    dist.all_gather = all_gather
+    root.__path__, utils.__path__ = [], []
+    return {m.__name__: m for m in (root, bert, utils, dist)}
+
+
+@pytest.fixture(scope="module")
+def openrlhf_actor(openrlhf_loss):
+    """openrlhf/models/actor.py imported with the flash_attn stand-ins; its Actor class restored afterwards."""
+    # what actor.py imports besides flash_attn, imported first: transformers probes for flash_attn by its spec
+    for name in ("peft", "peft.tuners.lora", "transformers.modeling_utils", "transformers.integrations.deepspeed",
+                 "deepspeed"):
+        importlib.import_module(name)
+    stubs = _flash_attn_stubs()
+    names = [*stubs, "openrlhf.models.actor", "openrlhf.models.ring_attn_utils", "openrlhf.models.utils"]
+    saved = {k: sys.modules.get(k) for k in names}
+    sys.modules.update(stubs)
+    module = importlib.import_module("openrlhf.models.actor")
+    init, forward = module.Actor.__init__, module.Actor.forward
+    yield module
+    module.Actor.__init__, module.Actor.forward = init, forward
+    for name, mod in saved.items():
+        if mod is None:
+            sys.modules.pop(name, None)
+        else:
+            sys.modules[name] = mod
+
+
+def _tiny_qwen3(tied: bool) -> torch.nn.Module:
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Qwen3Config(vocab_size=263, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                   max_position_embeddings=64, tie_word_embeddings=tied, use_cache=False)
+    torch.manual_seed(11)
+    model = transformers.Qwen3ForCausalLM(cfg).float()
+    with torch.no_grad():  # a peaked head, as in a trained model
+        model.get_output_embeddings().weight.mul_(4.0)
+    return model
+
+
+def _actor_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded prompts + right-padded responses, OpenRLHF's layout: sequences/attention (3, 13), action (3, 6)."""
+    sequences = torch.randint(1, 263, (3, 13))
+    attention = torch.ones(3, 13, dtype=torch.long)
+    attention[0, :3] = 0  # prompt padding
+    attention[1, -2:] = 0  # response padding
+    attention[2, :1] = 0
+    attention[2, -4:] = 0
+    sequences = sequences * attention
+    action = attention[:, -6:].clone()
+    action[0, 0] = 0
+    return sequences, attention, action
+
+
+def _reference(model: torch.nn.Module, sequences, attention, action, temperature):
+    """float64 action log-probs (B, A) and entropy (B, A) from the full logits of a float64 copy of `model`."""
+    position_ids = (attention.cumsum(-1) - 1).masked_fill(attention == 0, 1)
+    logits = model(sequences, attention_mask=attention, position_ids=position_ids).logits[:, :-1] / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)
+    width = action.shape[1]
+    logp = logp_all.gather(-1, sequences[:, 1:, None]).squeeze(-1)[:, -width:] * action
+    entropy = -(logp_all.exp() * logp_all).sum(-1)[:, -width:]
+    return logp, entropy
+
+
+def _objective(logp, entropy, action) -> torch.Tensor:
+    weights = torch.linspace(-1.0, 1.3, logp.shape[1], dtype=logp.dtype)
+    return (logp * weights).sum() + 0.3 * (entropy * action).sum()
+
+
+@pytest.mark.parametrize(("packing", "tied"), [(False, True), (False, False), (True, True)])
+def test_patched_actor_forward_equals_openrlhf(openrlhf_actor, dsrl_openrlhf, packing: bool, tied: bool) -> None:
+    """Action log-probs, entropy and gradients of the fused forward equal OpenRLHF's forward and a float64
+    reference: our error is at most 4x OpenRLHF's own fp32 error + 2e-6 (log-probs/entropy), gradients within
+    4x its relative error + 1e-6."""
+    actor_cls = openrlhf_actor.Actor
+    base = _tiny_qwen3(tied)
+    sequences, attention, action = _actor_batch()
+    temperature = 0.7
+    ref_model = copy.deepcopy(base).double()
+    ref_logp, ref_entropy = _reference(ref_model, sequences, attention, action, temperature)
+    _objective(ref_logp, ref_entropy, action).backward()
+    ref_grads = torch.cat([p.grad.flatten() for p in ref_model.parameters()])
+    results = {}
+    original_init, original_forward = actor_cls.__init__, actor_cls.forward
+    try:
+        for name in ("openrlhf", "dsrl"):
+            if name == "dsrl":
+                dsrl_openrlhf.patch_actor_forward(impl="torch")
+            actor = actor_cls(copy.deepcopy(base), temperature=temperature)
+            actor.packing_samples = packing  # set by Actor.__init__ only for a checkpoint path
+            logp, output = actor(sequences, action, attention_mask=attention, return_output=True,
+                                 return_entropy=True)
+            entropy = output.entropy[:, -action.shape[1]:]
+            _objective(logp, entropy, action).backward()
+            grads = torch.cat([p.grad.flatten() for p in actor.model.parameters()])
+            results[name] = (logp.detach().double(), entropy.detach().double(), grads.double(), output)
+    finally:
+        actor_cls.__init__, actor_cls.forward = original_init, original_forward
+    (want_lp, want_ent, want_g, want_out), (got_lp, got_ent, got_g, got_out) = results["openrlhf"], results["dsrl"]
+    assert got_out.logits is None and want_out.logits is not None  # no vocabulary logits on our path
+    assert got_lp.shape == want_lp.shape == action.shape
+    assert (got_lp[action == 0] == 0).all()
+    mask = action.bool()
+    for got, want, ref in ((got_lp, want_lp, ref_logp), (got_ent, want_ent, ref_entropy)):
+        torch_err = (want - ref)[mask].abs().max().item()
+        our_err = (got - ref)[mask].abs()
+        assert our_err.max().item() <= 4 * torch_err + 2e-6, f"worst at {our_err.argmax().item()}"
+    torch_rel = ((want_g - ref_grads).norm() / ref_grads.norm()).item()
+    our_rel = ((got_g - ref_grads).norm() / ref_grads.norm()).item()
+    assert ref_grads.norm() > 0 and our_rel <= 4 * torch_rel + 1e-6, (our_rel, torch_rel)
+
+
+def test_patched_actor_forward_all_logprobs_and_logits_path(openrlhf_actor, dsrl_openrlhf) -> None:
+    """return_logprobs without an action mask gives every position's log-prob (B, S-1); a call that wants logits
+    still runs OpenRLHF's forward; patching twice keeps one wrapper."""
+    actor_cls = openrlhf_actor.Actor
+    base = _tiny_qwen3(True)
+    sequences, attention, _ = _actor_batch()
+    original_init, original_forward = actor_cls.__init__, actor_cls.forward
+    try:
+        original = actor_cls(copy.deepcopy(base))
+        original.packing_samples = False
+        want = original(sequences, attention_mask=attention, return_logprobs=True)
+        dsrl_openrlhf.patch_actor_forward(impl="torch")
+        patched = actor_cls.forward
+        dsrl_openrlhf.patch_actor_forward(impl="torch")
+        assert actor_cls.forward is patched
+        actor = actor_cls(copy.deepcopy(base))
+        actor.packing_samples = False
+        got = actor(sequences, attention_mask=attention, return_logprobs=True)
+        logits_out = actor(sequences, attention_mask=attention, return_output=True)
+    finally:
+        actor_cls.__init__, actor_cls.forward = original_init, original_forward
+    assert got.shape == (3, 12)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
+    assert logits_out.logits.shape == (3, 13, 263)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        dsrl_openrlhf.patch_actor_forward(impl="cuda")
