@@ -241,3 +241,53 @@ def test_thought_ratios_compare_with_the_first_model():
     assert ratios[("base", "b1")] == {"transition": 1.0, "reflection": 1.0}
     assert ratios[("rl", "b2")]["transition"] is None  # the base model had no transition step
     assert ratios[("rl", "b2")]["reflection"] == pytest.approx(0.5)
+
+
+class ScriptedEngine:
+    """Answers prompt [i] with n responses [i, j]; j-th sample of problem i is 'correct' when j < i % (n + 1)."""
+
+    def generate(self, prompts, sampling):
+        from dsrl_fast.rollout.base import Rollout
+
+        return [Rollout(p, [prompt[0], j], [0.0, 0.0], True) for p, prompt in enumerate(prompts)
+                for j in range(sampling.n)]
+
+
+class PairTokenizer:
+    def batch_decode(self, ids, skip_special_tokens=True):
+        return [f"{i}:{j}" for i, j in ids]
+
+
+def scripted_reward(responses, references):
+    return [float(int(r.split(":")[1]) < int(ref)) for r, ref in zip(responses, references)]
+
+
+def test_periodic_evaluation_matches_pass_at_k_and_splits_over_ranks():
+    from dsrl_fast.data import Problem
+    from dsrl_fast.eval.pass_at_k import mean_pass_at_k
+    from dsrl_fast.eval.periodic import EvalTask, evaluate_tasks
+    from dsrl_fast.rollout.base import SamplingConfig
+
+    n = 5
+    problems = [Problem(f"q{i}", str(i % (n + 1))) for i in range(7)]
+    task = EvalTask("held_out", problems, [[i] for i in range(7)])
+    sampling = SamplingConfig(n=n, max_new_tokens=2, seed=3)
+    one = evaluate_tasks(ScriptedEngine(), PairTokenizer(), [task, EvalTask("empty", [], [])], scripted_reward,
+                         sampling=sampling, ks=(1, 2, 8, 4))
+    correct = [i % (n + 1) for i in range(7)]
+    assert set(one) == {"held_out/avg@5", "held_out/pass@1", "held_out/pass@2", "held_out/pass@4"}
+    assert one["held_out/avg@5"] == pytest.approx(sum(correct) / (7 * n))
+    for k in (1, 2, 4):
+        assert one[f"held_out/pass@{k}"] == pytest.approx(mean_pass_at_k(correct, n, k))
+
+    # two ranks: each samples its block, the sums meet in `reduce`
+    partial = []
+    for rank in (0, 1):
+        evaluate_tasks(ScriptedEngine(), PairTokenizer(), [task], scripted_reward, sampling=sampling, ks=(1, 2, 4),
+                       rank=rank, world_size=2, reduce=lambda sums: partial.append(sums) or sums)
+    summed = [a + b for a, b in zip(*partial)]
+    assert summed[1] == 7 and summed[0] / 7 == pytest.approx(one["held_out/avg@5"])
+    assert summed[2 + 2] / 7 == pytest.approx(one["held_out/pass@4"])
+    with pytest.raises(ValueError, match="rank must be in"):
+        evaluate_tasks(ScriptedEngine(), PairTokenizer(), [task], scripted_reward, sampling=sampling, rank=2,
+                       world_size=2)

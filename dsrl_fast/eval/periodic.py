@@ -1,0 +1,78 @@
+"""Evaluation inside a training run: n samples per problem of several benchmarks through the run's own engine.
+
+No cache and no files: each rank samples a contiguous block of every benchmark's problems (seeded by the global
+problem index, so the samples do not depend on the number of ranks with vLLM), scores them with the run's reward,
+and the per-problem Avg@n / Pass@k values are summed over ranks by `reduce`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from dsrl_fast.data import Problem
+from dsrl_fast.eval.pass_at_k import pass_at_k
+from dsrl_fast.reward import RewardFn
+from dsrl_fast.rollout.base import RolloutEngine, SamplingConfig
+
+__all__ = ["EvalTask", "evaluate_tasks"]
+
+
+@dataclass(frozen=True)
+class EvalTask:
+    """One benchmark of a training run: its label (metric names), problems and their prompt token ids."""
+
+    label: str
+    problems: list[Problem]
+    prompts: list[list[int]]
+
+    def __post_init__(self) -> None:
+        if len(self.problems) != len(self.prompts):
+            raise ValueError(f"problems and prompts must have the same length, got {len(self.problems)} and "
+                             f"{len(self.prompts)}")
+
+
+def evaluate_tasks(engine: RolloutEngine, tokenizer: Any, tasks: Sequence[EvalTask], reward_fn: RewardFn, *,
+                   sampling: SamplingConfig, ks: Sequence[int] = (), rank: int = 0, world_size: int = 1,
+                   reduce: Callable[[list[float]], list[float]] | None = None) -> dict[str, float]:
+    """{"<label>/avg@<n>": ..., "<label>/pass@<k>": ...} for every task (pass@k for each k in `ks` up to n).
+
+    sampling: n, temperature, top_p, length cap and stop tokens of every call; its seed (when set) is offset by each
+    block's first global problem index. reduce: sums a list of floats over ranks (None: one process). Tasks without
+    problems are left out.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    n = sampling.n
+    kept_ks = sorted({int(k) for k in ks if 1 <= k <= n})
+    metrics: dict[str, float] = {}
+    for task in tasks:
+        if not task.problems:
+            continue
+        per_rank = math.ceil(len(task.problems) / world_size)
+        mine = list(range(rank * per_rank, min(len(task.problems), (rank + 1) * per_rank)))
+        sums = [0.0] * (2 + len(kept_ks))
+        if mine:
+            seed = None if sampling.seed is None else (sampling.seed + mine[0]) % (2**31 - 1)
+            call = SamplingConfig(temperature=sampling.temperature, top_p=sampling.top_p, n=n,
+                                  max_new_tokens=sampling.max_new_tokens, stop_token_ids=sampling.stop_token_ids,
+                                  seed=seed)
+            rollouts = engine.generate([task.prompts[i] for i in mine], call)
+            texts = tokenizer.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)
+            scores = reward_fn(texts, [task.problems[mine[r.prompt_index]].answer for r in rollouts])
+            per_problem: list[list[float]] = [[] for _ in mine]
+            for r, s in zip(rollouts, scores, strict=True):
+                per_problem[r.prompt_index].append(float(s))
+            for values in per_problem:
+                correct = sum(v >= 1.0 for v in values)
+                sums[0] += sum(values) / len(values)
+                sums[1] += 1
+                for j, k in enumerate(kept_ks):
+                    sums[2 + j] += pass_at_k(len(values), correct, k)
+        totals = reduce(sums) if reduce is not None else sums
+        count = max(totals[1], 1.0)
+        metrics[f"{task.label}/avg@{n}"] = totals[0] / count
+        metrics.update({f"{task.label}/pass@{k}": totals[2 + j] / count for j, k in enumerate(kept_ks)})
+    return metrics

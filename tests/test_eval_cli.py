@@ -1,0 +1,78 @@
+"""The `dsrl-fast eval` and `dsrl-fast analyze` commands: printed results and one-line user errors (exit 2)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from transformers import AutoTokenizer
+
+from dsrl_fast.cli import main
+from tests.test_eval import DATA_DIR, build_text_model, needs_data
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_text_model(tmp_path_factory.mktemp("cli") / "model", seed=0)
+
+
+@needs_data
+def test_cli_eval_prints_the_table(model_dir, tmp_path, capsys):
+    base = model_dir
+    code = main(["eval", "--model", f"base={base}", "--data", "amc23", "--n", "2", "--k", "1,2",
+                 "--output", str(tmp_path / "cli"), "limit=1", "max_new_tokens=4", "engine=hf", "progress=false",
+                 f"data_dir={DATA_DIR}", "reward=exact_match"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "### amc23 (1 problems, n = 2)" in printed and "| base |" in printed
+    assert f"plot   : {tmp_path / 'cli' / 'pass_at_k.png'}" in printed
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--data", "toy"], "--model must be given"),
+    (["--model", "/no/such/dir", "--data", "toy"], "neither a model directory nor a hub id"),
+    (["--model", "org/name", "--data", "nosuch"], "is neither a benchmark"),
+    (["--model", "org/name", "--data", "math500", "data_dir=/no/such"], "/no/such/benchmarks/math500/test.jsonl"),
+    (["--model", "org/name", "--data", "toy", "temprature=1"], "unknown eval option 'temprature'"),
+    (["--model", "org/name", "--data", "toy", "--k", "1,2,5,...,9"], "progression"),
+    (["--model", "org/name", "--data", "toy", "reward=nosuch"], "reward"),
+    (["--model", "org/name"], "--data is required"),
+])
+def test_cli_user_errors_print_one_line(args, message, capsys):
+    assert main(["eval", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dsrl-fast eval: error:") and message in err and "\n" not in err
+
+
+@needs_data
+def test_cli_alignment_on_a_benchmark(model_dir, tmp_path, capsys):
+    code = main(["analyze", "alignment", "--model", str(model_dir), "--data", "math500", "--n", "2", "--impl", "torch",
+                 "--output", str(tmp_path / "align"), "limit=2", "max_new_tokens=5", "engine=hf", "progress=false",
+                 f"data_dir={DATA_DIR}"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "4 rollouts of model on math500" in printed
+    saved = json.loads((tmp_path / "align" / "alignment.json").read_text())
+    assert saved["summary"]["rollouts"] == 4 and len(saved["rollouts"]) == 4
+    assert saved["settings"]["marginal_prefix"] == [AutoTokenizer.from_pretrained(model_dir).convert_tokens_to_ids(
+        "<|im_start|>")]
+    first = saved["rollouts"][0]
+    assert len(first["token_diff"]) == first["response_tokens"] and first["problem"] == 0
+    assert math.isclose(first["cosine"], first["dot"] / (first["norm_marginal"] * first["norm_conditional"]),
+                        rel_tol=1e-9)
+    dots = [r["dot"] for r in saved["rollouts"]]
+    assert saved["summary"]["nonnegative_dot_share"] == sum(d >= 0 for d in dots) / 4
+    assert (tmp_path / "align" / "alignment.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["alignment", "--model", "org/name", "--data", "toy,amc23"], "one benchmark or file"),
+    (["alignment", "--model", "org/name", "--data", "toy", "--marginal-prefix", "a,b"], "comma-separated token ids"),
+    (["behaviours", "--judge", "org/name", "--generations", "/no/such"], "holds no <model>/<benchmark>.jsonl"),
+])
+def test_cli_analyze_user_errors(args, message, capsys):
+    assert main(["analyze", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dsrl-fast analyze: error:") and message in err and "\n" not in err
