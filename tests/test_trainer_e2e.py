@@ -43,7 +43,9 @@ KL_RUN = ("algo.switch_step=1", "algo.kl_coef=0.1", "optim.marginal_lr=1e-3")
 REQUIRED_KEYS = (
     "step", "space", "samples", "reward_mean", "accuracy", "response_len_mean", "loss", "clip_frac", "entropy",
     "grad_norm", "tokens_per_s", "fully_solved", "fully_unsolved", "fully_solved_total", "fully_unsolved_total",
-    "transition_share", "reflection_share", "execution_share",
+    "transition_share", "reflection_share", "execution_share", "reward_timeouts", "reward_errors", "no_answer",
+    "rollout_s", "reward_s", "update_s", "sync_s", "rollout_tokens_per_s", "update_tokens_per_s",
+    "rank_token_imbalance",
 )
 # Row values a resumed run must reproduce.
 RESUMED_KEYS = ("reward_mean", "accuracy", "response_len_mean", "loss", "clip_frac", "entropy", "grad_norm",
@@ -132,6 +134,8 @@ def test_metrics_have_one_row_per_step_with_the_dsrl_switch(main_run: tuple[Trai
         missing = [k for k in REQUIRED_KEYS if k not in row]
         assert not missing, f"step {row['step']} lacks {missing}"
         assert row["tokens_per_s"] > 0 and 0 <= row["reward_mean"] <= 1
+        assert row["rank_token_imbalance"] == 1.0  # one rank: perfectly balanced by definition
+        assert min(row["reward_timeouts"], row["reward_errors"], row["no_answer"]) >= 0
         assert row["trained_tokens"] > 0, f"step {row['step']} trained nothing: the run's groups were not mixed"
         assert math.isfinite(row["loss"]) and row["grad_norm"] > 0 and row["entropy"] > 0
     assert [(r["space"], r["samples"]) for r in rows] == [("marginal", "negative")] * 2 + [("conditional", "all")] * 2
