@@ -106,8 +106,11 @@ def test_peak_adds_up_and_max_tokens_is_the_largest_that_fits() -> None:
 
 
 def test_checkpointing_and_vllm_sleep_lower_the_peak() -> None:
-    cfg = _preset("qwen3_4b_math", "deepspeed.enabled=true", "deepspeed.offload_optimizer=true")
-    plan = plan_memory(cfg, gpus=1, gpu_memory=80 * GIB, vllm_sleep=True)
+    cfg = _preset("qwen3_4b_math", "deepspeed.enabled=true", "deepspeed.offload_optimizer=true",
+                  "rollout.sleep_between_generations=true")
+    plan = plan_memory(cfg, gpus=1, gpu_memory=80 * GIB)
+    awake = plan_memory(cfg, gpus=1, gpu_memory=80 * GIB, vllm_sleep=False)
+    assert awake.update_peak - plan.update_peak == _items(plan)["vLLM"]
     activations = _items(plan)["activations"]
     assert plan.gradient_checkpointing and plan.activations_other > 5 * activations
     assert plan.update_peak < plan.rollout_peak  # vLLM asleep during the update
@@ -203,3 +206,13 @@ def test_cli_bad_input_is_one_line_and_exit_2(argv: list[str], capsys: pytest.Ca
     assert main(["plan", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("dsrl-fast plan: error: ") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_first_micro_batch_peaks_no_higher_than_the_next(checkpointing: bool) -> None:
+    """plan_memory charges the gradients plus a later micro-batch: the first one, whose backward creates the
+    gradients, must not peak higher over them."""
+    config = model_config(None)
+    kwargs = dict(dtype=torch.bfloat16, tokens=700, scored=513, gradient_checkpointing=checkpointing,
+                  workspace=LossWorkspace())
+    assert 0 < micro_batch_peak(config, first_micro_batch=True, **kwargs) <= micro_batch_peak(config, **kwargs)

@@ -15,8 +15,8 @@ _DATA_PLACEHOLDER = "data.train_path=plan-reads-no-data.jsonl"
 
 _EPILOG = """The estimate is per GPU and in GiB: weights, fp32 masters, AdamW states and gradients by ZeRO stage and
 offload, the activations of one packed micro-batch (the real model run on the meta device, every token scored),
-the fused loss's workspace, the optimizer step's transients, vLLM's share (rollout.gpu_memory_utilization) and a
-runtime reserve. The exit status is 0 whether or not the run fits; bad input exits with 2.
+the fused loss's workspace, the optimizer step's transients, vLLM's share (rollout.gpu_memory_utilization; none
+during the update with rollout.sleep_between_generations) and a runtime reserve. The exit status is 0 whether or not the run fits; bad input exits with 2.
 example: dsrl-fast plan --preset qwen3_4b_math --gpus 8 --gpu-memory 80GiB optim.max_tokens_per_micro_batch=32768"""
 
 
@@ -36,7 +36,6 @@ def add_plan_parser(sub: argparse._SubParsersAction,
                    help="fused-loss path: no-logits (Triton, default), grad-in-forward or torch")
     p.add_argument("--loss-workspace", default="1GiB",
                    help="grad-in-forward's fp32 logits chunk budget (default 1GiB)")
-    p.add_argument("--vllm-sleep", action="store_true", help="vLLM releases its memory during the update")
     p.add_argument("--reserve", default="2GiB",
                    help="set aside for the CUDA context, workspaces and fragmentation (default 2GiB)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
@@ -61,7 +60,7 @@ def _plan(args: argparse.Namespace) -> int:
         given = any(item.partition("=")[0].strip() == "data.train_path" for item in args.overrides)
         cfg = load_config(path, args.overrides if given else [_DATA_PLACEHOLDER, *args.overrides])
         plan = plan_memory(cfg, gpus=args.gpus, gpu_memory=gpu_memory, workspace=workspace,
-                           vllm_sleep=args.vllm_sleep, reserve=reserve)
+                           reserve=reserve)
     except (ValueError, TypeError, FileNotFoundError) as exc:
         raise UserError(str(exc)) from exc
     print(format_plan(plan))

@@ -17,7 +17,8 @@ in the model dtype, n GPUs (data-parallel ranks). What the model charges per GPU
   multi-tensor AdamW, 4Ψ each, divided like the optimizer states (none on the GPU with offload_optimizer).
 - a frozen KL reference copy Ψ·d when algo.kl_coef > 0.
 - vLLM's share: rollout.gpu_memory_utilization × the GPU memory (DEFAULT_VLLM_UTILIZATION when the config has no such
-  key) with rollout.engine "vllm"; held through the update unless vLLM sleeps during it (`vllm_sleep=True`).
+  key) with rollout.engine "vllm"; held through the update unless vLLM sleeps during it
+  (rollout.sleep_between_generations).
 - a runtime reserve for the CUDA context, cuBLAS/NCCL workspaces and allocator fragmentation (DEFAULT_RESERVE).
 
 The peak per GPU is the larger of the update phase (everything above but a sleeping vLLM) and the rollout phase
@@ -166,7 +167,8 @@ def _state_items(s: _Setup, cfg: TrainConfig, gpu_memory: int, vllm_sleep: bool,
                                 "stage3_max_live_parameters 1e9 + LM head"))
     masters = 4 * psi // shard_opt if s.masters else 0
     items.append(MemoryItem("fp32 master weights", 0 if s.offload_optimizer else masters, ALWAYS,
-                            on_cpu if s.offload_optimizer and masters else ("" if s.masters else "none: fp32 model")))
+                            on_cpu if s.offload_optimizer and masters else
+                            ("none: fp32 model" if not s.masters else (f"ZeRO shard 1/{n}" if shard_opt > 1 else ""))))
     items.append(MemoryItem("optimizer states (AdamW m, v fp32)", 0 if s.offload_optimizer else 8 * psi // shard_opt,
                             ALWAYS, on_cpu if s.offload_optimizer else
                             (f"ZeRO shard 1/{n}" if shard_opt > 1 else "")))
@@ -224,11 +226,11 @@ def _max_tokens(s: _Setup, budget: int, checkpointing: bool, workspace: LossWork
 
 
 def plan_memory(cfg: TrainConfig, *, gpus: int, gpu_memory: int, workspace: LossWorkspace = LossWorkspace(),
-                vllm_sleep: bool = False, reserve: int = DEFAULT_RESERVE) -> MemoryPlan:
+                vllm_sleep: bool | None = None, reserve: int = DEFAULT_RESERVE) -> MemoryPlan:
     """Estimate the per-GPU memory of training `cfg` on `gpus` GPUs with `gpu_memory` bytes each.
 
     workspace: memory model of the fused loss (default: the Triton no-logits op). vllm_sleep: vLLM releases its memory
-    during the update. reserve: bytes set aside for the CUDA context, workspaces and fragmentation.
+    during the update; None reads rollout.sleep_between_generations (False when the config has no such key). reserve: bytes set aside for the CUDA context, workspaces and fragmentation.
     Raises ValueError/TypeError naming the argument (or the config key) on bad input.
     """
     if not isinstance(cfg, TrainConfig):
@@ -239,6 +241,8 @@ def plan_memory(cfg: TrainConfig, *, gpus: int, gpu_memory: int, workspace: Loss
     if not isinstance(workspace, LossWorkspace):
         raise TypeError(f"workspace must be a LossWorkspace, got {type(workspace).__name__}")
     s = _setup(cfg, gpus)
+    if vllm_sleep is None:
+        vllm_sleep = bool(getattr(cfg.rollout, "sleep_between_generations", False))
     tokens = cfg.optim.max_tokens_per_micro_batch
     checkpointing = cfg.model.gradient_checkpointing
     activations = _micro(s, tokens, checkpointing, None)
