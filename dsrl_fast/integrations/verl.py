@@ -17,12 +17,10 @@ its "vanilla" loss) and loss_agg_mode come from verl's ActorConfig; rollout IS w
 Build others with `make_policy_loss` and `register_policy_loss` under your own name.
 
 The marginal (PreRL) phase needs marginal inputs, which verl's loss function never sees: it scores whatever
-`input_ids` the actor is given. So during the warmup (steps < S) the trainer must hand the actor the rows
-``[151644] + response`` (positions from 0) instead of ``[prompt; response]`` — `marginal_batch` builds them from
-verl's right-padded `responses` / `response_mask` — and use loss_mode "nsr_prerl" with advantages r − mean
-(algorithm.norm_adv_by_std_in_grpo=False); from step S on, the normal batch and "dsrl". That swap happens in
-verl's driver loop (`RayPPOTrainer.fit`, before `update_actor`), which has no extension point: subclass the trainer
-and override the step (the old-log-prob pass must see the same rows). This module does not ship that subclass.
+`input_ids` the actor is given. `dsrl_fast.integrations.verl_marginal` (loaded by the same plugin) runs it in verl's
+v1 trainer: `trainer.v1.trainer_mode=dsrl` marks the warm-up updates and a worker hook rebuilds their rows as
+``[151644] + response`` (positions from 0) and trains them with NSR × 0.01. `marginal_batch` builds the same rows
+from right-padded `responses` / `response_mask` for a padded forward.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Import hook for verl's `external_lib` / VERL_USE_EXTERNAL_MODULES option: importing this module registers
-dsrl_fast's policy losses and fused-kernel backend with verl (the one module here with an import-time effect,
-because verl loads extensions by importing them in each worker)."""
+dsrl_fast's policy losses, fused-kernel backend, the "dsrl" v1 trainer and the marginal-phase worker hook with verl
+(the one module here with an import-time effect, because verl loads extensions by importing them in each process)."""
 
-from dsrl_fast.integrations.verl import register
+from dsrl_fast.integrations import verl, verl_marginal
 
-register()
+verl.register()
+verl_marginal.install()
