@@ -14,15 +14,22 @@ from dsrl_fast import PolicyLossConfig, token_policy_loss
 from dsrl_fast.integrations.common import peer_policy_loss
 
 
-@pytest.mark.parametrize(("module", "peer"), [("trl", "trl"), ("verl", "verl"), ("openrlhf", "openrlhf")])
-def test_missing_peer_names_the_pip_command(module: str, peer: str) -> None:
-    # a fresh interpreter in which importing the peer fails, as on a machine without it
-    code = (f"import sys; sys.modules[{peer!r}] = None\n"
-            f"try:\n    import dsrl_fast.integrations.{module}\n"
-            f"except ImportError as err:\n    print(err)\nelse:\n    print('imported')")
+def test_missing_peer_names_the_pip_command() -> None:
+    # one fresh interpreter in which importing any peer fails, as on a machine without them; each integration
+    # module must then fail with an ImportError naming the pip command
+    modules = ("trl", "verl", "verl_marginal", "openrlhf")
+    code = ("import sys\n"
+            "for peer in ('trl', 'verl', 'openrlhf', 'transfer_queue'):\n    sys.modules[peer] = None\n"
+            f"for module in {modules!r}:\n"
+            "    try:\n        __import__('dsrl_fast.integrations.' + module)\n"
+            "    except ImportError as err:\n        print(module, '->', err)\n"
+            "    else:\n        print(module, '-> imported')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "pip install 'dsrl_fast[integrations]'" in out.stdout, out.stdout
+    lines = out.stdout.strip().splitlines()
+    assert [line.split(" -> ")[0] for line in lines] == list(modules), out.stdout
+    for line in lines:
+        assert "pip install 'dsrl_fast[integrations]'" in line, line
 
 
 def test_package_imports_without_peers() -> None:

@@ -7,15 +7,18 @@ clip-higher, local and global normalizers, TIS "clip" and ICEPOP "mask" token-le
 `patch_policy_loss` rebinds the name PPOActor calls; `patch_actor_forward` (OpenRLHF's real Actor class from
 openrlhf/models/actor.py, imported with flash_attn stand-ins, see below): action log-probs, entropy and parameter
 gradients equal OpenRLHF's own forward and a float64 reference on a tiny Qwen3, padded and packed, tied and untied
-head, temperature 0.7. Not covered (Ray actors, DeepSpeed on GPUs, vLLM engines, flash_attn): a PPO step of
-OpenRLHF's own trainer, `setup_worker` running inside a Ray worker, ZeRO-3 gathering of the head weight (the
-registration runs only for partitioned weights), ring attention across ranks, the Triton kernel (CPU runs impl=torch).
+head, temperature 0.7; under DeepSpeed ZeRO-3 on CPU (one process, `slow`: run with -m slow) the registered head
+weight is gathered for the fused forward and backward. Not covered (Ray actors, GPUs, vLLM engines, flash_attn): a
+PPO step of OpenRLHF's own trainer, `setup_worker` running inside a Ray worker, ring attention across ranks, the
+Triton kernel (CPU runs impl=torch).
 """
 
 from __future__ import annotations
 
 import copy
 import importlib
+import os
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -164,18 +167,24 @@ def _flash_attn_stubs() -> dict[str, types.ModuleType]:
     return {m.__name__: m for m in (root, bert, utils, dist)}
 
 
-@pytest.fixture(scope="module")
-def openrlhf_actor(openrlhf_loss):
-    """openrlhf/models/actor.py imported with the flash_attn stand-ins; its Actor class restored afterwards."""
+def _import_actor_module() -> types.ModuleType:
+    """openrlhf.models.actor with the flash_attn stand-ins in sys.modules (needs the bare openrlhf.models package
+    of the `openrlhf_loss` fixture, or as `_zero3_check` makes it)."""
     # what actor.py imports besides flash_attn, imported first: transformers probes for flash_attn by its spec
     for name in ("peft", "peft.tuners.lora", "transformers.modeling_utils", "transformers.integrations.deepspeed",
                  "deepspeed"):
         importlib.import_module(name)
-    stubs = _flash_attn_stubs()
-    names = [*stubs, "openrlhf.models.actor", "openrlhf.models.ring_attn_utils", "openrlhf.models.utils"]
+    sys.modules.update(_flash_attn_stubs())
+    return importlib.import_module("openrlhf.models.actor")
+
+
+@pytest.fixture(scope="module")
+def openrlhf_actor(openrlhf_loss):
+    """openrlhf/models/actor.py imported with the flash_attn stand-ins; its Actor class restored afterwards."""
+    names = ["flash_attn", "flash_attn.bert_padding", "flash_attn.utils", "flash_attn.utils.distributed",
+             "openrlhf.models.actor", "openrlhf.models.ring_attn_utils", "openrlhf.models.utils"]
     saved = {k: sys.modules.get(k) for k in names}
-    sys.modules.update(stubs)
-    module = importlib.import_module("openrlhf.models.actor")
+    module = _import_actor_module()
     init, forward = module.Actor.__init__, module.Actor.forward
     yield module
     module.Actor.__init__, module.Actor.forward = init, forward
@@ -297,3 +306,69 @@ def test_patched_actor_forward_all_logprobs_and_logits_path(openrlhf_actor, dsrl
     assert logits_out.logits.shape == (3, 13, 263)
     with pytest.raises(ValueError, match="impl must be one of"):
         dsrl_openrlhf.patch_actor_forward(impl="cuda")
+
+
+def _zero3_check() -> None:
+    """Body of the ZeRO-3 test, run in its own interpreter (it initializes torch.distributed): the patched Actor on a
+    model built under deepspeed.zero.Init (as OpenRLHF loads it with HfDeepSpeedConfig), one forward/backward
+    through DeepSpeed's engine; prints the worst log-prob and relative gradient errors against the unpartitioned
+    patched forward."""
+    import deepspeed
+
+    package = types.ModuleType("openrlhf.models")
+    package.__path__ = [str(Path(openrlhf.__file__).parent / "models")]
+    sys.modules["openrlhf.models"] = package
+    actor_module = _import_actor_module()
+    from dsrl_fast.integrations import openrlhf as dsrl_openrlhf
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    config = {"train_micro_batch_size_per_gpu": 3, "zero_optimization": {"stage": 3, "param_persistence_threshold": 0},
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
+    base = _tiny_qwen3(True)
+    sequences, attention, action = _actor_batch()
+    dsrl_openrlhf.patch_actor_forward(impl="torch")
+    results = []
+    for zero3 in (False, True):
+        if zero3:
+            with deepspeed.zero.Init(config_dict_or_path=config):
+                model = _tiny_qwen3(True)
+            with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
+                model.load_state_dict(base.state_dict())
+        else:
+            model = copy.deepcopy(base)
+        actor = actor_module.Actor(model, temperature=0.7)
+        actor.packing_samples = False
+        runner = deepspeed.initialize(model=actor, config=config, model_parameters=list(actor.parameters()))[0] \
+            if zero3 else actor
+        logp, output = runner(sequences, action, attention_mask=attention, return_output=True, return_entropy=True)
+        loss = _objective(logp, output.entropy[:, -action.shape[1]:], action)
+        if zero3:
+            runner.backward(loss)
+            grads = [deepspeed.utils.safe_get_full_grad(p) for p in runner.module.parameters()]
+        else:
+            loss.backward()
+            grads = [p.grad for p in actor.parameters()]
+        results.append((logp.detach(), torch.cat([g.flatten() for g in grads])))
+    (want_lp, want_g), (got_lp, got_g) = results
+    print("registered", bool(getattr(actor, "_external_params", None)))
+    print("logprob_err", (got_lp - want_lp).abs().max().item())
+    print("grad_rel_err", ((got_g - want_g).norm() / want_g.norm()).item())
+
+
+@pytest.mark.slow
+def test_patched_actor_forward_under_zero3() -> None:
+    """ZeRO-3 on CPU (one process, gloo): the registered head weight is gathered for the fused forward and backward;
+    log-probs equal the unpartitioned forward to 1e-6, gradients to 1e-5 relative. ~35 s (DeepSpeed compiles its
+    shm op on first use), hence `slow`."""
+    pytest.importorskip("deepspeed", reason="needs deepspeed")
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+            "import test_integrations_openrlhf as t; t._zero3_check()")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29541", "RANK": "0",
+           "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                         check=False)
+    assert out.returncode == 0, out.stderr[-3000:]
+    values = dict(line.split(" ", 1) for line in out.stdout.splitlines() if line.split(" ")[0] in (
+        "registered", "logprob_err", "grad_rel_err"))
+    assert values["registered"] == "True", out.stdout[-2000:]
+    assert float(values["logprob_err"]) <= 1e-6 and float(values["grad_rel_err"]) <= 1e-5, values

@@ -1,7 +1,7 @@
 """TRL integration against the real trl 1.16 package on CPU with the tiny Qwen3 and toy tokenizer.
 
 Covered here: the DSRLGRPOTrainer loss and gradients equal TRL's own `_compute_loss` for loss_type grpo / bnpo /
-dr_grpo / dapo (KL on and off, off-policy old log-probs, vLLM importance weights, gradient accumulation); three real
+dr_grpo / dapo (KL on and off, off-policy old log-probs, vLLM importance weights, gradient accumulation); two real
 GRPOTrainer optimizer steps with our loss land on the same weights as TRL's; the DSRL switch runs NSR on the marginal
 space first. Not covered (no GPU, no vLLM server, one process): ZeRO-3 head gathering, PEFT, Triton log-probs.
 """
@@ -41,7 +41,7 @@ def digit_reward(completions: list[str], **_: object) -> list[float]:
 
 def make_args(tmp_path, **overrides) -> GRPOConfig:
     base = {"output_dir": str(tmp_path), "per_device_train_batch_size": 4, "num_generations": 4,
-                "max_completion_length": MAX_COMPLETION, "max_steps": 3, "learning_rate": 1e-3, "logging_steps": 1,
+                "max_completion_length": MAX_COMPLETION, "max_steps": 2, "learning_rate": 1e-3, "logging_steps": 1,
                 "report_to": "none", "use_cpu": True, "save_strategy": "no", "beta": 0.0, "seed": 7, "bf16": False,
                 "disable_tqdm": True}
     base.update(overrides)
@@ -108,8 +108,8 @@ def test_loss_and_gradients_equal_trl(tokenizer, tmp_path, loss_type: str, beta:
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * want_grads[0].abs().max().item() + 1e-8)
 
 
-def test_three_grpo_steps_match_trl(tokenizer, tmp_path) -> None:
-    """Same seed, same sampled completions: three optimizer steps of our loss give TRL's weights."""
+def test_two_grpo_steps_match_trl(tokenizer, tmp_path) -> None:
+    """Same seed, same sampled completions: two optimizer steps of our loss give TRL's weights."""
     base = tiny_model(tokenizer)
     args = {"loss_type": "dapo", "beta": 0.0}
     theirs = build(GRPOTrainer, tokenizer, tmp_path / "trl", copy.deepcopy(base), args=dict(args))
@@ -118,7 +118,7 @@ def test_three_grpo_steps_match_trl(tokenizer, tmp_path) -> None:
                  dsrl=DSRLOptions(impl="torch"))
     ours.train()
     moved = max((p - q).abs().max().item() for p, q in zip(ours.model.parameters(), base.parameters()))
-    assert moved > 1e-4, "the three steps changed nothing"
+    assert moved > 1e-4, "the two steps changed nothing"
     # Adam turns a gradient element near 0 into a ±lr step, so fp32 noise there moves a rare weight by up to ~lr;
     # every other weight agrees to float precision
     lr = theirs.args.learning_rate
@@ -131,15 +131,15 @@ def test_three_grpo_steps_match_trl(tokenizer, tmp_path) -> None:
 
 def test_dsrl_switch_runs_marginal_nsr_then_grpo(tokenizer, tmp_path) -> None:
     prefix = (tokenizer.convert_tokens_to_ids(IM_START),)
-    trainer = build(DSRLGRPOTrainer, tokenizer, tmp_path, tiny_model(tokenizer), args={"max_steps": 3},
-                    dsrl=DSRLOptions(switch_step=2, marginal_prefix=prefix, impl="torch"))
+    trainer = build(DSRLGRPOTrainer, tokenizer, tmp_path, tiny_model(tokenizer), args={"max_steps": 2},
+                    dsrl=DSRLOptions(switch_step=1, marginal_prefix=prefix, impl="torch"))
     base = copy.deepcopy(trainer.model)
     trainer.train()
     logs = [h for h in trainer.state.log_history if "dsrl/marginal_phase" in h]
-    assert [h["dsrl/marginal_phase"] for h in logs] == [1.0, 1.0, 0.0]
+    assert [h["dsrl/marginal_phase"] for h in logs] == [1.0, 0.0]
     # NSR keeps only negative-advantage completions: fewer tokens than GRPO's all-sample phase keeps
     assert all(h["dsrl/kept_tokens"] < h["num_tokens"] for h in logs)
-    assert any(h["dsrl/kept_tokens"] > 0 for h in logs[:2])
+    assert logs[0]["dsrl/kept_tokens"] > 0
     moved = max((p - q).abs().max().item() for p, q in zip(trainer.model.parameters(), base.parameters()))
     assert moved > 1e-4
     assert trainer.model.config._attn_implementation == base.config._attn_implementation

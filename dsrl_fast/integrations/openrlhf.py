@@ -195,6 +195,9 @@ def _fused_forward(actor: torch.nn.Module, helpers: ModuleType, impl: str, seque
     batch, seqlen = sequences.shape
     decoder = actor.model.get_decoder()
     weight = lm_head_weight(actor.model)
+    if hasattr(weight, "ds_id") and id(weight) not in getattr(actor, "_external_params", {}):
+        raise RuntimeError("the LM-head weight is ZeRO-3 partitioned but not registered with this Actor: call "
+                           "patch_actor_forward() before the Actor is built")
     temperature = float(actor.temperature)
     if actor.packing_samples:
         packed, position_ids, rolled, pad_len, indices = helpers.unpad_and_slice_tensor(
