@@ -230,8 +230,7 @@ def _engine_log_probs(model: torch.nn.Module, input_ids: torch.Tensor, position_
     """verl's model_output["log_probs"] contract: (B, j) jagged next-token log-probs of each row (row by row here)."""
     rows = []
     for ids, pos in zip(input_ids.unbind(), position_ids.unbind()):
-        logits = model(input_ids=ids[None], position_ids=pos[None]).logits[0].to(torch.float64 if next(
-            model.parameters()).dtype == torch.float64 else torch.float32)
+        logits = model(input_ids=ids[None], position_ids=pos[None]).logits[0].float()
         labels = torch.roll(ids, -1)
         rows.append(torch.log_softmax(logits, -1).gather(-1, labels[:, None]).squeeze(-1))
     return torch.nested.as_nested_tensor(rows, layout=torch.jagged)

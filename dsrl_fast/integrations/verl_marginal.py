@@ -20,8 +20,9 @@ One-line swap (with the losses of `dsrl_fast.integrations.verl`; verl imports th
 
 Limits: on-policy only (one mini-batch and one epoch per step, the authors' setup; otherwise a ValueError); text-only
 rows with 1-D position ids; the authors' r − mean advantage needs algorithm.norm_adv_by_std_in_grpo=False (which then
-also applies after the switch); verl's conditional old-log-prob pass still runs during the warm-up (unused there);
-the reference policy is not re-synced at the switch; verl's legacy trainer (trainer.use_v1=False) is not supported.
+also applies after the switch); verl's conditional old-log-prob pass still runs during the warm-up (unused there),
+and rows the NSR filter drops still run the marginal forward/backward (with zero loss weight); the reference policy
+is not re-synced at the switch; verl's legacy trainer (trainer.use_v1=False) is not supported.
 """
 
 from __future__ import annotations
