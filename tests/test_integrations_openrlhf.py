@@ -372,3 +372,21 @@ def test_patched_actor_forward_under_zero3() -> None:
         "registered", "logprob_err", "grad_rel_err"))
     assert values["registered"] == "True", out.stdout[-2000:]
     assert float(values["logprob_err"]) <= 1e-6 and float(values["grad_rel_err"]) <= 1e-5, values
+
+
+def test_setup_worker_patches_loss_and_forward(openrlhf_actor, openrlhf_loss, dsrl_openrlhf,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Ray worker hook reads its options from the environment and patches PolicyLoss and Actor.forward."""
+    actor_cls = openrlhf_actor.Actor
+    monkeypatch.setattr(actor_cls, "__init__", actor_cls.__init__)
+    monkeypatch.setattr(actor_cls, "forward", actor_cls.forward)
+    monkeypatch.setattr(openrlhf_loss, "PolicyLoss", openrlhf_loss.PolicyLoss)
+    monkeypatch.setattr(sys.modules["openrlhf.models"], "PolicyLoss", openrlhf_loss.PolicyLoss, raising=False)
+    monkeypatch.setenv("DSRL_FAST_SAMPLES", "negative")
+    monkeypatch.setenv("DSRL_FAST_FUSED_LOGPROBS", "yes")
+    with pytest.raises(ValueError, match="DSRL_FAST_FUSED_LOGPROBS must be '0' or '1'"):
+        dsrl_openrlhf.setup_worker()
+    monkeypatch.setenv("DSRL_FAST_FUSED_LOGPROBS", "1")
+    dsrl_openrlhf.setup_worker()
+    assert getattr(actor_cls.forward, "_dsrl_fast", False)
+    assert sys.modules["openrlhf.models"].PolicyLoss().config.samples == "negative"
