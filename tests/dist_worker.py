@@ -2,6 +2,7 @@
 
     python tests/dist_worker.py --mode {torch,zero2,zero3} --steps 3 [--dtype bfloat16] --out result.json
     torchrun --nproc_per_node 2 --master_addr 127.0.0.1 --master_port PORT tests/dist_worker.py --mode zero3 ...
+    python tests/dist_worker.py --mode torch --algo reinforce_pp --epochs 2 ...   # another algorithm, 2 updates/step
 
 Every process builds the same model and the same samples for all prompts, keeps its contiguous shard of prompts
 (groups stay whole) and runs `run_update`; rank 0 writes per-step global loss, entropy, gradient norm, micro-batch counts and
@@ -28,7 +29,8 @@ from dsrl_fast.model import prepare_packed_model
 from dsrl_fast.packing import PackedBatch
 from dsrl_fast.policy_loss import PolicyLossOutput
 from dsrl_fast.train.algorithms import Phase, phase_for_step
-from dsrl_fast.train.rl_step import StepSamples, run_update, sample_advantages
+from dsrl_fast.train.batch_update import UpdateOptions, run_batch
+from dsrl_fast.train.rl_step import StepSamples, run_update
 from dsrl_fast.train.update import (
     DeepSpeedUpdater,
     PolicyModule,
@@ -50,9 +52,13 @@ GRAD_CLIP = 0.5
 BUCKET = 1 << 16
 
 
-def phase(step: int) -> Phase:
-    """DSRL: NSR on the marginal (prompt-free) log-probs before SWITCH_STEP, GRPO after, authors' defaults."""
-    return phase_for_step(step, algo="dsrl", switch_step=SWITCH_STEP, lr=LR, marginal_lr=None, clip_low=0.2,
+ALGOS = ("dsrl", "reinforce_pp", "reinforce_pp_baseline")
+
+
+def phase(step: int, algo: str = "dsrl") -> Phase:
+    """DSRL: NSR on the marginal (prompt-free) log-probs before SWITCH_STEP, GRPO after, authors' defaults (or
+    another algorithm with the same options)."""
+    return phase_for_step(step, algo=algo, switch_step=SWITCH_STEP, lr=LR, marginal_lr=None, clip_low=0.2,
                           clip_high=None, clip_ratio_c=10.0, agg=None, pretrain_loss_coef=0.01,
                           marginal_advantage="mean", kl_coef=0.0, kl_type="k3", entropy_coef=0.0, temperature=1.0,
                           max_response_len=16)
@@ -151,8 +157,19 @@ def _gather_counts(values: list[int], world: int) -> list[list[int]]:
     return [t.tolist() for t in out]
 
 
-def run(mode: str, steps: int, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """Train `steps` steps; the result dict (identical on every rank)."""
+def _gather_floats(values: list[float], world: int) -> list[float]:
+    """Every rank's `values` (equal lengths), concatenated in rank order."""
+    if world == 1:
+        return values
+    out = [torch.zeros(len(values), dtype=torch.float64) for _ in range(world)]
+    dist.all_gather(out, torch.tensor(values, dtype=torch.float64))
+    return [v for t in out for v in t.tolist()]
+
+
+def run(mode: str, steps: int, dtype: torch.dtype = torch.float32, algo: str = "dsrl",
+        epochs: int = 1) -> dict[str, Any]:
+    """Train `steps` steps of `algo`, `epochs` updates per step (old log-probs recomputed); the result dict
+    (identical on every rank)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if world > 1:
@@ -160,16 +177,19 @@ def run(mode: str, steps: int, dtype: torch.dtype = torch.float32) -> dict[str, 
     updater = CountingUpdater(build_updater(mode, world, dtype))
     records = []
     for step in range(steps):
-        rule = phase(step)
+        rule = phase(step, algo)
         samples = shard(step_samples(step), rank, world)
-        advantages = sample_advantages(samples, rule.estimator)
         calls, fillers = updater.calls, updater.fillers
-        result = run_update(updater, samples, advantages, rule, marginal_prefix=PREFIX, max_tokens=MAX_TOKENS,
-                            device=torch.device("cpu"), lr=rule.lr)
+        outcome = run_batch(run_update, updater, samples, rule, step=step, marginal_prefix=PREFIX,
+                            max_tokens=MAX_TOKENS, device=torch.device("cpu"), lr=rule.lr,
+                            options=UpdateOptions(epochs=epochs))
+        result = outcome.update
         counts = _gather_counts([updater.calls - calls, updater.fillers - fillers], world)
         records.append({"algo": rule.algo, "loss": result.loss, "entropy": result.entropy, "grad_norm": result.grad_norm,
                         "kept_tokens": result.kept_tokens, "stepped": result.stepped,
-                        "micro_batches": [c[0] for c in counts], "fillers": [c[1] for c in counts]})
+                        "micro_batches": [c[0] for c in counts], "fillers": [c[1] for c in counts],
+                        "updates": outcome.metrics["updates"], "clip_frac": result.clip_frac,
+                        "advantages": _gather_floats(outcome.advantages.tolist(), world)})
     params = {name for name, _ in updater.module.model.named_parameters()}
     sumsq = {name: float(t.double().square().sum()) for name, t in updater.named_parameters_for_sync()
              if name in params}
@@ -182,6 +202,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--algo", choices=ALGOS, default="dsrl")
+    parser.add_argument("--epochs", type=int, default=1)
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error(f"--steps must be >= 1, got {args.steps}")
@@ -189,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["DS_ACCELERATOR"] = "cpu"
     torch.manual_seed(0)
     torch.use_deterministic_algorithms(True)
-    result = run(args.mode, args.steps, getattr(torch, args.dtype))
+    result = run(args.mode, args.steps, getattr(torch, args.dtype), args.algo, args.epochs)
     if int(os.environ.get("RANK", "0")) == 0:
         args.out.write_text(json.dumps(result, indent=1))
     if dist.is_initialized():

@@ -25,7 +25,9 @@ for _module in ("deepspeed", "transformers"):
         pytest.skip(f"the distributed trainer path needs {_module} (the train extra), which is not installed",
                     allow_module_level=True)
 
-from tests.dist_worker import GRAD_CLIP
+import torch  # noqa: E402
+
+from tests.dist_worker import GRAD_CLIP  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "dist_worker.py"
@@ -33,10 +35,14 @@ STEPS = 3
 TIMEOUT_S = 420
 # Same fp32 math in a different summation order (gloo reductions, ZeRO buckets): observed ≤ 1.2e-6 relative.
 RTOL = 1e-5
-# run name -> (mode, processes, dtype)
+# run name -> (mode, processes, dtype[, algo, epochs])
 RUNS = {"torch_1": ("torch", 1, "float32"), "zero2_1": ("zero2", 1, "float32"), "zero2_2": ("zero2", 2, "float32"),
         "zero3_2": ("zero3", 2, "float32"), "torch_1_bf16": ("torch", 1, "bfloat16"),
-        "zero2_1_bf16": ("zero2", 1, "bfloat16")}
+        "zero2_1_bf16": ("zero2", 1, "bfloat16"),
+        # REINFORCE++ whitens over the global batch; two updates per step (the second off-policy, old log-probs
+        # recomputed through each rank's DeepSpeed engine)
+        "rpp_torch_1": ("torch", 1, "float32", "reinforce_pp", 2),
+        "rpp_zero2_2": ("zero2", 2, "float32", "reinforce_pp", 2)}
 # bf16 compute: the plain updater and DeepSpeed both update fp32 masters from bf16 gradients; their forward passes
 # round alike, but bf16 sums of different order differ by ~2^-8 relative.
 BF16_RTOL = 2e-2
@@ -48,8 +54,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _command(mode: str, procs: int, dtype: str, out: Path) -> list[str]:
-    args = [str(WORKER), "--mode", mode, "--steps", str(STEPS), "--dtype", dtype, "--out", str(out)]
+def _command(mode: str, procs: int, dtype: str, out: Path, algo: str = "dsrl", epochs: int = 1) -> list[str]:
+    args = [str(WORKER), "--mode", mode, "--steps", str(STEPS), "--dtype", dtype, "--out", str(out), "--algo", algo,
+            "--epochs", str(epochs)]
     if procs == 1:
         return [sys.executable, *args]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_addr",
@@ -62,8 +69,8 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any
     tmp = tmp_path_factory.mktemp("dist")
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     procs = {}
-    for name, (mode, n, dtype) in RUNS.items():
-        command = _command(mode, n, dtype, tmp / f"{name}.json")
+    for name, (mode, n, dtype, *algo) in RUNS.items():
+        command = _command(mode, n, dtype, tmp / f"{name}.json", *algo)
         log = (tmp / f"{name}.log").open("w")
         procs[name] = (command, subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT),
                        log)
@@ -133,3 +140,26 @@ def test_deepspeed_bf16_trains_through_fp32_masters_like_the_plain_updater(resul
     # and both train like fp32: the bf16 runs end near the fp32 run's weights, not at the initial ones
     err = _max_rel([want["param_sumsq"][n] for n in names], [fp32["param_sumsq"][n] for n in names])
     assert err < BF16_RTOL, f"plain bf16 vs fp32: final parameter sum of squares error {err:.2e}"
+
+
+def test_two_rank_reinforce_pp_equals_one_rank_with_the_same_global_batch(results: dict[str, dict[str, Any]]) -> None:
+    """Global whitening: 2 ranks holding 2 prompts each get the 1-process advantages of all 4 prompts, and two
+    updates per step (old log-probs, clipped ratios) move the weights alike."""
+    from dsrl_fast.advantages import compute_advantages
+    from tests.dist_worker import shard, step_samples
+
+    want, got = results["rpp_torch_1"], results["rpp_zero2_2"]
+    assert got["world_size"] == 2 and all(s["updates"] == 2 for s in want["steps"] + got["steps"])
+    assert any(s["clip_frac"] > 0 for s in want["steps"]), "the second updates should clip some ratios"
+    for step, (w, g) in enumerate(zip(want["steps"], got["steps"], strict=True)):
+        assert _max_rel(g["advantages"], w["advantages"]) < 1e-6, f"step {step}: advantages differ"
+        halves = [shard(step_samples(step), r, 2) for r in range(2)]
+        per_rank = [v for h in halves for v in compute_advantages(
+            h.rewards, "reinforce_pp", token_counts=torch.tensor([float(len(x)) for x in h.response_ids])).tolist()]
+        assert _max_rel(per_rank, w["advantages"]) > 1e-3, "per-rank whitening would differ: the check is not vacuous"
+    for key in ("loss", "grad_norm"):
+        err = _max_rel([s[key] for s in got["steps"]], [s[key] for s in want["steps"]])
+        assert err < RTOL, f"rpp zero2 x2 vs 1 process: per-step {key} max relative error {err:.2e}"
+    names = sorted(want["param_sumsq"])
+    err = _max_rel([got["param_sumsq"][n] for n in names], [want["param_sumsq"][n] for n in names])
+    assert err < RTOL, f"rpp zero2 x2 vs 1 process: final parameter sum of squares max relative error {err:.2e}"

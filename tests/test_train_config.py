@@ -10,8 +10,10 @@ import yaml
 
 from dsrl_fast.train.config import (
     AlgoConfig,
+    CriticConfig,
     DataConfig,
     DeepSpeedConfig,
+    GuardConfig,
     ModelConfig,
     OptimConfig,
     RolloutConfig,
@@ -27,7 +29,8 @@ from dsrl_fast.train.config import (
     save_config,
 )
 
-SECTIONS = (ModelConfig, DataConfig, RolloutConfig, AlgoConfig, OptimConfig, DeepSpeedConfig, SFTConfig, TrainConfig)
+SECTIONS = (ModelConfig, DataConfig, RolloutConfig, AlgoConfig, OptimConfig, DeepSpeedConfig, CriticConfig, GuardConfig,
+            SFTConfig, TrainConfig)
 MATH = "data.train_path=/data/math/train.jsonl"
 
 
@@ -129,7 +132,7 @@ def test_override_order_and_null_name(tmp_path):
         ("algo.marginal_prefix=[1, x]", TypeError, ["algo.marginal_prefix must be a list of int values or null"]),
         ("optim.betas=[0.9]", TypeError, ["optim.betas must be a list of 2 float values", "[0.9]"]),
         ("steps=null", ValueError, ["steps must be set when epochs is null", "got steps=null"]),
-        ("algo.algo=ppo", ValueError, ["algo.algo must be one of", "'dsrl'", "'ppo'"]),
+        ("algo.algo=trpo", ValueError, ["algo.algo must be one of", "'dsrl'", "'trpo'"]),
         ("algo.switch_step=-1", ValueError, ["algo.switch_step must be >= 0", "-1"]),
         ("algo.marginal_prefix=[]", ValueError, ["algo.marginal_prefix must be a non-empty list"]),
         ("algo.marginal_prefix=[-3]", ValueError, ["algo.marginal_prefix[0] must be >= 0", "-3"]),

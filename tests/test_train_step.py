@@ -24,6 +24,7 @@ DEFAULTS = dict(switch_step=3, lr=1e-4, marginal_lr=1e-5, clip_low=0.2, clip_hig
     ("grpo", "conditional", "all", "grpo"), ("dr_grpo", "conditional", "all", "dr_grpo"),
     ("dapo", "conditional", "all", "grpo"), ("rloo", "conditional", "all", "rloo"),
     ("reinforce_pp", "conditional", "all", "reinforce_pp"), ("nsr_rl", "conditional", "negative", "grpo"),
+    ("reinforce_pp_baseline", "conditional", "all", "reinforce_pp_baseline"), ("ppo", "conditional", "all", "gae"),
     ("psr_rl", "conditional", "positive", "grpo"), ("prerl", "marginal", "all", "marginal"),
     ("nsr_prerl", "marginal", "negative", "marginal"), ("psr_prerl", "marginal", "positive", "marginal"),
 ])
@@ -45,8 +46,12 @@ def test_dsrl_switches_from_nsr_prerl_to_grpo() -> None:
     assert [(p.space, p.samples) for p in phases[3:]] == [("conditional", "all")] * 3
     assert phase_for_step(0, algo="dsrl", **dict(DEFAULTS, marginal_advantage="grpo")).estimator == "grpo"
     with pytest.raises(ValueError, match="algo must be one of"):
-        phase_for_step(0, algo="ppo", **DEFAULTS)
+        phase_for_step(0, algo="trpo", **DEFAULTS)
     assert "dsrl" in ALGORITHMS
+    to_ppo = [phase_for_step(s, algo="dsrl", after_switch="ppo", **DEFAULTS) for s in range(2, 4)]
+    assert [(p.algo, p.estimator) for p in to_ppo] == [("nsr_prerl", "marginal"), ("ppo", "gae")]
+    with pytest.raises(ValueError, match="after_switch must be one of"):
+        phase_for_step(0, algo="dsrl", after_switch="nsr_prerl", **DEFAULTS)
 
 
 def test_selected_samples() -> None:

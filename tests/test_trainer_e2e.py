@@ -306,8 +306,8 @@ def test_bad_configs_raise_errors_naming_the_key(tmp_path: Path) -> None:
         load_config(None, ["algo.swich_step=3"])
     with pytest.raises(TypeError, match="steps must be int or null, got str 'four'"):
         load_config(None, ["steps=four"])
-    with pytest.raises(ValueError, match=r"algo.algo must be one of .*got 'ppo'"):
-        load_config(None, ["algo.algo=ppo"])
+    with pytest.raises(ValueError, match=r"algo.algo must be one of .*got 'trpo'"):
+        load_config(None, ["algo.algo=trpo"])
     with pytest.raises(ValueError, match=r"data.train_path must be a path ending in .jsonl or .parquet"):
         load_config(None, ["data.train_path=problems.csv"])
     with pytest.raises(FileNotFoundError, match="does not exist"):

@@ -25,14 +25,16 @@ import yaml
 from dsrl_fast.config import AGGREGATIONS, KL_TYPES
 from dsrl_fast.reward import check_reward_spec
 from dsrl_fast.templates import TEMPLATES
-from dsrl_fast.train.algorithms import ALGORITHMS
+from dsrl_fast.train.algorithms import ALGORITHMS, CONDITIONAL_ALGORITHMS
 
 ANSWER_MODES = ("field", "boxed", "list")
 
 __all__ = [
     "AlgoConfig",
+    "CriticConfig",
     "DataConfig",
     "DeepSpeedConfig",
+    "GuardConfig",
     "ModelConfig",
     "OptimConfig",
     "RolloutConfig",
@@ -53,6 +55,7 @@ TEMPLATE_ALIASES = {"qwen3": "qwen3_non_thinking"}
 ENGINES = ("hf", "vllm")
 MARGINAL_ADVANTAGES = ("mean", "grpo")
 SCHEDULES = ("constant", "warmup", "cosine")
+OLD_LOGPROBS = ("recompute", "sampler")
 ZERO_STAGES = (0, 1, 2, 3)
 DATA_SUFFIXES = (".jsonl", ".parquet")
 PROMPT_OVERFLOW = ("truncate_left", "drop")
@@ -363,11 +366,14 @@ class AlgoConfig(_Section):
     """The update rule (see dsrl_fast.train.algorithms for what each algo does).
 
     Attributes:
-        algo: "grpo", "dr_grpo", "dapo", "rloo", "reinforce_pp", "prerl", "nsr_prerl", "psr_prerl", "nsr_rl",
-            "psr_rl" or "dsrl".
-        switch_step: dsrl runs NSR-PreRL on steps [0, switch_step) and GRPO from then on (0 = GRPO only;
-            >= steps = NSR-PreRL only). The default 19 is what the authors' code does for the paper's S = 20: its
-            steps count from 1 and PreRL runs while step < 20, i.e. 19 marginal updates.
+        algo: "grpo", "dr_grpo", "dapo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "ppo" (with a critic, see
+            the critic section), "prerl", "nsr_prerl", "psr_prerl", "nsr_rl", "psr_rl" or "dsrl".
+        switch_step: dsrl runs NSR-PreRL on steps [0, switch_step) and after_switch from then on (0 = after_switch
+            only; >= steps = NSR-PreRL only). The default 19 is what the authors' code does for the paper's S = 20:
+            its steps count from 1 and PreRL runs while step < 20, i.e. 19 marginal updates. The guard section can
+            end the marginal phase earlier; the step actually used is logged as switch_step.
+        after_switch: the conditional algorithm dsrl switches to: "grpo" (the paper) or any conditional algo
+            ("ppo" trains its critic from step 0, on the conditional space, during the marginal phase too).
         marginal_prefix: token ids put before a response to score its marginal log-prob; null resolves to the
             tokenizer's ``<|im_start|>`` id when it has one, else its BOS id.
         pretrain_loss_coef: multiplies the marginal (PreRL) loss (the authors use 0.01).
@@ -381,6 +387,11 @@ class AlgoConfig(_Section):
         kl_coef: weight of the KL penalty to the reference policy (0 disables it and the reference model).
         kl_type: KL estimator: "k1", "k2" or "k3".
         entropy_coef: weight of the entropy bonus.
+        kl_in_reward_coef: β of a k1 KL penalty folded into the reward on conditional steps (verl's
+            use_kl_in_reward): each response token gets -β·(log π_old - log π_ref); sample estimators take each
+            response's summed reward, reinforce_pp the per-token returns, ppo the GAE rewards. 0 disables it.
+        gae_gamma: PPO's GAE discount γ in [0, 1].
+        gae_lambda: PPO's GAE λ in [0, 1] (1 with γ = 1: advantages are return minus value).
     """
 
     SECTION: ClassVar[str] = "algo"
@@ -397,9 +408,18 @@ class AlgoConfig(_Section):
     kl_coef: float = 0.0
     kl_type: str = "k3"
     entropy_coef: float = 0.0
+    after_switch: str = "grpo"
+    kl_in_reward_coef: float = 0.0
+    gae_gamma: float = 1.0
+    gae_lambda: float = 0.95
 
     def _check(self) -> None:
         _check_choice(self.key("algo"), self.algo, ALGORITHMS)
+        _check_choice(self.key("after_switch"), self.after_switch, CONDITIONAL_ALGORITHMS)
+        self._min("kl_in_reward_coef", 0.0)
+        for name in ("gae_gamma", "gae_lambda"):
+            self._min(name, 0.0)
+            _check_max(self.key(name), getattr(self, name), 1.0)
         self._min("switch_step", 0)
         if self.marginal_prefix is not None:
             if not self.marginal_prefix:
@@ -436,6 +456,13 @@ class OptimConfig(_Section):
         min_lr_ratio: final learning rate of the cosine schedule, as a fraction of lr.
         max_tokens_per_micro_batch: token budget of one packed micro-batch; must hold the longest
             prompt + response.
+        mini_batches: optimizer steps per pass over a rollout batch, each on whole prompt groups (at most
+            prompts_per_step / world size). 1 with epochs 1 is on-policy (the paper).
+        epochs: passes over each rollout batch (PPO epochs; not the data epochs of the top-level `epochs`).
+        old_logprobs: behaviour log-probs of the clipped ratio when a batch makes more than one update:
+            "recompute" (one no-grad pass of the policy before the first update, through the fused log-prob
+            kernel) or "sampler" (the rollout engine's own log-probs, also with one update; marginal steps always
+            recompute).
     """
 
     SECTION: ClassVar[str] = "optim"
@@ -450,6 +477,9 @@ class OptimConfig(_Section):
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
     max_tokens_per_micro_batch: int = 16384
+    mini_batches: int = 1
+    epochs: int = 1
+    old_logprobs: str = "recompute"
 
     def _check(self) -> None:
         self._min("lr", 0.0, strict=True)
@@ -465,6 +495,9 @@ class OptimConfig(_Section):
         self._min("min_lr_ratio", 0.0)
         _check_max(self.key("min_lr_ratio"), self.min_lr_ratio, 1.0)
         self._min("max_tokens_per_micro_batch", 1)
+        self._min("mini_batches", 1)
+        self._min("epochs", 1)
+        _check_choice(self.key("old_logprobs"), self.old_logprobs, OLD_LOGPROBS)
 
 
 @dataclass
@@ -501,6 +534,64 @@ class DeepSpeedConfig(_Section):
 
 
 @dataclass
+class CriticConfig(_Section):
+    """PPO's critic (algo ppo, or dsrl with after_switch ppo): a value head on a copy of a causal LM's trunk, with its
+    own AdamW (betas, eps, weight decay and gradient clipping of the optim section) and, under DeepSpeed, its own
+    ZeRO engine.
+
+    Attributes:
+        model_path: the critic's causal LM (Hugging Face id or directory); null copies the policy at the start.
+        lr: the critic's learning rate (constant).
+        warmup_steps: first steps during which only the critic trains (the policy does not move).
+        value_clip: PPO value clipping range around the old values; null disables it.
+    """
+
+    SECTION: ClassVar[str] = "critic"
+
+    model_path: str | None = None
+    lr: float = 1e-5
+    warmup_steps: int = 0
+    value_clip: float | None = 0.5
+
+    def _check(self) -> None:
+        _check_not_empty(self.key("model_path"), self.model_path)
+        self._min("lr", 0.0, strict=True)
+        self._min("warmup_steps", 0)
+        self._min("value_clip", 0.0, strict=True)
+
+
+@dataclass
+class GuardConfig(_Section):
+    """A guard of dsrl's marginal phase (dsrl_fast.train.guard): when a limit is crossed on `patience` consecutive
+    marginal steps, the next step switches to the conditional phase (every limit null: off, the paper's run).
+
+    Attributes:
+        max_response_len: limit of the step's mean response length in tokens.
+        max_truncated_share: limit of the share of responses cut at rollout.max_response_len, in (0, 1].
+        max_logprob_drift: limit of |mean marginal log-prob per token of the scored responses - its value at the
+            first marginal step|, in nats (costs one no-grad marginal pass per marginal step).
+        patience: consecutive marginal steps over a limit before switching.
+    """
+
+    SECTION: ClassVar[str] = "guard"
+
+    max_response_len: float | None = None
+    max_truncated_share: float | None = None
+    max_logprob_drift: float | None = None
+    patience: int = 1
+
+    def _check(self) -> None:
+        for name in ("max_response_len", "max_truncated_share", "max_logprob_drift"):
+            self._min(name, 0.0, strict=True)
+        _check_max(self.key("max_truncated_share"), self.max_truncated_share, 1.0)
+        self._min("patience", 1)
+
+    @property
+    def enabled(self) -> bool:
+        return any(v is not None for v in (self.max_response_len, self.max_truncated_share, self.max_logprob_drift))
+
+
+@dataclass
 class SFTConfig(_Section):
     """Supervised warm-up before RL (the toy demo uses it to reach a non-trivial starting accuracy).
 
@@ -527,7 +618,7 @@ class TrainConfig(_Section):
     """One training run.
 
     Attributes:
-        model, data, rollout, algo, optim, deepspeed, sft: the sections above.
+        model, data, rollout, algo, optim, deepspeed, critic, guard, sft: the sections above.
         steps: RL steps (each samples prompts_per_step × rollout.n responses and makes one update); null runs
             `epochs` passes over the training problems.
         epochs: null lets batches run across epoch ends (every batch is full, each epoch reshuffled); a number
@@ -561,6 +652,8 @@ class TrainConfig(_Section):
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     steps: int | None = None
     epochs: int | None = 6
@@ -607,6 +700,12 @@ class TrainConfig(_Section):
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite must not both be true: resume continues the run in output_dir, "
                              "overwrite deletes it")
+        if self.guard.enabled and self.algo.algo != "dsrl":
+            raise ValueError(f"guard limits apply to dsrl's marginal phase and need algo.algo=dsrl, got "
+                             f"{self.algo.algo!r}")
+        if self.optim.mini_batches > self.prompts_per_step:
+            raise ValueError(f"optim.mini_batches must be <= prompts_per_step ({self.prompts_per_step}): each "
+                             f"mini-batch holds whole prompt groups, got {self.optim.mini_batches}")
         if self.steps is None and self.epochs is None:
             raise ValueError("steps must be set when epochs is null (the run needs a length), got steps=null")
 

@@ -32,6 +32,7 @@ _COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red")
 _MARGINAL_NAMES = {"negative": "NSR-PreRL", "positive": "PSR-PreRL", "all": "PreRL"}
 _CONDITIONAL_NAMES = {"negative": "NSR-RL", "positive": "PSR-RL", "all": "GRPO"}
 _ALGO_NAMES = {"grpo": "GRPO", "dr_grpo": "Dr.GRPO", "dapo": "DAPO", "rloo": "RLOO", "reinforce_pp": "REINFORCE++",
+               "reinforce_pp_baseline": "REINFORCE++-baseline", "ppo": "PPO",
                "prerl": "PreRL", "nsr_prerl": "NSR-PreRL", "psr_prerl": "PSR-PreRL", "nsr_rl": "NSR-RL",
                "psr_rl": "PSR-RL"}
 
@@ -91,6 +92,20 @@ def _find_switch(rows: list[dict[str, Any]]) -> int | None:
     return None
 
 
+def _logged_switch(rows: list[dict[str, Any]]) -> tuple[int | None, str | None]:
+    """(switch step, guard note) from the logged `switch_step` (dsrl's switch actually used: the last value wins).
+    The note says when the marginal-phase guard moved the switch earlier than planned, and why."""
+    logged = [r for r in rows if isinstance(r.get("switch_step"), int) and not isinstance(r.get("switch_step"), bool)]
+    if not logged:
+        return None, None
+    planned, used = logged[0]["switch_step"], logged[-1]["switch_step"]
+    if used == planned:
+        return used, None
+    reasons = [r["guard"] for r in rows if r.get("step") == used - 1 and isinstance(r.get("guard"), str)]
+    why = f": {reasons[0]}" if reasons else ""
+    return used, f"guard switched at step {used} instead of {planned}{why}"
+
+
 def _phase_labels(rows: list[dict[str, Any]], switch: int) -> tuple[str, str]:
     before = [r for r in rows if r["step"] < switch and isinstance(r.get("space"), str)]
     after = [r for r in rows if r["step"] >= switch and isinstance(r.get("space"), str)]
@@ -107,7 +122,9 @@ def plot_metrics(metrics_path: str | os.PathLike[str], out_png: str | os.PathLik
     `window` steps), accuracy, response length, transition/reflection thought counts. The switch between phases
     (`switch_step`, or the first step where the logged `space` changes) is a dashed vertical line, with the two
     phases labelled ("NSR-PreRL (marginal)" / "GRPO (conditional)", named from the logged `space` and `samples`);
-    a switch outside (first logged step, last logged step] is not drawn. Records of the same step are merged.
+    a switch outside (first logged step, last logged step] is not drawn. Without `switch_step` the switch is the
+    last logged `switch_step` metric (the one a dsrl run actually used; the title says when its guard moved it, and
+    why), else the first change of `space`. Records of the same step are merged.
     Raises FileNotFoundError for a missing file and ValueError for a file without any step record.
     """
     if switch_step is not None and (isinstance(switch_step, bool) or not isinstance(switch_step, int)):
@@ -126,7 +143,9 @@ def plot_metrics(metrics_path: str | os.PathLike[str], out_png: str | os.PathLik
     from matplotlib.ticker import MaxNLocator
 
     first_step, last_step = rows[0]["step"], rows[-1]["step"]
-    switch = switch_step if switch_step is not None else _find_switch(rows)
+    logged_switch, guard_note = _logged_switch(rows)
+    switch = switch_step if switch_step is not None else logged_switch if logged_switch is not None else \
+        _find_switch(rows)
     if switch is not None and not first_step < switch <= last_step:
         switch = None  # a single-phase run (switch at 0, or after the last logged step)
     panels = panels_of(rows)
@@ -168,8 +187,9 @@ def plot_metrics(metrics_path: str | os.PathLike[str], out_png: str | os.PathLik
             ax.axvline(switch - 0.5, color="black", linestyle="--", linewidth=1.2,
                        label=f"{labels[1]}: from step {switch}" if top else None)
             if top:
-                ax.set_title(f"{labels[0]} for steps < {switch}  |  {labels[1]} from step {switch} (dashed line)",
-                             fontsize=10, loc="left")
+                note = f"\n{guard_note}" if guard_note else ""
+                ax.set_title(f"{labels[0]} for steps < {switch}  |  {labels[1]} from step {switch} (dashed line)"
+                             f"{note}", fontsize=10, loc="left")
         ax.legend(fontsize=8, loc="best", ncol=2)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if len(axes):

@@ -1,8 +1,10 @@
 """One RL step from rollouts to gradients: rewards, advantages, sample selection, packed micro-batches, losses.
 
 Only the passes a phase needs run: the marginal phase packs `[prefix; y]` sequences only, the conditional phase
-`[x; y]` only, samples the phase's filter drops are never packed, and training is on-policy (one mini-batch, one
-epoch), so old log-probs are the current ones detached and no extra forward computes them. Samples with zero
+`[x; y]` only, samples the phase's filter drops are never packed, and `run_update` makes one optimizer step: without
+`old_logprobs` it is on-policy (old log-probs are the current ones detached, no extra forward). Several updates per
+rollout batch (mini-batches, epochs), old log-probs, PPO's critic and token-level advantages are arranged by
+dsrl_fast.train.batch_update, which calls `run_update` once per optimizer step. Samples with zero
 advantage are not packed either when that is exact (on-policy, no KL, no entropy bonus: their gradient is zero),
 but they still count in the loss denominators.
 """
@@ -16,10 +18,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from dsrl_fast.advantages import compute_advantages
+from dsrl_fast.advantages import BATCH_ESTIMATORS, compute_advantages
 from dsrl_fast.packing import PackedBatch, build_micro_batches
 from dsrl_fast.policy_loss import PolicyLossOutput
 from dsrl_fast.rollout.base import Rollout
+from dsrl_fast.train.collectives import reduce_tensor
 from dsrl_fast.train.algorithms import Phase
 from dsrl_fast.train.update import Updater
 
@@ -50,11 +53,13 @@ def collect_samples(prompts: Sequence[list[int]], rollouts: Sequence[Rollout], r
 
 
 def sample_advantages(samples: StepSamples, estimator: str) -> torch.Tensor:
-    """(B·n,) fp32 per-sample advantages of the phase's estimator (token-count weighted for reinforce_pp)."""
+    """(B·n,) fp32 per-sample advantages of the phase's estimator. The batch estimators (reinforce_pp,
+    reinforce_pp_baseline) are token-count weighted and whitened over the global batch (all ranks), as verl's."""
     counts = None
-    if estimator == "reinforce_pp":
+    if estimator in BATCH_ESTIMATORS:
         counts = torch.tensor([len(r) for r in samples.response_ids], dtype=torch.float32)
-    return compute_advantages(samples.rewards, estimator, group_ids=samples.group_ids, token_counts=counts)
+    return compute_advantages(samples.rewards, estimator, group_ids=samples.group_ids, token_counts=counts,
+                              reduce_sum=reduce_tensor)
 
 
 def selected_samples(advantages: torch.Tensor, samples_filter: str, skip_zero: bool) -> tuple[list[int], list[int]]:
@@ -105,14 +110,19 @@ def _token_values(batch: PackedBatch, sample_index: list[int], per_sample: Seque
 
 def run_update(updater: Updater, samples: StepSamples, advantages: torch.Tensor, phase: Phase, *,
                marginal_prefix: Sequence[int], max_tokens: int, device: torch.device, lr: float,
-               ref_logprobs_fn: Callable[[PackedBatch], torch.Tensor] | None = None) -> UpdateResult:
+               ref_logprobs_fn: Callable[[PackedBatch], torch.Tensor] | None = None,
+               old_logprobs: Sequence[torch.Tensor] | None = None,
+               token_advantages: Sequence[torch.Tensor] | None = None) -> UpdateResult:
     """Forward/backward every micro-batch of this rank, then one optimizer step (skipped if nothing is trained).
 
     Every rank runs the same number of micro-batches (ZeRO collectives need it): ranks with fewer pad with a
     zero-weight copy of one of their samples.
+    old_logprobs: per sample (L_i,) fp32 behaviour log-probs in the phase's space; None = on-policy.
+    token_advantages: per sample (L_i,) fp32 token advantages (PPO's GAE); None = `advantages` on every token.
+    `advantages` still selects the phase's samples (NSR / PSR).
     """
     loss_cfg = phase.loss
-    skip_zero = loss_cfg.kl_coef == 0 and loss_cfg.entropy_coef == 0
+    skip_zero = loss_cfg.kl_coef == 0 and loss_cfg.entropy_coef == 0 and token_advantages is None
     kept, trained = selected_samples(advantages, phase.samples, skip_zero)
     resp_len = [len(r) for r in samples.response_ids]
     local = [float(sum(resp_len[i] for i in kept)), float(len(kept)), float(len(trained))]
@@ -135,7 +145,10 @@ def run_update(updater: Updater, samples: StepSamples, advantages: torch.Tensor,
         is_filler = local_idx == [-1]
         owners = [trained[i] for i in local_idx] if not is_filler else [0]
         batch = batch.to(device)
-        adv_tokens = _token_values(batch, owners, advantages, device)
+        if token_advantages is None:
+            adv_tokens = _token_values(batch, owners, advantages, device)
+        else:
+            adv_tokens = torch.cat([token_advantages[owners[s]] for s in batch.seq_sample_host]).to(device)
         if is_filler:
             cfg = dataclasses.replace(loss_cfg, loss_scale=0.0, norm_tokens=None if loss_cfg.agg != "token-mean"
                                       else 1)
@@ -144,6 +157,8 @@ def run_update(updater: Updater, samples: StepSamples, advantages: torch.Tensor,
         else:
             cfg = dataclasses.replace(loss_cfg, loss_scale=loss_cfg.loss_scale * len(local_idx) / global_seqs)
         extra = {"ref_logprobs": ref_logprobs_fn(batch) if ref_logprobs_fn is not None else None}
+        if old_logprobs is not None:
+            extra["old_logprobs"] = torch.cat([old_logprobs[owners[s]] for s in batch.seq_sample_host]).to(device)
         out: PolicyLossOutput = updater.forward_backward(batch, adv_tokens, cfg, last=k == len(micro) - 1, **extra)
         if is_filler:
             continue

@@ -30,13 +30,16 @@ from dsrl_fast.logprobs import linear_logprobs
 from dsrl_fast.model import lm_head_weight, packed_hidden_states, prepare_packed_model
 from dsrl_fast.reward import RewardFn, get_reward_fn, reward_stats
 from dsrl_fast.rollout.base import RolloutEngine, SamplingConfig
-from dsrl_fast.train.algorithms import Phase, phase_for_step
+from dsrl_fast.train.algorithms import Phase, phase_for_step, uses_critic
+from dsrl_fast.train.batch_update import CriticSetup, UpdateOptions, run_batch
 from dsrl_fast.train.checkpoint import latest_checkpoint, load_checkpoint, load_reference, save_checkpoint
 from dsrl_fast.train.config import TrainConfig, config_to_dict, save_config
+from dsrl_fast.train.critic import CriticModule, build_critic_model
+from dsrl_fast.train.guard import MarginalGuard, guard_signals
 from dsrl_fast.train.interrupt import StopRequest
 from dsrl_fast.train.metrics_log import MetricsLogger, SampleLog, StepProgress, print0
 from dsrl_fast.train.plot import plot_metrics
-from dsrl_fast.train.rl_step import collect_samples, run_update, sample_advantages
+from dsrl_fast.train.rl_step import collect_samples, run_update
 from dsrl_fast.train.update import (
     DeepSpeedUpdater,
     PolicyModule,
@@ -163,9 +166,27 @@ def build_updater(cfg: TrainConfig, module: PolicyModule, world_size: int) -> Up
     return DeepSpeedUpdater(module, config)
 
 
-def _phase(cfg: TrainConfig, step: int) -> Phase:
+def build_critic(cfg: TrainConfig, policy: torch.nn.Module, world_size: int) -> CriticSetup | None:
+    """PPO's critic (a value head on a copy of the policy, or on critic.model_path) with its own optimizer / ZeRO
+    engine; None when the algorithm has no critic. Call before the policy's updater (ZeRO-3 partitions it)."""
+    if not uses_critic(cfg.algo.algo, cfg.algo.after_switch):
+        return None
+    model = build_critic_model(policy, cfg.critic.model_path, trust_remote_code=cfg.model.trust_remote_code,
+                               attention_backend=cfg.model.attention_backend)
+    updater = build_updater(cfg, CriticModule(model), world_size)  # type: ignore[arg-type]
+    return CriticSetup(updater, cfg.critic.lr, cfg.critic.value_clip, cfg.critic.warmup_steps)
+
+
+def _update_options(cfg: TrainConfig) -> UpdateOptions:
+    o, a = cfg.optim, cfg.algo
+    return UpdateOptions(mini_batches=o.mini_batches, epochs=o.epochs, old_logprobs=o.old_logprobs,
+                         kl_in_reward=a.kl_in_reward_coef, gamma=a.gae_gamma, lam=a.gae_lambda)
+
+
+def _phase(cfg: TrainConfig, step: int, switch_step: int) -> Phase:
+    """The update rule of `step`; switch_step: dsrl's switch actually used (the guard may bring it forward)."""
     a = cfg.algo
-    return phase_for_step(step, algo=a.algo, switch_step=a.switch_step, lr=cfg.optim.lr,
+    return phase_for_step(step, algo=a.algo, switch_step=switch_step, after_switch=a.after_switch, lr=cfg.optim.lr,
                           marginal_lr=cfg.optim.marginal_lr, clip_low=a.clip_low, clip_high=a.clip_high,
                           clip_ratio_c=a.clip_ratio_c, agg=a.agg, pretrain_loss_coef=a.pretrain_loss_coef,
                           marginal_advantage=a.marginal_advantage, kl_coef=a.kl_coef, kl_type=a.kl_type,
@@ -250,10 +271,10 @@ def _skip_reason(metrics: dict[str, Any], samples_filter: str) -> str:
 
 
 def _write_plot(cfg: TrainConfig, out: Path, rank: int) -> str | None:
+    """The training plot; dsrl's switch is the logged `switch_step` (the one actually used)."""
     if rank != 0 or not (out / "metrics.jsonl").is_file():
         return None
-    switch = cfg.algo.switch_step if cfg.algo.algo == "dsrl" else None
-    return plot_metrics(out / "metrics.jsonl", out / "training.png", switch_step=switch)
+    return plot_metrics(out / "metrics.jsonl", out / "training.png")
 
 
 def train(cfg: TrainConfig) -> TrainSummary:
@@ -297,7 +318,8 @@ def train(cfg: TrainConfig) -> TrainSummary:
             module = PolicyModule(model)
             # The reference is copied before the updater exists: under ZeRO-3 the model's tensors are partitioned
             # after.
-            ref_model = _frozen_copy(model) if cfg.algo.kl_coef > 0 else None
+            ref_model = _frozen_copy(model) if cfg.algo.kl_coef > 0 or cfg.algo.kl_in_reward_coef > 0 else None
+            critic = build_critic(cfg, model, d.world_size)
             updater = build_updater(cfg, module, d.world_size)
             sampler = PromptSampler(len(problems), cfg.prompts_per_step, seed=cfg.seed,
                                     drop_last=cfg.epochs is not None)
@@ -310,6 +332,10 @@ def train(cfg: TrainConfig) -> TrainSummary:
                     load_reference(resume_from, ref_model)
                 engine.update_weights(updater.named_parameters_for_sync())
                 print0(f"resumed from {resume_from} at step {start_step}")
+            trainer_state.setdefault("switch_step", cfg.algo.switch_step)
+            guard = MarginalGuard(cfg.guard) if cfg.guard.enabled else None
+            if guard is not None:
+                guard.load_state_dict(trainer_state.get("guard", {}))
             if d.rank == 0:  # only now: a refused or failed resume leaves the previous config in place
                 save_config(cfg, out / "config.yaml")
             if resume_from is None:
@@ -333,8 +359,8 @@ def train(cfg: TrainConfig) -> TrainSummary:
             for step in range(start_step, cfg.steps):
                 t0 = time.perf_counter()
                 torch.manual_seed(_step_seed(cfg.seed, step, d.rank))
-                phase = _phase(cfg, step)
-                if cfg.algo.algo == "dsrl" and step == cfg.algo.switch_step and ref_model is not None:
+                phase = _phase(cfg, step, trainer_state["switch_step"])
+                if cfg.algo.algo == "dsrl" and step == trainer_state["switch_step"] and ref_model is not None:
                     # Full (gathered under ZeRO-3) actor weights; a tied LM head arrives through its embedding.
                     ref_model.load_state_dict(dict(updater.named_parameters_for_sync()), strict=False)
                 batch = sampler.next_batch()
@@ -348,17 +374,32 @@ def train(cfg: TrainConfig) -> TrainSummary:
                 for r, text, reward in list(zip(rollouts, texts, rewards))[:cfg.log_samples]:
                     sample_log.write(step, problems[mine[r.prompt_index]].prompt_text, text, reward)
                 samples = collect_samples(my_prompts, rollouts, rewards, group_offset=d.rank * per_rank)
-                advantages = sample_advantages(samples, phase.estimator)
                 lr = phase.lr * _lr_factor(cfg, step)
-                result = run_update(updater, samples, advantages, phase, marginal_prefix=prefix,
+                outcome = run_batch(run_update, updater, samples, phase, step=step, marginal_prefix=prefix,
                                     max_tokens=cfg.optim.max_tokens_per_micro_batch, device=d.device, lr=lr,
-                                    ref_logprobs_fn=_ref_fn(ref_model, phase) if ref_model is not None else None)
+                                    options=_update_options(cfg), critic=critic,
+                                    ref_logprobs_fn=_ref_fn(ref_model, phase) if ref_model is not None else None,
+                                    marginal_logprob=guard is not None and cfg.guard.max_logprob_drift is not None)
+                result = outcome.update
                 if result.stepped:
                     engine.update_weights(updater.named_parameters_for_sync())
                 metrics = _step_metrics(cfg, phase, samples, texts, result, lr, time.perf_counter() - t0,
                                          trainer_state)
                 metrics.update(reward_counts)
-                note = None if result.stepped else _skip_reason(metrics, phase.samples)
+                metrics.update(outcome.metrics)
+                if cfg.algo.algo == "dsrl":
+                    metrics["switch_step"] = trainer_state["switch_step"]
+                if guard is not None and phase.space == "marginal":
+                    signals = guard_signals(rollouts, metrics)
+                    decision = guard.observe(signals)
+                    trainer_state["guard"] = guard.state_dict()
+                    metrics.update(guard=decision.reason, truncated_share=signals.truncated_share,
+                                   marginal_logprob_drift=decision.logprob_drift)
+                    if decision.switch:
+                        trainer_state["switch_step"] = metrics["switch_step"] = step + 1
+                        print0(f"guard: the marginal phase ends after step {step} ({decision.reason}); "
+                               f"{phase.algo} -> {cfg.algo.after_switch} from step {step + 1}")
+                note = None if result.stepped else outcome.skip_reason or _skip_reason(metrics, phase.samples)
                 metrics["update_skipped"] = note
                 if step % cfg.log_every == 0 or step == cfg.steps - 1:
                     logger.log(step, {k: v for k, v in metrics.items() if v is not None})
