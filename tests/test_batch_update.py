@@ -238,3 +238,23 @@ def test_update_options_validation() -> None:
                           ({"lam": 1.5}, "lam must be in"), ({"kl_in_reward": -1.0}, "kl_in_reward")):
         with pytest.raises(ValueError, match=match):
             UpdateOptions(**kwargs)
+
+
+def test_critic_checkpoint_round_trip(base: torch.nn.Module, tmp_path: Any) -> None:
+    """save_critic / load_critic restore the value head, the trunk and the Adam state (the next step matches)."""
+    from dsrl_fast.train.critic import load_critic, save_critic
+
+    samples = random_samples()
+    phase = phase_for_step(0, algo="ppo", **DEFAULTS)
+    trained = _critic(base, lr=1e-2)
+    _batch(_policy(base), samples, phase, UpdateOptions(), critic=trained)
+    with pytest.raises(FileNotFoundError, match="holds no critic"):
+        load_critic(tmp_path, trained.updater)
+    save_critic(tmp_path, trained.updater)
+    restored = _critic(base, lr=1e-2)
+    load_critic(tmp_path, restored.updater)
+    after = [_batch(_policy(base), samples, phase, UpdateOptions(), critic=c).metrics["value_loss"]
+             for c in (trained, restored)]
+    assert after[0] == pytest.approx(after[1], rel=1e-6)
+    head = restored.updater.module.model.value_head.weight
+    assert head.abs().sum() > 0 and torch.equal(head, trained.updater.module.model.value_head.weight)

@@ -41,16 +41,22 @@ def test_guard_ends_a_collapsing_marginal_phase_early(tmp_path: Path) -> None:
 
 
 def test_dsrl_then_ppo_trains_the_critic_from_step_0(tmp_path: Path) -> None:
-    """The critic learns on the conditional space during the marginal phase and its warm-up step; PPO then makes
-    mini_batches × epochs updates per step with old log-probs (its clip fraction is no longer 0)."""
-    run(tmp_path, "algo.after_switch=ppo", "optim.mini_batches=2", "optim.epochs=2", "critic.lr=1e-3",
-        "critic.warmup_steps=3", "checkpoint_every=0", "steps=4", "algo.switch_step=1")
+    """The critic learns on the conditional space during the marginal phase and its warm-up steps; PPO then makes
+    mini_batches × epochs updates per step with old log-probs (its clip fraction is no longer 0); the critic is
+    checkpointed and restored on resume."""
+    ppo = ("algo.after_switch=ppo", "optim.mini_batches=2", "optim.epochs=2", "critic.lr=1e-3",
+           "critic.warmup_steps=3", "algo.switch_step=1")
+    run(tmp_path, *ppo, "steps=4")
+    assert (tmp_path / "checkpoints" / "step_000004" / "critic.pt").is_file()
     rows = _rows(tmp_path)
     assert [r["algo"] for r in rows] == ["nsr_prerl", "ppo", "ppo", "ppo"]
     assert all(r["value_loss"] > 0 and "explained_variance" in r for r in rows)
     assert [r.get("update_skipped") is not None for r in rows] == [False, True, True, False]
     assert "critic warm-up" in rows[1]["update_skipped"]
     assert rows[3]["updates"] == 4 and rows[3]["clip_frac"] > 0
+    run(tmp_path, *ppo, "steps=5", "resume=true")  # the critic comes back with the policy
+    resumed = _rows(tmp_path)
+    assert [r["step"] for r in resumed] == [0, 1, 2, 3, 4] and resumed[4]["value_loss"] > 0
 
 
 def test_config_checks_of_the_new_options() -> None:

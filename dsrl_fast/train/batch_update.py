@@ -345,10 +345,11 @@ def run_batch(update_fn: Callable[..., UpdateResult], updater: Updater, samples:
                               packed_tokens=0.0, logprob_drift=None, grad_norm=0.0, stepped=False)
         skip = f"critic warm-up (step {step} < critic.warmup_steps={critic.warmup_steps})"
     else:
-        update, skip = _policy_updates(update_fn, updater, samples, phase, advantages, token_adv, old_cond, policy_fn,
-                                       metrics, lr=lr, options=options, marginal_prefix=marginal_prefix,
-                                       max_tokens=max_tokens, device=device, ref_logprobs_fn=ref_logprobs_fn,
-                                       marginal_logprob=marginal_logprob), None
+        skip = None
+        update = _policy_updates(update_fn, updater, samples, phase, advantages, token_adv, old_cond, policy_fn,
+                                 metrics, lr=lr, options=options, marginal_prefix=marginal_prefix,
+                                 max_tokens=max_tokens, device=device, ref_logprobs_fn=ref_logprobs_fn,
+                                 marginal_logprob=marginal_logprob)
     if critic is not None:
         assert returns is not None and values is not None
         metrics["explained_variance"] = _explained_variance(returns, values)

@@ -13,17 +13,20 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 from dataclasses import dataclass
-from typing import NamedTuple
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from dsrl_fast.model import packed_hidden_states
 from dsrl_fast.packing import PackedBatch
 
 __all__ = ["CriticModule", "ValueHeadModel", "ValueLossConfig", "ValueLossOutput", "build_critic_model",
-           "value_loss"]
+           "load_critic", "save_critic", "value_loss"]
 
 
 @dataclass(frozen=True)
@@ -146,3 +149,37 @@ def build_critic_model(policy: torch.nn.Module, path: str | None = None, *, trus
 def filler_config(config: ValueLossConfig) -> ValueLossConfig:
     """The config of a zero-weight filler micro-batch (ranks with fewer micro-batches run copies)."""
     return dataclasses.replace(config, loss_scale=0.0)
+
+
+CRITIC_STATE = "critic.pt"
+CRITIC_DEEPSPEED = "critic_deepspeed"
+
+
+def save_critic(directory: str | os.PathLike[str], updater: Any) -> None:
+    """Save the critic's weights and optimizer state into a checkpoint directory (every rank must call).
+
+    A plain updater is written by rank 0 to ``critic.pt``; a DeepSpeed one as its engine checkpoint in
+    ``critic_deepspeed/``."""
+    from dsrl_fast.train.update import DeepSpeedUpdater
+
+    target = Path(directory)
+    if isinstance(updater, DeepSpeedUpdater):
+        updater.save_checkpoint(str(target / CRITIC_DEEPSPEED), tag="state")
+    elif not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        target.mkdir(parents=True, exist_ok=True)
+        torch.save(updater.state_dict(), target / CRITIC_STATE)
+
+
+def load_critic(directory: str | os.PathLike[str], updater: Any) -> None:
+    """Restore what :func:`save_critic` wrote; FileNotFoundError when the checkpoint has no critic."""
+    from dsrl_fast.train.update import DeepSpeedUpdater
+
+    source = Path(directory)
+    path = source / (CRITIC_DEEPSPEED if isinstance(updater, DeepSpeedUpdater) else CRITIC_STATE)
+    if not path.exists():
+        raise FileNotFoundError(f"{str(path)!r} does not exist: the checkpoint in {str(source)!r} holds no critic "
+                                "(saved by a run without PPO, or interrupted while saving it)")
+    if isinstance(updater, DeepSpeedUpdater):
+        updater.load_checkpoint(str(path), tag="state")
+    else:
+        updater.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))

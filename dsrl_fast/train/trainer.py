@@ -34,7 +34,7 @@ from dsrl_fast.train.algorithms import Phase, phase_for_step, uses_critic
 from dsrl_fast.train.batch_update import CriticSetup, UpdateOptions, run_batch
 from dsrl_fast.train.checkpoint import latest_checkpoint, load_checkpoint, load_reference, save_checkpoint
 from dsrl_fast.train.config import TrainConfig, config_to_dict, save_config
-from dsrl_fast.train.critic import CriticModule, build_critic_model
+from dsrl_fast.train.critic import CriticModule, build_critic_model, load_critic, save_critic
 from dsrl_fast.train.guard import MarginalGuard, guard_signals
 from dsrl_fast.train.interrupt import StopRequest
 from dsrl_fast.train.metrics_log import MetricsLogger, SampleLog, StepProgress, print0
@@ -330,6 +330,8 @@ def train(cfg: TrainConfig) -> TrainSummary:
                 start_step = trainer_state["step"]
                 if ref_model is not None:
                     load_reference(resume_from, ref_model)
+                if critic is not None:
+                    load_critic(resume_from, critic.updater)
                 engine.update_weights(updater.named_parameters_for_sync())
                 print0(f"resumed from {resume_from} at step {start_step}")
             trainer_state.setdefault("switch_step", cfg.algo.switch_step)
@@ -353,8 +355,11 @@ def train(cfg: TrainConfig) -> TrainSummary:
             last_checkpoint: Path | None = resume_from
 
             def checkpoint(done: int) -> Path:
-                return save_checkpoint(out, done, updater, tokenizer, dict(trainer_state, sampler=sampler.state_dict()),
+                path = save_checkpoint(out, done, updater, tokenizer, dict(trainer_state, sampler=sampler.state_dict()),
                                        cfg.keep_checkpoints, reference=ref_model)
+                if critic is not None:
+                    save_critic(path, critic.updater)
+                return path
 
             for step in range(start_step, cfg.steps):
                 t0 = time.perf_counter()
