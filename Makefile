@@ -29,8 +29,9 @@ $(STAMP): pyproject.toml setup.py Makefile
 	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
+# The demo replaces its own previous run in runs/demo (a plain `dsrl-fast train` refuses to overwrite a run).
 demo: setup
-	$(BIN)/dsrl-fast train
+	$(BIN)/dsrl-fast train overwrite=true
 
 loss-demo: setup
 	$(BIN)/dsrl-fast loss-demo
