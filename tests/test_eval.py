@@ -291,3 +291,39 @@ def test_periodic_evaluation_matches_pass_at_k_and_splits_over_ranks():
     with pytest.raises(ValueError, match="rank must be in"):
         evaluate_tasks(ScriptedEngine(), PairTokenizer(), [task], scripted_reward, sampling=sampling, rank=2,
                        world_size=2)
+
+
+def test_training_evaluates_n_samples_on_several_sets(tmp_path):
+    from dsrl_fast.train.config import load_config
+    from dsrl_fast.train.metrics_log import read_metrics
+    from dsrl_fast.train.trainer import train
+
+    extra = tmp_path / "sums.jsonl"
+    extra.write_text("".join(json.dumps({"problem": f"Compute {a}+{b}.", "answer": a + b}) + "\n"
+                             for a, b in ((31, 42), (55, 17), (60, 29))))
+    cfg = load_config(None, [
+        "steps=2", "eval_every=1", "sft.steps=3", "sft.batch_size=8", "prompts_per_step=2", "rollout.n=2", "data.toy_low=10",
+        "data.toy_high=19", "data.toy_train_size=20", "data.eval_size=3", "eval_n=4", f"eval_benchmarks=sums={extra}",
+        "progress=false", "reward=exact_match", f"output_dir={tmp_path / 'run'}", "checkpoint_every=0",
+    ])
+    train(cfg)
+    evals = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "eval/held_out/avg@4" in r]
+    assert len(evals) == 1 and evals[0]["step"] == 0  # after step 0; the final evaluation goes to the summary
+    row = evals[0]
+    assert set(k for k in row if k.startswith("eval/")) == {
+        f"eval/{s}/{m}" for s in ("held_out", "sums") for m in ("avg@4", "pass@1", "pass@2", "pass@4")}
+    assert row["eval_accuracy"] == row["eval/held_out/avg@4"]
+    for s in ("held_out", "sums"):
+        assert row[f"eval/{s}/pass@1"] == pytest.approx(row[f"eval/{s}/avg@4"])  # 0/1 rewards
+        assert row[f"eval/{s}/pass@1"] <= row[f"eval/{s}/pass@2"] <= row[f"eval/{s}/pass@4"]
+
+
+def test_training_refuses_bad_eval_benchmarks(tmp_path):
+    from dsrl_fast.errors import UserError
+    from dsrl_fast.eval.periodic import load_benchmarks
+
+    with pytest.raises(UserError, match="eval_benchmarks: .*nosuch.*neither a benchmark"):
+        load_benchmarks("nosuch")
+    with pytest.raises(UserError, match="must not use the label 'held_out'"):
+        load_benchmarks(f"held_out={tmp_path / 'x.jsonl'}")
+    assert load_benchmarks(None) == []

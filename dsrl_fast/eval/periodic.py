@@ -13,11 +13,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from dsrl_fast.data import Problem
+from dsrl_fast.errors import UserError
+from dsrl_fast.eval.benchmarks import load_eval_set, parse_data_specs
 from dsrl_fast.eval.pass_at_k import pass_at_k
 from dsrl_fast.reward import RewardFn
 from dsrl_fast.rollout.base import RolloutEngine, SamplingConfig
 
-__all__ = ["EvalTask", "evaluate_tasks"]
+__all__ = ["HELD_OUT", "EvalTask", "evaluate_tasks", "load_benchmarks"]
+
+HELD_OUT = "held_out"
 
 
 @dataclass(frozen=True)
@@ -76,3 +80,20 @@ def evaluate_tasks(engine: RolloutEngine, tokenizer: Any, tasks: Sequence[EvalTa
         metrics[f"{task.label}/avg@{n}"] = totals[0] / count
         metrics.update({f"{task.label}/pass@{k}": totals[2 + j] / count for j, k in enumerate(kept_ks)})
     return metrics
+
+
+def load_benchmarks(specs: str | None, *, limit: int | None = None) -> list[tuple[str, list[Problem]]]:
+    """(label, problems) of each `dsrl-fast eval --data` spec in `specs` (comma-separated; None: none), the first
+    `limit` problems of each; benchmark names read $DSRL_FAST_DATA (else ./data). UserError for a bad spec, a
+    missing file or the reserved label "held_out"."""
+    if specs is None:
+        return []
+    try:
+        parsed = parse_data_specs(specs)
+        if any(s.label == HELD_OUT for s in parsed):
+            raise ValueError(f"eval_benchmarks must not use the label {HELD_OUT!r} (the training run's own held-out "
+                             f"set), got {specs!r}")
+        sets = [load_eval_set(s, limit=limit) for s in parsed]
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
+        raise UserError(f"eval_benchmarks: {exc}") from exc
+    return [(s.label, s.problems) for s in sets]

@@ -632,6 +632,11 @@ class TrainConfig(_Section):
         log_every: write metrics every this many steps.
         eval_every: evaluate every this many steps (0 = only before and after training).
         eval_greedy: evaluate with greedy decoding instead of sampling at rollout.temperature.
+        eval_n: responses sampled per evaluation problem: the held-out accuracy is their mean reward (Avg@n), and
+            eval/<set>/avg@n and eval/<set>/pass@k (k = 1, 2, 4, ... <= eval_n) are logged at every evaluation.
+        eval_benchmarks: more sets evaluated beside the held-out one, as `dsrl-fast eval --data` specs (benchmark
+            names read from $DSRL_FAST_DATA, else ./data; files; label=file; hf:...), data.eval_size problems each;
+            null: none.
         checkpoint_every: save a checkpoint every this many steps (0 = only at the end).
         keep_checkpoints: number of most recent checkpoints kept on disk (the one just written always is).
         resume: continue from the latest complete checkpoint in output_dir (an empty output_dir starts fresh).
@@ -663,6 +668,8 @@ class TrainConfig(_Section):
     log_every: int = 1
     eval_every: int = 20
     eval_greedy: bool = False
+    eval_n: int = 1
+    eval_benchmarks: str | None = None
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     resume: bool = False
@@ -675,7 +682,7 @@ class TrainConfig(_Section):
 
     def _check(self) -> None:
         check_reward_spec(self.reward)
-        for name in ("steps", "epochs", "prompts_per_step", "log_every", "keep_checkpoints"):
+        for name in ("steps", "epochs", "prompts_per_step", "log_every", "keep_checkpoints", "eval_n"):
             self._min(name, 1)
         for name in ("seed", "eval_every", "checkpoint_every", "log_samples"):
             self._min(name, 0)
