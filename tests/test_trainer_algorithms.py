@@ -40,6 +40,17 @@ def test_guard_ends_a_collapsing_marginal_phase_early(tmp_path: Path) -> None:
     assert summary.plot_path is not None and Path(summary.plot_path).is_file()
 
 
+def test_guard_can_stop_a_marginal_run(tmp_path: Path) -> None:
+    """guard.action=stop on NSR-PreRL alone: the run ends after the step that crossed the limit, with the final
+    evaluation, checkpoint and plot of that step."""
+    summary = run(tmp_path, "algo.algo=nsr_prerl", "optim.marginal_lr=3e-3", "guard.max_truncated_share=0.25",
+                  "guard.action=stop", "checkpoint_every=0")
+    rows = _rows(tmp_path)
+    assert [r["step"] for r in rows] == [0, 1] and rows[1]["guard_stop"] == 2
+    assert summary.steps == 2 and summary.accuracy_after is not None
+    assert summary.checkpoint_path.endswith("step_000002/hf") and Path(summary.checkpoint_path).is_dir()
+
+
 def test_dsrl_then_ppo_trains_the_critic_from_step_0(tmp_path: Path) -> None:
     """The critic learns on the conditional space during the marginal phase and its warm-up steps; PPO then makes
     mini_batches × epochs updates per step with old log-probs (its clip fraction is no longer 0); the critic is
@@ -60,8 +71,10 @@ def test_dsrl_then_ppo_trains_the_critic_from_step_0(tmp_path: Path) -> None:
 
 
 def test_config_checks_of_the_new_options() -> None:
-    with pytest.raises(ValueError, match="guard limits apply to dsrl's marginal phase"):
-        load_config(None, ["algo.algo=grpo", "guard.max_response_len=10"])
+    with pytest.raises(ValueError, match="guard limits with guard.action='switch' need a marginal phase"):
+        load_config(None, ["algo.algo=nsr_prerl", "guard.max_response_len=10"])
+    with pytest.raises(ValueError, match="guard limits with guard.action='stop' need a marginal phase"):
+        load_config(None, ["algo.algo=grpo", "guard.max_response_len=10", "guard.action=stop"])
     with pytest.raises(ValueError, match="optim.mini_batches must be <= prompts_per_step"):
         load_config(None, ["prompts_per_step=4", "optim.mini_batches=5"])
     with pytest.raises(ValueError, match="algo.after_switch must be one of"):

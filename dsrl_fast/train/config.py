@@ -56,6 +56,7 @@ ENGINES = ("hf", "vllm")
 MARGINAL_ADVANTAGES = ("mean", "grpo")
 SCHEDULES = ("constant", "warmup", "cosine")
 OLD_LOGPROBS = ("recompute", "sampler")
+GUARD_ACTIONS = ("switch", "stop")
 ZERO_STAGES = (0, 1, 2, 3)
 DATA_SUFFIXES = (".jsonl", ".parquet")
 PROMPT_OVERFLOW = ("truncate_left", "drop")
@@ -562,15 +563,18 @@ class CriticConfig(_Section):
 
 @dataclass
 class GuardConfig(_Section):
-    """A guard of dsrl's marginal phase (dsrl_fast.train.guard): when a limit is crossed on `patience` consecutive
-    marginal steps, the next step switches to the conditional phase (every limit null: off, the paper's run).
+    """A guard of the marginal phase (dsrl_fast.train.guard): when a limit is crossed on `patience` consecutive
+    marginal steps, dsrl switches to the conditional phase from the next step, or the run stops (every limit null:
+    off, the paper's run).
 
     Attributes:
         max_response_len: limit of the step's mean response length in tokens.
         max_truncated_share: limit of the share of responses cut at rollout.max_response_len, in (0, 1].
         max_logprob_drift: limit of |mean marginal log-prob per token of the scored responses - its value at the
             first marginal step|, in nats (costs one no-grad marginal pass per marginal step).
-        patience: consecutive marginal steps over a limit before switching.
+        patience: consecutive marginal steps over a limit before the guard acts.
+        action: "switch" (dsrl only: the next step is the first of algo.after_switch) or "stop" (end the run after
+            this step with the final evaluation, checkpoint and plot; dsrl, prerl, nsr_prerl or psr_prerl).
     """
 
     SECTION: ClassVar[str] = "guard"
@@ -579,8 +583,10 @@ class GuardConfig(_Section):
     max_truncated_share: float | None = None
     max_logprob_drift: float | None = None
     patience: int = 1
+    action: str = "switch"
 
     def _check(self) -> None:
+        _check_choice(self.key("action"), self.action, GUARD_ACTIONS)
         for name in ("max_response_len", "max_truncated_share", "max_logprob_drift"):
             self._min(name, 0.0, strict=True)
         _check_max(self.key("max_truncated_share"), self.max_truncated_share, 1.0)
@@ -632,11 +638,6 @@ class TrainConfig(_Section):
         log_every: write metrics every this many steps.
         eval_every: evaluate every this many steps (0 = only before and after training).
         eval_greedy: evaluate with greedy decoding instead of sampling at rollout.temperature.
-        eval_n: responses sampled per evaluation problem: the held-out accuracy is their mean reward (Avg@n), and
-            eval/<set>/avg@n and eval/<set>/pass@k (k = 1, 2, 4, ... <= eval_n) are logged at every evaluation.
-        eval_benchmarks: more sets evaluated beside the held-out one, as `dsrl-fast eval --data` specs (benchmark
-            names read from $DSRL_FAST_DATA, else ./data; files; label=file; hf:...), data.eval_size problems each;
-            null: none.
         checkpoint_every: save a checkpoint every this many steps (0 = only at the end).
         keep_checkpoints: number of most recent checkpoints kept on disk (the one just written always is).
         resume: continue from the latest complete checkpoint in output_dir (an empty output_dir starts fresh).
@@ -668,8 +669,6 @@ class TrainConfig(_Section):
     log_every: int = 1
     eval_every: int = 20
     eval_greedy: bool = False
-    eval_n: int = 1
-    eval_benchmarks: str | None = None
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     resume: bool = False
@@ -682,7 +681,7 @@ class TrainConfig(_Section):
 
     def _check(self) -> None:
         check_reward_spec(self.reward)
-        for name in ("steps", "epochs", "prompts_per_step", "log_every", "keep_checkpoints", "eval_n"):
+        for name in ("steps", "epochs", "prompts_per_step", "log_every", "keep_checkpoints"):
             self._min(name, 1)
         for name in ("seed", "eval_every", "checkpoint_every", "log_samples"):
             self._min(name, 0)
@@ -707,9 +706,10 @@ class TrainConfig(_Section):
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite must not both be true: resume continues the run in output_dir, "
                              "overwrite deletes it")
-        if self.guard.enabled and self.algo.algo != "dsrl":
-            raise ValueError(f"guard limits apply to dsrl's marginal phase and need algo.algo=dsrl, got "
-                             f"{self.algo.algo!r}")
+        guarded = ("dsrl",) if self.guard.action == "switch" else ("dsrl", "prerl", "nsr_prerl", "psr_prerl")
+        if self.guard.enabled and self.algo.algo not in guarded:
+            raise ValueError(f"guard limits with guard.action={self.guard.action!r} need a marginal phase to act on: "
+                             f"algo.algo must be one of {guarded}, got {self.algo.algo!r}")
         if self.optim.mini_batches > self.prompts_per_step:
             raise ValueError(f"optim.mini_batches must be <= prompts_per_step ({self.prompts_per_step}): each "
                              f"mini-batch holds whole prompt groups, got {self.optim.mini_batches}")

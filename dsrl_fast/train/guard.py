@@ -1,4 +1,4 @@
-"""A guard for the marginal (pre-train space) phase of dsrl: switch to the conditional phase early when it collapses.
+"""A guard for the marginal (pre-train space) phase: switch to the conditional phase early (or stop) when it collapses.
 
 NSR on the marginal log-prob is fragile: the paper notes NSR-PreRL "eventually leads to excessively long outputs",
 and on the toy task NSR at lr 1e-4 drove every response to the length cap within 20-30 steps (DESIGN §5). The guard
@@ -10,8 +10,8 @@ watches three signals of each marginal step, global over ranks:
   step (nats per token, absolute).
 
 When any signal is over its threshold for `patience` consecutive marginal steps, the phase ends: the next step is
-the first conditional one. The switch step actually used, and why, is part of the trainer's checkpointed state, so a
-resumed run keeps it.
+the first conditional one (guard.action "switch"), or the run ends after this step ("stop"). The switch step actually
+used, and why, is part of the trainer's checkpointed state, so a resumed run keeps it.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import os
 import shutil
@@ -24,9 +25,8 @@ import torch
 import torch.distributed as dist
 
 from dsrl_fast.analysis.thoughts import count_thoughts
-from dsrl_fast.data import PromptSampler
+from dsrl_fast.data import Problem, PromptSampler
 from dsrl_fast.errors import RunInterrupted, UserError
-from dsrl_fast.eval.periodic import HELD_OUT, EvalTask, evaluate_tasks, load_benchmarks
 from dsrl_fast.logprobs import linear_logprobs
 from dsrl_fast.model import lm_head_weight, packed_hidden_states, prepare_packed_model
 from dsrl_fast.reward import RewardFn, get_reward_fn, reward_stats
@@ -201,16 +201,18 @@ def _sampling(cfg: TrainConfig, tokenizer: Any, n: int, seed: int, greedy: bool 
                           stop_token_ids=(tokenizer.eos_token_id,), seed=seed)
 
 
-def evaluate(cfg: TrainConfig, engine: RolloutEngine, tokenizer: Any, reward_fn: RewardFn, tasks: list[EvalTask],
-             d: Dist, *, greedy: bool) -> tuple[float | None, dict[str, float]]:
-    """(held-out accuracy, metrics): the accuracy is the mean reward of eval_n responses per held-out problem (None
-    without held-out problems); the metrics hold every task's avg@eval_n and pass@k for k = 1, 2, 4, ... <= eval_n as
-    "eval/<task>/<metric>". Sampled at the rollout temperature (or greedy) by dsrl_fast.eval.periodic."""
-    sampling = _sampling(cfg, tokenizer, cfg.eval_n, cfg.seed + 17, greedy)
-    ks = [2**i for i in range(cfg.eval_n.bit_length())]
-    metrics = evaluate_tasks(engine, tokenizer, tasks, reward_fn, sampling=sampling, ks=ks, rank=d.rank,
-                             world_size=d.world_size, reduce=_sum_over_ranks)
-    return metrics.get(f"{HELD_OUT}/avg@{cfg.eval_n}"), {f"eval/{k}": v for k, v in metrics.items()}
+def evaluate(cfg: TrainConfig, engine: RolloutEngine, tokenizer: Any, reward_fn: RewardFn,
+             problems: list[Problem], prompts: list[list[int]], d: Dist, *, greedy: bool) -> float | None:
+    """Accuracy of one response per held-out problem (sampled at the rollout temperature, or greedy); None without
+    held-out problems."""
+    if not problems:
+        return None
+    mine = list(range(d.rank, len(problems), d.world_size))
+    rollouts = engine.generate([prompts[i] for i in mine], _sampling(cfg, tokenizer, 1, cfg.seed + 17, greedy))
+    texts = tokenizer.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)
+    scores = reward_fn(texts, [problems[mine[r.prompt_index]].answer for r in rollouts])
+    total, count = _sum_over_ranks([sum(scores), len(scores)])
+    return total / max(count, 1)
 
 
 def _sum_over_ranks(values: list[float]) -> list[float]:
@@ -287,7 +289,6 @@ def train(cfg: TrainConfig) -> TrainSummary:
     d = init_distributed()
     check_requirements(cfg, d.world_size)
     problems, held_out = load_train_eval_problems(cfg)
-    benchmarks = load_benchmarks(cfg.eval_benchmarks, limit=cfg.data.eval_size)
     cfg = resolve_run_length(cfg, len(problems))
     assert cfg.steps is not None
     out = Path(cfg.output_dir)
@@ -296,8 +297,6 @@ def train(cfg: TrainConfig) -> TrainSummary:
     tokenizer = build_tokenizer(cfg)
     problems, prompts = encode_problems(cfg, tokenizer, problems, "training")
     held_out, eval_prompts = encode_problems(cfg, tokenizer, held_out, "held-out")
-    eval_tasks = [EvalTask(HELD_OUT, held_out, eval_prompts)]
-    eval_tasks += [EvalTask(label, *encode_problems(cfg, tokenizer, extra, label)) for label, extra in benchmarks]
     prefix = resolve_marginal_prefix(cfg, tokenizer)
 
     torch.manual_seed(cfg.seed)
@@ -343,11 +342,9 @@ def train(cfg: TrainConfig) -> TrainSummary:
             if d.rank == 0:  # only now: a refused or failed resume leaves the previous config in place
                 save_config(cfg, out / "config.yaml")
             if resume_from is None:
-                trainer_state["accuracy_before"], before = evaluate(cfg, engine, tokenizer, reward_fn, eval_tasks, d,
-                                                                    greedy=cfg.eval_greedy)
+                trainer_state["accuracy_before"] = evaluate(cfg, engine, tokenizer, reward_fn, held_out, eval_prompts,
+                                                            d, greedy=cfg.eval_greedy)
                 print0(_describe_accuracy("before RL", trainer_state["accuracy_before"]))
-                if len(eval_tasks) > 1 or cfg.eval_n > 1:
-                    print0("before RL: " + ", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in before.items()))
 
             logger = MetricsLogger(out, tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project,
                                    config_dict=config_to_dict(cfg), resume=resume_from is not None)
@@ -404,7 +401,11 @@ def train(cfg: TrainConfig) -> TrainSummary:
                     trainer_state["guard"] = guard.state_dict()
                     metrics.update(guard=decision.reason, truncated_share=signals.truncated_share,
                                    marginal_logprob_drift=decision.logprob_drift)
-                    if decision.switch:
+                    if decision.switch and cfg.guard.action == "stop":
+                        cfg = dataclasses.replace(cfg, steps=step + 1)  # the run ends after this step
+                        metrics["guard_stop"] = step + 1
+                        print0(f"guard: the run stops after step {step} ({decision.reason})")
+                    elif decision.switch:
                         trainer_state["switch_step"] = metrics["switch_step"] = step + 1
                         print0(f"guard: the marginal phase ends after step {step} ({decision.reason}); "
                                f"{phase.algo} -> {cfg.algo.after_switch} from step {step + 1}")
@@ -417,11 +418,10 @@ def train(cfg: TrainConfig) -> TrainSummary:
                 done = step + 1
                 # Evaluation before the checkpoint: a run killed in between redoes both after resuming.
                 if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
-                    acc, results = evaluate(cfg, engine, tokenizer, reward_fn, eval_tasks, d, greedy=cfg.eval_greedy)
+                    acc = evaluate(cfg, engine, tokenizer, reward_fn, held_out, eval_prompts, d,
+                                   greedy=cfg.eval_greedy)
                     if acc is not None:
-                        results["eval_accuracy"] = acc
-                    if results:
-                        logger.log(step, {"step": step, **results})
+                        logger.log(step, {"step": step, "eval_accuracy": acc})
                 if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
                     last_checkpoint = checkpoint(done)
                 (stop_now,) = _sum_over_ranks([float(stop.signum is not None)])
@@ -434,11 +434,12 @@ def train(cfg: TrainConfig) -> TrainSummary:
                     plot = _write_plot(cfg, out, d.rank)
                     print0(f"metrics : {out / 'metrics.jsonl'}" + (f"\nplot    : {plot}" if plot else ""))
                     raise RunInterrupted(stop.signum or signal.SIGTERM, done, str(last_checkpoint))
+                if done >= cfg.steps:  # the guard stopped the run early
+                    break
             progress.close()
 
-            accuracy_after, after = evaluate(cfg, engine, tokenizer, reward_fn, eval_tasks, d, greedy=cfg.eval_greedy)
-            if len(eval_tasks) > 1 or cfg.eval_n > 1:
-                print0("after RL: " + ", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in after.items()))
+            accuracy_after = evaluate(cfg, engine, tokenizer, reward_fn, held_out, eval_prompts, d,
+                                      greedy=cfg.eval_greedy)
             final = checkpoint(cfg.steps)
             logger.close()
             sample_log.close()
