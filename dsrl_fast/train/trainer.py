@@ -25,8 +25,9 @@ import torch
 import torch.distributed as dist
 
 from dsrl_fast.analysis.thoughts import count_thoughts
-from dsrl_fast.data import Problem, PromptSampler
+from dsrl_fast.data import PromptSampler
 from dsrl_fast.errors import RunInterrupted, UserError
+from dsrl_fast.eval.periodic import HELD_OUT, EvalTask, evaluate_tasks, load_benchmarks
 from dsrl_fast.logprobs import linear_logprobs
 from dsrl_fast.model import lm_head_weight, packed_hidden_states, prepare_packed_model
 from dsrl_fast.reward import RewardFn, get_reward_fn, reward_stats
@@ -34,6 +35,7 @@ from dsrl_fast.rollout.base import RolloutEngine, SamplingConfig
 from dsrl_fast.train.algorithms import Phase, phase_for_step, uses_critic
 from dsrl_fast.train.batch_update import CriticSetup, UpdateOptions, run_batch
 from dsrl_fast.train.checkpoint import latest_checkpoint, load_checkpoint, load_reference, save_checkpoint
+from dsrl_fast.train.collectives import reduce_floats
 from dsrl_fast.train.config import TrainConfig, config_to_dict, save_config
 from dsrl_fast.train.critic import CriticModule, build_critic_model, load_critic, save_critic
 from dsrl_fast.train.guard import MarginalGuard, guard_signals
@@ -127,26 +129,40 @@ class _SharedModelEngine:
 
 
 def build_engine(cfg: TrainConfig, model: torch.nn.Module, tokenizer: Any) -> RolloutEngine:
-    """The rollout engine of rollout.engine: the HF engine on the shared model, or a colocated vLLM."""
+    """The rollout engine of rollout.engine: the HF engine on the shared model, or a colocated vLLM per rank (or per
+    block of rollout.tensor_parallel_size ranks).
+
+    vLLM starts from model.name_or_path itself; the toy model, built in code, is first exported by rank 0 to
+    ``<output_dir>/vllm_init`` (removed when the run ends). Every rank must call this.
+    """
     if cfg.rollout.engine == "hf":
         from dsrl_fast.rollout.hf_engine import HFEngine
 
         return _SharedModelEngine(HFEngine(model), model)
     from dsrl_fast.rollout.vllm_engine import VLLMEngine
 
-    export = Path(cfg.output_dir) / VLLM_INIT_DIR
-    model.save_pretrained(export)
-    tokenizer.save_pretrained(export)
+    source = cfg.model.name_or_path
+    if source is None:
+        export = Path(cfg.output_dir) / VLLM_INIT_DIR
+        if not (dist.is_initialized() and dist.get_rank() != 0):
+            model.save_pretrained(export)
+            tokenizer.save_pretrained(export)
+        if dist.is_initialized():
+            dist.barrier()
+        source = str(export)
     # vLLM refuses a max_model_len beyond the model's positions (the toy model has 64).
     longest = cfg.data.max_prompt_len + cfg.rollout.max_response_len
     positions = getattr(model.config, "max_position_embeddings", None)
     # The trainer's dtype, not vLLM's "auto" (which runs an fp32 model in bf16 on CPU): sampler and trainer
     # log-probs must agree.
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    return VLLMEngine(str(export), dtype=dtype, seed=cfg.seed,
+    return VLLMEngine(source, dtype=dtype, seed=cfg.seed,
                       gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
                       cpu_kv_cache_gib=math.ceil(cfg.rollout.vllm_kv_cache_gib),
-                      max_model_len=min(longest, positions) if positions else longest)
+                      max_model_len=min(longest, positions) if positions else longest,
+                      tensor_parallel_size=cfg.rollout.tensor_parallel_size,
+                      sleep_between_generations=cfg.rollout.sleep_between_generations,
+                      trust_remote_code=cfg.model.trust_remote_code)
 
 
 def build_updater(cfg: TrainConfig, module: PolicyModule, world_size: int) -> Updater:
@@ -155,9 +171,7 @@ def build_updater(cfg: TrainConfig, module: PolicyModule, world_size: int) -> Up
     o, ds = cfg.optim, cfg.deepspeed
     use_ds = ds.enabled if ds.enabled is not None else world_size > 1
     if not use_ds:
-        if world_size > 1:
-            raise ValueError(f"deepspeed.enabled must not be false with WORLD_SIZE={world_size}: "
-                             "data parallel training runs through DeepSpeed")
+        assert world_size == 1, "check_requirements refuses deepspeed.enabled=false when distributed"
         return TorchUpdater(module, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=o.eps,
                             grad_clip=o.grad_clip)
     dtype = next(module.parameters()).dtype
@@ -201,28 +215,16 @@ def _sampling(cfg: TrainConfig, tokenizer: Any, n: int, seed: int, greedy: bool 
                           stop_token_ids=(tokenizer.eos_token_id,), seed=seed)
 
 
-def evaluate(cfg: TrainConfig, engine: RolloutEngine, tokenizer: Any, reward_fn: RewardFn,
-             problems: list[Problem], prompts: list[list[int]], d: Dist, *, greedy: bool) -> float | None:
-    """Accuracy of one response per held-out problem (sampled at the rollout temperature, or greedy); None without
-    held-out problems."""
-    if not problems:
-        return None
-    mine = list(range(d.rank, len(problems), d.world_size))
-    rollouts = engine.generate([prompts[i] for i in mine], _sampling(cfg, tokenizer, 1, cfg.seed + 17, greedy))
-    texts = tokenizer.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)
-    scores = reward_fn(texts, [problems[mine[r.prompt_index]].answer for r in rollouts])
-    total, count = _sum_over_ranks([sum(scores), len(scores)])
-    return total / max(count, 1)
-
-
-def _sum_over_ranks(values: list[float]) -> list[float]:
-    if not (dist.is_available() and dist.is_initialized()):
-        return values
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t)
-    return t.cpu().tolist()
+def evaluate(cfg: TrainConfig, engine: RolloutEngine, tokenizer: Any, reward_fn: RewardFn, tasks: list[EvalTask],
+             d: Dist, *, greedy: bool) -> tuple[float | None, dict[str, float]]:
+    """(held-out accuracy, metrics): the accuracy is the mean reward of eval_n responses per held-out problem (None
+    without held-out problems); the metrics hold every task's avg@eval_n and pass@k for k = 1, 2, 4, ... <= eval_n as
+    "eval/<task>/<metric>". Sampled at the rollout temperature (or greedy) by dsrl_fast.eval.periodic."""
+    sampling = _sampling(cfg, tokenizer, cfg.eval_n, cfg.seed + 17, greedy)
+    ks = [2**i for i in range(cfg.eval_n.bit_length())]
+    metrics = evaluate_tasks(engine, tokenizer, tasks, reward_fn, sampling=sampling, ks=ks, rank=d.rank,
+                             world_size=d.world_size, reduce=reduce_floats)
+    return metrics.get(f"{HELD_OUT}/avg@{cfg.eval_n}"), {f"eval/{k}": v for k, v in metrics.items()}
 
 
 def _reward_counts(reward_fn: RewardFn) -> dict[str, int]:
@@ -232,7 +234,19 @@ def _reward_counts(reward_fn: RewardFn) -> dict[str, int]:
     if stats is None:
         return {}
     counts = stats.metrics()
-    return dict(zip(counts, (int(v) for v in _sum_over_ranks([float(v) for v in counts.values()])), strict=True))
+    return dict(zip(counts, (int(v) for v in reduce_floats([float(v) for v in counts.values()])), strict=True))
+
+
+def _phase_times(samples: Any, result: Any, *, rollout_s: float, reward_s: float, update_s: float,
+                 sync_s: float) -> dict[str, float | None]:
+    """Seconds of each phase of a step (the slowest rank's) and the token rates of generation and update."""
+    generated = float(sum(len(r) for r in samples.response_ids))
+    (generated,) = reduce_floats([generated])
+    rollout_s, reward_s, update_s, sync_s = reduce_floats([rollout_s, reward_s, update_s, sync_s], dist.ReduceOp.MAX)
+    return {"rollout_s": rollout_s, "reward_s": reward_s, "update_s": update_s, "sync_s": sync_s,
+            "rollout_tokens_per_s": generated / rollout_s if rollout_s > 0 else None,
+            "update_tokens_per_s": result.packed_tokens / update_s if update_s > 0 and result.stepped else None,
+            "rank_token_imbalance": result.rank_token_imbalance}
 
 
 def _step_seed(seed: int, step: int, rank: int) -> int:
@@ -247,7 +261,7 @@ def _prepare_output_dir(cfg: TrainConfig, d: Dist) -> Path | None:
             prepare_output_dir(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite)
         except UserError as exc:
             error = exc
-    (failed,) = _sum_over_ranks([float(error is not None)])
+    (failed,) = reduce_floats([float(error is not None)])
     if error is not None:
         raise error
     if failed:
@@ -289,6 +303,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
     d = init_distributed()
     check_requirements(cfg, d.world_size)
     problems, held_out = load_train_eval_problems(cfg)
+    benchmarks = load_benchmarks(cfg.eval_benchmarks, limit=cfg.data.eval_size)
     cfg = resolve_run_length(cfg, len(problems))
     assert cfg.steps is not None
     out = Path(cfg.output_dir)
@@ -297,6 +312,8 @@ def train(cfg: TrainConfig) -> TrainSummary:
     tokenizer = build_tokenizer(cfg)
     problems, prompts = encode_problems(cfg, tokenizer, problems, "training")
     held_out, eval_prompts = encode_problems(cfg, tokenizer, held_out, "held-out")
+    eval_tasks = [EvalTask(HELD_OUT, held_out, eval_prompts)]
+    eval_tasks += [EvalTask(label, *encode_problems(cfg, tokenizer, extra, label)) for label, extra in benchmarks]
     prefix = resolve_marginal_prefix(cfg, tokenizer)
 
     torch.manual_seed(cfg.seed)
@@ -342,9 +359,11 @@ def train(cfg: TrainConfig) -> TrainSummary:
             if d.rank == 0:  # only now: a refused or failed resume leaves the previous config in place
                 save_config(cfg, out / "config.yaml")
             if resume_from is None:
-                trainer_state["accuracy_before"] = evaluate(cfg, engine, tokenizer, reward_fn, held_out, eval_prompts,
-                                                            d, greedy=cfg.eval_greedy)
+                trainer_state["accuracy_before"], before = evaluate(cfg, engine, tokenizer, reward_fn, eval_tasks, d,
+                                                                    greedy=cfg.eval_greedy)
                 print0(_describe_accuracy("before RL", trainer_state["accuracy_before"]))
+                if len(eval_tasks) > 1 or cfg.eval_n > 1:
+                    print0("before RL: " + ", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in before.items()))
 
             logger = MetricsLogger(out, tensorboard=cfg.tensorboard, wandb_project=cfg.wandb_project,
                                    config_dict=config_to_dict(cfg), resume=resume_from is not None)
@@ -372,8 +391,11 @@ def train(cfg: TrainConfig) -> TrainSummary:
                 batch = sampler.next_batch()
                 mine = batch[d.rank * per_rank:(d.rank + 1) * per_rank]
                 my_prompts = [prompts[i] for i in mine]
-                rollouts = engine.generate(my_prompts, _sampling(cfg, tokenizer, cfg.rollout.n,
-                                                                  _step_seed(cfg.seed, step, d.rank)))
+                # Seeds by global prompt index: vLLM samples each prompt alike on any number of ranks.
+                seed = _step_seed(cfg.seed, step, 0) + d.rank * per_rank * cfg.rollout.n
+                t_rollout = time.perf_counter()
+                rollouts = engine.generate(my_prompts, _sampling(cfg, tokenizer, cfg.rollout.n, seed))
+                t_reward = time.perf_counter()
                 texts = tokenizer.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)
                 rewards = reward_fn(texts, [problems[mine[r.prompt_index]].answer for r in rollouts])
                 reward_counts = _reward_counts(reward_fn)
@@ -381,17 +403,22 @@ def train(cfg: TrainConfig) -> TrainSummary:
                     sample_log.write(step, problems[mine[r.prompt_index]].prompt_text, text, reward)
                 samples = collect_samples(my_prompts, rollouts, rewards, group_offset=d.rank * per_rank)
                 lr = phase.lr * _lr_factor(cfg, step)
+                t_update = time.perf_counter()
                 outcome = run_batch(run_update, updater, samples, phase, step=step, marginal_prefix=prefix,
                                     max_tokens=cfg.optim.max_tokens_per_micro_batch, device=d.device, lr=lr,
                                     options=_update_options(cfg), critic=critic,
                                     ref_logprobs_fn=_ref_fn(ref_model, phase) if ref_model is not None else None,
                                     marginal_logprob=guard is not None and cfg.guard.max_logprob_drift is not None)
                 result = outcome.update
+                t_sync = time.perf_counter()
                 if result.stepped:
                     engine.update_weights(updater.named_parameters_for_sync())
-                metrics = _step_metrics(cfg, phase, samples, texts, result, lr, time.perf_counter() - t0,
-                                         trainer_state)
+                t_end = time.perf_counter()
+                metrics = _step_metrics(cfg, phase, samples, texts, result, lr, t_end - t0, trainer_state)
                 metrics.update(reward_counts)
+                metrics.update(_phase_times(samples, result, rollout_s=t_reward - t_rollout,
+                                            reward_s=t_update - t_reward, update_s=t_sync - t_update,
+                                            sync_s=t_end - t_sync))
                 metrics.update(outcome.metrics)
                 if cfg.algo.algo == "dsrl":
                     metrics["switch_step"] = trainer_state["switch_step"]
@@ -418,13 +445,14 @@ def train(cfg: TrainConfig) -> TrainSummary:
                 done = step + 1
                 # Evaluation before the checkpoint: a run killed in between redoes both after resuming.
                 if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
-                    acc = evaluate(cfg, engine, tokenizer, reward_fn, held_out, eval_prompts, d,
-                                   greedy=cfg.eval_greedy)
+                    acc, results = evaluate(cfg, engine, tokenizer, reward_fn, eval_tasks, d, greedy=cfg.eval_greedy)
                     if acc is not None:
-                        logger.log(step, {"step": step, "eval_accuracy": acc})
+                        results["eval_accuracy"] = acc
+                    if results:
+                        logger.log(step, {"step": step, **results})
                 if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
                     last_checkpoint = checkpoint(done)
-                (stop_now,) = _sum_over_ranks([float(stop.signum is not None)])
+                (stop_now,) = reduce_floats([float(stop.signum is not None)])
                 if stop_now and done < cfg.steps:
                     progress.close()
                     if last_checkpoint is None or last_checkpoint.name != f"step_{done:06d}":
@@ -438,8 +466,9 @@ def train(cfg: TrainConfig) -> TrainSummary:
                     break
             progress.close()
 
-            accuracy_after = evaluate(cfg, engine, tokenizer, reward_fn, held_out, eval_prompts, d,
-                                      greedy=cfg.eval_greedy)
+            accuracy_after, after = evaluate(cfg, engine, tokenizer, reward_fn, eval_tasks, d, greedy=cfg.eval_greedy)
+            if len(eval_tasks) > 1 or cfg.eval_n > 1:
+                print0("after RL: " + ", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in after.items()))
             final = checkpoint(cfg.steps)
             logger.close()
             sample_log.close()
@@ -488,7 +517,7 @@ def _step_metrics(cfg: TrainConfig, phase: Phase, samples: Any, texts: list[str]
     thoughts = count_thoughts(texts)
     lengths = [len(r) for r in samples.response_ids]
     prompt_tokens = sum(len(p) for p in samples.prompt_ids)
-    sums = _sum_over_ranks([
+    sums = reduce_floats([
         float(rewards.sum()), float((rewards == 1).float().sum()), float(rewards.numel()), float(sum(lengths)),
         float((rewards == 1).all(dim=1).sum()), float((rewards < 1).all(dim=1).sum()), float(rewards.shape[0]),
         float(thoughts.transition), float(thoughts.reflection), float(thoughts.steps),
