@@ -13,6 +13,7 @@ pytest.importorskip("transformers", reason="the RL step runs a transformers mode
 
 from dsrl_fast.model import prepare_packed_model  # noqa: E402
 from dsrl_fast.rollout.base import Rollout  # noqa: E402
+from dsrl_fast.train.algorithms import phase_for_step  # noqa: E402
 from dsrl_fast.train.batch_update import (  # noqa: E402
     CriticSetup,
     UpdateOptions,
@@ -20,7 +21,6 @@ from dsrl_fast.train.batch_update import (  # noqa: E402
     policy_logprob_fn,
     run_batch,
 )
-from dsrl_fast.train.algorithms import phase_for_step  # noqa: E402
 from dsrl_fast.train.config import GuardConfig  # noqa: E402
 from dsrl_fast.train.critic import CriticModule, ValueLossConfig, build_critic_model, value_loss  # noqa: E402
 from dsrl_fast.train.guard import GuardSignals, MarginalGuard, guard_signals  # noqa: E402
@@ -199,8 +199,8 @@ def test_kl_in_reward(base: torch.nn.Module) -> None:
         assert abs(zero_kl.metrics["reward_kl"]) < 1e-6
         torch.testing.assert_close(zero_kl.advantages, plain.advantages, rtol=1e-4, atol=1e-5)
 
-        def shifted(batch: Any) -> torch.Tensor:
-            return same(batch) - 0.3  # log π - log π_ref = 0.3 on every token
+        def shifted(batch: Any, score: Any = same) -> torch.Tensor:
+            return score(batch) - 0.3  # log π - log π_ref = 0.3 on every token
 
         penalized = _batch(_policy(base), samples, phase, UpdateOptions(kl_in_reward=0.5), ref_logprobs_fn=shifted)
         assert penalized.metrics["reward_kl"] == pytest.approx(0.3, abs=1e-5)

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from dsrl_fast.advantages import BATCH_ESTIMATORS, gae, whiten
+from dsrl_fast.advantages import gae, whiten
 from dsrl_fast.logprobs import linear_logprobs
 from dsrl_fast.model import gathered, lm_head_weight, packed_hidden_states
 from dsrl_fast.packing import PackedBatch, build_micro_batches

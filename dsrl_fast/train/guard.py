@@ -16,8 +16,8 @@ used, and why, is part of the trainer's checkpointed state, so a resumed run kee
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from dsrl_fast.rollout.base import Rollout
