@@ -159,6 +159,7 @@ def test_config_plot_and_checkpoints(main_run: tuple[TrainSummary, Path]) -> Non
     assert summary.plot_path == str(out / "training.png")
     assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert summary.checkpoint_path == str(checkpoint_dir(out, 4) / "hf")
+    assert (out / "sft_warmup" / "config.json").is_file(), "the model before RL is exported after the warm-up"
     for step in (2, 4):
         assert (checkpoint_dir(out, step) / STATE_FILE).is_file()
         assert not (checkpoint_dir(out, step) / REFERENCE_FILE).exists()  # no KL: no reference policy

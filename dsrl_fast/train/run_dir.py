@@ -1,7 +1,8 @@
 """The run directory: refuse to mix two runs, check it is writable before the heavy work, clean up after.
 
 A run directory holds ``config.yaml``, ``metrics.jsonl``, ``samples.jsonl``, ``training.png``, ``checkpoints/``,
-``tensorboard/``, ``wandb_run_id`` and, while a vLLM run is alive, ``vllm_init/`` (the initial weights vLLM loads).
+``tensorboard/``, ``wandb_run_id``, ``sft_warmup/`` (the toy model after its supervised warm-up) and, while a vLLM
+run is alive, ``vllm_init/`` (the initial weights vLLM loads).
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from pathlib import Path
 from dsrl_fast.errors import UserError
 from dsrl_fast.train.checkpoint import latest_checkpoint
 
-__all__ = ["RUN_ARTIFACTS", "VLLM_INIT_DIR", "prepare_output_dir", "previous_run_artifacts"]
+__all__ = ["RUN_ARTIFACTS", "SFT_DIR", "VLLM_INIT_DIR", "prepare_output_dir", "previous_run_artifacts"]
 
 VLLM_INIT_DIR = "vllm_init"
+# The toy model after its supervised warm-up (Hugging Face format): the "before RL" model.
+SFT_DIR = "sft_warmup"
 # What a previous run leaves behind; `overwrite=true` removes exactly these.
 RUN_ARTIFACTS = ("checkpoints", "metrics.jsonl", "samples.jsonl", "training.png", "tensorboard", "wandb_run_id",
-                 "config.yaml", VLLM_INIT_DIR)
+                 "config.yaml", VLLM_INIT_DIR, SFT_DIR)
 # A directory holding any of these (a non-empty checkpoints/ folder, non-empty files) holds a run whose results a
 # new run would destroy.
 _RESULTS = ("checkpoints", "metrics.jsonl", "samples.jsonl")

@@ -51,7 +51,7 @@ from dsrl_fast.train.update import (
     deepspeed_config,
     lr_factor,
 )
-from dsrl_fast.train.run_dir import VLLM_INIT_DIR, prepare_output_dir
+from dsrl_fast.train.run_dir import SFT_DIR, VLLM_INIT_DIR, prepare_output_dir
 from dsrl_fast.train.setup import (
     build_model,
     build_tokenizer,
@@ -329,7 +329,11 @@ def train(cfg: TrainConfig) -> TrainSummary:
 
                 losses = supervised_warmup(model, tokenizer, problems, cfg.sft.steps, batch_size=cfg.sft.batch_size,
                                            lr=cfg.sft.lr, seed=cfg.seed)
-                print0(f"supervised warm-up: {cfg.sft.steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+                if d.rank == 0:  # the "before RL" model, for `dsrl-fast eval` comparisons
+                    model.save_pretrained(out / SFT_DIR)
+                    tokenizer.save_pretrained(out / SFT_DIR)
+                print0(f"supervised warm-up: {cfg.sft.steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}; "
+                       f"model saved to {out / SFT_DIR}")
                 engine.update_weights(model.state_dict().items())
 
             prepare_packed_model(model, attention_backend=cfg.model.attention_backend, use_liger=cfg.model.use_liger)
