@@ -130,7 +130,8 @@ class TorchUpdater:
             param.grad = None
 
     def step(self, lr: float) -> float:
-        """Clip, step, zero the gradients; returns the pre-clip gradient norm (inf/nan: the step was skipped)."""
+        """Clip, step, zero the gradients; returns the pre-clip gradient norm (an fp16 step whose gradients
+        overflowed is skipped and returns the non-finite norm)."""
         self._masters_take_grads()
         norm = torch.nn.utils.clip_grad_norm_(self.masters, self.grad_clip if self.grad_clip > 0 else float("inf"))
         if self.scale != 1.0 and not torch.isfinite(norm):
