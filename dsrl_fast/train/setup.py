@@ -190,18 +190,14 @@ def encode_problems(cfg: TrainConfig, tokenizer: Any, problems: list[Problem],
     if not long:
         return problems, encoded
     longest = max(len(encoded[i]) for i in long)
-    if d.prompt_overflow == "truncate_left":
-        print0(f"{len(long)} of {len(problems)} {what} prompts are longer than data.max_prompt_len={d.max_prompt_len} "
-               f"tokens (longest {longest}): truncated from the left")
-        return problems, [ids[-d.max_prompt_len:] for ids in encoded]
-    dropped = set(long)
-    kept = [i for i in range(len(problems)) if i not in dropped]
-    if not kept and problems:
+    truncate = d.prompt_overflow == "truncate_left"
+    kept = range(len(problems)) if truncate else sorted(set(range(len(problems))) - set(long))
+    if not kept:
         raise UserError(f"data.max_prompt_len must fit some {what} prompt with data.prompt_overflow=drop, got "
                         f"{d.max_prompt_len} (every prompt is longer; the longest has {longest} tokens)")
     print0(f"{len(long)} of {len(problems)} {what} prompts are longer than data.max_prompt_len={d.max_prompt_len} "
-           f"tokens (longest {longest}): dropped")
-    return [problems[i] for i in kept], [encoded[i] for i in kept]
+           f"tokens (longest {longest}): {'truncated from the left' if truncate else 'dropped'}")
+    return [problems[i] for i in kept], [encoded[i][-d.max_prompt_len:] for i in kept]
 
 
 def resolve_marginal_prefix(cfg: TrainConfig, tokenizer: Any) -> tuple[int, ...]:
