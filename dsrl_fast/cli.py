@@ -160,12 +160,30 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointWriteError as exc:
         print(f"dsrl-fast {args.command}: error: {exc}", file=sys.stderr)
         return 1
-    except RunStopped as exc:
-        print(f"dsrl-fast {args.command}: {exc}", file=sys.stderr)
-        return exc.exit_code
     except KeyboardInterrupt:
         print(f"dsrl-fast {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BaseException as exc:
+        stop = _stop_in_chain(exc)
+        if stop is None:
+            raise
+        print(f"dsrl-fast {args.command}: {stop}", file=sys.stderr)
+        return stop.exit_code
+
+
+def _stop_in_chain(exc: BaseException | None) -> RunStopped | None:
+    """The RunStopped `exc` is or was raised from.
+
+    An abort can land inside an extension module's initialisation (a lazy import), which re-raises it as
+    ``ImportError: initialization failed`` chained to the original.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, RunStopped):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 if __name__ == "__main__":

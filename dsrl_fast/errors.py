@@ -7,7 +7,8 @@
 - :class:`RunInterrupted`: the first SIGINT/SIGTERM stopped a run at a step boundary after a checkpoint was saved.
 - :class:`RunAborted`: a second signal stopped it at once, without a checkpoint.
 
-Both stops exit with 128 + the signal number, the shell's convention for a process ended by a signal.
+Both stops exit with 128 + the signal number, the shell's convention for a process ended by a signal. They derive
+from ``BaseException``, like ``KeyboardInterrupt``, so a library's ``except Exception`` cannot swallow an abort.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class CheckpointWriteError(OSError):
     """Writing a checkpoint failed; the message names the directory, the cause and the free space left."""
 
 
-class RunStopped(Exception):
+class RunStopped(BaseException):
     """A run stopped on signal `signum`."""
 
     def __init__(self, signum: int, message: str):

