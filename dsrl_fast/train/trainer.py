@@ -320,8 +320,8 @@ def train(cfg: TrainConfig) -> TrainSummary:
     model = build_model(cfg, d.device, tokenizer)
     reward_fn = get_reward_fn(cfg.reward)
     engine = None
-    try:
-        with StopRequest() as stop:
+    with StopRequest() as stop:
+        try:
             engine = build_engine(cfg, model, tokenizer)
             trainer_state: dict[str, Any] = {}
             if resume_from is None and cfg.sft.steps > 0:
@@ -479,14 +479,14 @@ def train(cfg: TrainConfig) -> TrainSummary:
             plot_path = _write_plot(cfg, out, d.rank)
             return TrainSummary(trainer_state["accuracy_before"], accuracy_after, cfg.steps,
                                 time.perf_counter() - started, str(out), plot_path, str(final / "hf"))
-    finally:
-        if engine is not None:
-            engine.close()
-        close = getattr(reward_fn, "close", None)
-        if close is not None:
-            close()
-        if d.rank == 0:
-            shutil.rmtree(out / VLLM_INIT_DIR, ignore_errors=True)
+        finally:
+            if engine is not None:
+                engine.close()
+            close = getattr(reward_fn, "close", None)
+            if close is not None:
+                close()
+            if d.rank == 0:
+                shutil.rmtree(out / VLLM_INIT_DIR, ignore_errors=True)
 
 
 def _lr_factor(cfg: TrainConfig, step: int) -> float:
