@@ -54,37 +54,46 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
     def backward(ctx: Any, grad_logprobs: torch.Tensor | None,
                  grad_entropy: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
         hidden, weight, labels, lse, entropy = ctx.saved_tensors
-        inv_t: float = ctx.inv_t
         if grad_logprobs is None:
             grad_logprobs = torch.zeros_like(lse)
-        use_entropy = ctx.with_entropy and grad_entropy is not None
+        if not (ctx.with_entropy and grad_entropy is not None):
+            grad_entropy = None
         active = grad_logprobs != 0
-        if use_entropy:
+        if grad_entropy is not None:
             active |= grad_entropy != 0
-        rows_idx = active.nonzero().squeeze(1)
-        weight32 = weight.float()
-        d_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-        d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        step = _rows_per_chunk(weight.shape[0])
-        for start in range(0, rows_idx.numel(), step):
-            idx = rows_idx[start:start + step]
-            h = hidden[idx].float()
-            z = (h @ weight32.T) * inv_t
-            log_p = z - lse[idx, None]
-            p = torch.exp(log_p)
-            dz = -grad_logprobs[idx, None].float() * p
-            dz.scatter_add_(1, labels[idx, None], grad_logprobs[idx, None].float())
-            if use_entropy:
-                dz -= grad_entropy[idx, None].float() * p * (log_p + entropy[idx, None])
-            dz *= inv_t
-            if ctx.needs_input_grad[0]:
-                d_hidden[idx] = dz @ weight32
-            if ctx.needs_input_grad[1]:
-                d_weight.addmm_(dz.T, h)
-        return (
-            d_hidden.to(hidden.dtype) if ctx.needs_input_grad[0] else None,
-            d_weight.to(weight.dtype) if ctx.needs_input_grad[1] else None,
-            None,
-            None,
-            None,
-        )
+        d_hidden, d_weight = backward_rows(ctx.saved_tensors, grad_logprobs, grad_entropy, active.nonzero().squeeze(1),
+                                           ctx.inv_t, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return d_hidden, d_weight, None, None, None
+
+
+def backward_rows(saved: tuple[torch.Tensor, ...], grad_logprobs: torch.Tensor, grad_entropy: torch.Tensor | None,
+                  rows: torch.Tensor, inv_t: float, need_hidden: bool,
+                  need_weight: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of :class:`ChunkedLinearLogprobs` from the given rows only, a chunk of fp32 logits at a time.
+
+    saved: (hidden (N, H), weight (V, H), labels (N,) int64, lse (N,) fp32, entropy (N,) fp32 or empty), as the
+    forward saves them; grad_logprobs (N,); grad_entropy (N,) or None; rows: int64 indices of the rows to recompute
+    (the others have zero gradient). Returns (d_hidden (N, H), d_weight (V, H)) in the inputs' dtypes, None where not
+    needed.
+    """
+    hidden, weight, labels, lse, entropy = saved
+    weight32 = weight.float()
+    d_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    step = _rows_per_chunk(weight.shape[0])
+    for start in range(0, rows.numel(), step):
+        idx = rows[start:start + step]
+        h = hidden[idx].float()
+        z = (h @ weight32.T) * inv_t
+        log_p = z - lse[idx, None]
+        p = torch.exp(log_p)
+        dz = -grad_logprobs[idx, None].float() * p
+        dz.scatter_add_(1, labels[idx, None], grad_logprobs[idx, None].float())
+        if grad_entropy is not None:
+            dz -= grad_entropy[idx, None].float() * p * (log_p + entropy[idx, None])
+        dz *= inv_t
+        if need_hidden:
+            d_hidden[idx] = dz @ weight32
+        if need_weight:
+            d_weight.addmm_(dz.T, h)
+    return (d_hidden.to(hidden.dtype) if need_hidden else None, d_weight.to(weight.dtype) if need_weight else None)

@@ -26,7 +26,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from dsrl_fast.torch_logprobs import ChunkedLinearLogprobs, _rows_per_chunk
+from dsrl_fast.torch_logprobs import ChunkedLinearLogprobs, backward_rows
 
 LOSS_KINDS = ("no_logits", "grad_in_forward", "torch")
 META_ATTENTION_NAME = "dsrl_plan_meta"
@@ -229,33 +229,13 @@ class _TorchLossStandIn(ChunkedLinearLogprobs):
     @staticmethod
     def backward(ctx: Any, grad_logprobs: torch.Tensor | None,
                  grad_entropy: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        hidden, weight, labels, lse, entropy = ctx.saved_tensors
+        hidden, _, _, lse, _ = ctx.saved_tensors
         if grad_logprobs is None:
             grad_logprobs = torch.zeros_like(lse)
-        use_entropy = ctx.with_entropy and grad_entropy is not None
-        active = grad_logprobs != 0
-        if use_entropy:
-            active = active | (grad_entropy != 0)
-        rows_idx = torch.arange(hidden.shape[0], device=hidden.device)
-        weight32 = weight.float()
-        d_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-        d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        step = _rows_per_chunk(weight.shape[0])
-        for start in range(0, rows_idx.numel(), step):
-            idx = rows_idx[start:start + step]
-            h = hidden[idx].float()
-            z = h @ weight32.T
-            log_p = z - lse[idx, None]
-            p = torch.exp(log_p)
-            dz = -grad_logprobs[idx, None].float() * p
-            dz.scatter_add_(1, labels[idx, None], grad_logprobs[idx, None].float())
-            if use_entropy:
-                dz -= grad_entropy[idx, None].float() * p * (log_p + entropy[idx, None])
-            dz *= ctx.inv_t
-            d_hidden[idx] = dz @ weight32
-            d_weight.addmm_(dz.T, h)
-        del active
-        return d_hidden.to(hidden.dtype), d_weight.to(weight.dtype), None, None, None
+        every_row = torch.arange(hidden.shape[0], device=hidden.device)
+        d_hidden, d_weight = backward_rows(ctx.saved_tensors, grad_logprobs, grad_entropy, every_row, ctx.inv_t,
+                                           need_hidden=True, need_weight=True)
+        return d_hidden, d_weight, None, None, None
 
 
 def _loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, workspace: LossWorkspace | None,
