@@ -192,6 +192,12 @@ def test_step_progress(capsys, rank):
             bar.update(0, 0.5, 1.0)
     err = capsys.readouterr().err
     assert "4/5" in err and "reward=0.250" in err and "tok_s=99" in err
+    with StepProgress(total=10) as bar:
+        bar.update(3, 0.5, 1.0)
+        bar.end_at(3)
+        with pytest.raises(ValueError, match=r"total must be an int >= the steps done \(3\), got 2"):
+            bar.end_at(2)
+    assert "3/3" in capsys.readouterr().err
     with StepProgress(total=5, enabled=False) as bar:
         bar.update(1, 0.5, 1.0)
     assert capsys.readouterr().err == ""

@@ -304,6 +304,13 @@ class StepProgress:
         self._bar.set_postfix(postfix, refresh=False)
         self._bar.update(step - self._bar.n)
 
+    def end_at(self, total: int) -> None:
+        """The run now ends after `total` steps (the guard stopped it early): the bar's total shrinks to it."""
+        if isinstance(total, bool) or not isinstance(total, int) or not self.n <= total:
+            raise ValueError(f"total must be an int >= the steps done ({self.n}), got {total!r}")
+        self._bar.total = total
+        self._bar.refresh()
+
     def write(self, message: str) -> None:
         """Print a line above the bar (rank 0 only)."""
         if is_rank0():

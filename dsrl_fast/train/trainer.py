@@ -435,6 +435,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
                     if decision.switch and cfg.guard.action == "stop":
                         cfg = dataclasses.replace(cfg, steps=step + 1)  # the run ends after this step
                         metrics["guard_stop"] = step + 1
+                        progress.end_at(step + 1)
                         print0(f"guard: the run stops after step {step} ({decision.reason})")
                     elif decision.switch:
                         trainer_state["switch_step"] = metrics["switch_step"] = step + 1
