@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from dsrl_fast.ops.gemm import gemm_strategy
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RESULTS_DIR = REPO_ROOT / "bench" / "results"
 VERSIONED_PACKAGES = ("torch", "triton", "dsrl_fast", "liger_kernel", "cut_cross_entropy")
@@ -149,10 +151,13 @@ def device_name(device: torch.device) -> str:
 
 
 def run_metadata(device: torch.device) -> dict[str, Any]:
-    """Fields shared by every row of one run: gpu, versions, git sha, timestamp, command line."""
+    """Fields shared by every row of one run: gpu, versions, git sha, timestamp, command line, and how the fused ops'
+    16-bit GEMMs accumulate into fp32 on this torch build (dsrl_fast.ops.gemm)."""
     return {
         "gpu": device_name(device),
         "versions": package_versions(),
+        "fp32_gemm": {"plain": gemm_strategy(device, accumulate=False),
+                      "accumulate": gemm_strategy(device, accumulate=True)},
         "git_sha": _git_sha(),
         "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.orig_argv[0]).name, *sys.orig_argv[1:]]),
