@@ -3,8 +3,8 @@
     python -m bench.gpu_run OUT_DIR              # on a CUDA machine
     TRITON_INTERPRET=1 python -m bench.gpu_run OUT_DIR --dry-run   # CPU: tiny shapes, interpreter (CI)
 
-Sections, each time-boxed, each writing into OUT_DIR (created): meta.json (GPU, versions, git sha, date, fp32 GEMM path),
-tests.log + tests.xml (the fused-loss tests on the device, GPU-marked bf16 ones included), fused_loss.jsonl + .log
+Sections, each time-boxed, each writing into OUT_DIR (created): meta.json (GPU, versions, git sha, date, fp32 GEMM
+path), tests.log + tests.xml (the fused-loss tests on the device, GPU-marked bf16 ones included), fused_loss.jsonl + .log
 (our paths against Liger, CCE, TRL and verl with a same-run cuBLAS roofline), tile_sweep.jsonl (a few tile configs
 of each kernel), l2_atomics.jsonl (fp32 atomic-add throughput into an L2-resident buffer against plain stores:
 the figure the old design's model assumes), roofline.json + .log (the prediction, for the side-by-side table).
@@ -26,7 +26,8 @@ import torch
 
 from bench.harness import REPO_ROOT, run_metadata
 
-FUSED_TESTS = ("tests/test_gemm.py", "tests/test_linear_logprobs.py", "tests/test_grad_in_forward.py", "tests/test_policy_loss.py")
+FUSED_TESTS = ("tests/test_gemm.py", "tests/test_linear_logprobs.py", "tests/test_grad_in_forward.py",
+               "tests/test_policy_loss.py")
 PEERS = "naive,triton,grad_in_forward,liger_flce,cce,trl_chunked,verl_lce"
 
 

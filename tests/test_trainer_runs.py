@@ -381,8 +381,8 @@ def test_vllm_cpu_head_sizes_are_checked_from_the_model_config(tmp_path: Path) -
         setup.check_model(cfg)
 
 
-def test_an_abort_reraised_by_an_extension_import_still_exits_with_the_signal(monkeypatch: pytest.MonkeyPatch,
-                                                                             capsys: pytest.CaptureFixture[str]) -> None:
+def test_an_abort_reraised_by_an_extension_import_still_exits_with_the_signal(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     # A second signal inside a pybind11 module's initialisation comes out as ImportError("initialization failed")
     # raised from the RunAborted (seen in CI while the stopping run imported matplotlib for its plot).
     def import_interrupted_by_a_signal(args: object) -> int:
