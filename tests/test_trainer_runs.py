@@ -323,6 +323,9 @@ def _run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[st
     (["train", "model.name_or_path=/nonexistent/model", "data.train_path=/nonexistent/train.jsonl",
       "rollout.engine=hf"], "data.train_path: "),
     (["train", "resume=true", "overwrite=true"], "resume and overwrite must not both be true"),
+    (["train", "data.eval_path=/nonexistent/eval.jsonl"], "data.eval_path: path '/nonexistent/eval.jsonl' is not a file"),
+    (["train", "reward=no_such_module_xyz:score"], "reward 'no_such_module_xyz:score': cannot import module"),
+    (["train", "--bogus"], "unrecognized arguments: --bogus (see dsrl-fast train --help)"),
 ])
 def test_user_errors_print_one_line_and_exit_2(args: list[str], message: str, tmp_path: Path) -> None:
     proc = _run_cli(*args, f"output_dir={tmp_path}")
@@ -348,8 +351,23 @@ def test_cli_options_in_any_order_print_config_presets_version_and_help() -> Non
     assert version.returncode == 0 and version.stdout.startswith("dsrl-fast ")
     helptext = _run_cli("train", "--help").stdout
     assert "algo.switch_step (int, default 19)" in helptext and "data.prompt_overflow" in helptext
-    bad = _run_cli("train", "--bogus")
-    assert bad.returncode == 2 and "unrecognized arguments: --bogus" in bad.stderr
+    bad = _run_cli("eval", "--n", "x")
+    assert bad.returncode == 2 and bad.stderr.splitlines() == [
+        "dsrl-fast eval: error: argument --n: invalid int value: 'x' (see dsrl-fast eval --help)"]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("steps: [1\n", "is not valid YAML at line 2, column 1: expected ',' or ']'"),
+    ("steps: 3\n\tsft: 1\n", "is not valid YAML at line 2"),
+])
+def test_a_config_that_is_not_yaml_is_one_line(text: str, message: str, tmp_path: Path) -> None:
+    bad = tmp_path / "run.yaml"
+    bad.write_text(text)
+    for command in (["train"], ["plan", "--gpus", "1", "--gpu-memory", "80GiB"]):
+        proc = _run_cli(*command, "--config", str(bad))
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+        assert lines[0].startswith(f"dsrl-fast {command[0]}: error: config file {str(bad)!r}")
 
 
 @pytest.mark.parametrize(("override", "package"), [("tensorboard=true", "tensorboard"), ("wandb_project=p", "wandb"),

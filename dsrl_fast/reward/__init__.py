@@ -93,15 +93,17 @@ def register_reward_fn(name: str, factory: Callable[..., RewardFn]) -> None:
     _REGISTRY[name] = factory
 
 
-def check_reward_spec(spec: str) -> None:
-    """ValueError unless ``spec`` is a registered name or of the form ``module:function`` (nothing is imported);
-    TypeError unless it is a str."""
+def check_reward_spec(spec: str, *, load: bool = False) -> None:
+    """ValueError unless ``spec`` is a registered name or of the form ``module:function``; TypeError unless it is a
+    str. With ``load`` a ``module:function`` spec is also imported and must name a callable (ValueError)."""
     if not isinstance(spec, str):
         raise TypeError(f"reward must be a str, got {type(spec).__name__}")
     if not (spec in _REGISTRY or _IMPORT_SPEC_RE.fullmatch(spec)):
         raise ValueError(
             f"reward must be one of {sorted(_REGISTRY)} or 'package.module:function', got {spec!r}"
         )
+    if load and spec not in _REGISTRY:
+        _load(spec)
 
 
 class _CheckedRewardFn:

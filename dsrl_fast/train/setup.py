@@ -16,6 +16,7 @@ import torch
 
 from dsrl_fast.data import Problem, load_hf_problems, load_problems
 from dsrl_fast.errors import UserError
+from dsrl_fast.reward import check_reward_spec
 from dsrl_fast.templates import render_prompt
 from dsrl_fast.train.config import TrainConfig
 from dsrl_fast.train.metrics_log import print0
@@ -69,6 +70,10 @@ def _head_dim(cfg: TrainConfig) -> int | None:
 
 def check_requirements(cfg: TrainConfig, world_size: int) -> None:
     """Config combinations and optional packages this run needs, checked before any heavy work (UserError)."""
+    try:
+        check_reward_spec(cfg.reward, load=True)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
     if cfg.prompts_per_step % world_size:
         raise UserError(f"prompts_per_step must be a multiple of the world size {world_size}, "
                         f"got {cfg.prompts_per_step}")
@@ -106,14 +111,9 @@ def check_model(cfg: TrainConfig) -> None:
 
 
 def load_train_eval_problems(cfg: TrainConfig) -> tuple[list[Problem], list[Problem]]:
-    """(train, eval) problems: generated toy additions, or the configured files / datasets (UserError if bad)."""
+    """(train, eval) problems: generated toy additions or the configured files / datasets (UserError if bad); the
+    held-out problems come from data.eval_path when set, else from the toy draw (none for file data)."""
     d = cfg.data
-    if d.train_path is None:
-        from dsrl_fast.toy import make_addition_problems
-
-        # One draw of distinct pairs, sliced, so held-out problems never appear in training.
-        drawn = make_addition_problems(d.toy_train_size + d.eval_size, seed=cfg.seed, low=d.toy_low, high=d.toy_high)
-        return drawn[: d.toy_train_size], drawn[d.toy_train_size:]
 
     def load(key: str, path: str, limit: int | None, problem_key: str, answer_key: str, mode: str) -> list[Problem]:
         try:
@@ -125,8 +125,16 @@ def load_train_eval_problems(cfg: TrainConfig) -> tuple[list[Problem], list[Prob
         except (OSError, ValueError, TypeError, UnicodeError) as exc:
             raise UserError(f"data.{key}: {exc}") from exc
 
-    train = load("train_path", d.train_path, None, d.problem_key, d.answer_key, d.answer_mode)
-    held_out = []
+    held_out: list[Problem] = []
+    if d.train_path is None:
+        from dsrl_fast.toy import make_addition_problems
+
+        # One draw of distinct pairs, sliced, so held-out problems never appear in training.
+        toy_eval = 0 if d.eval_path else d.eval_size
+        drawn = make_addition_problems(d.toy_train_size + toy_eval, seed=cfg.seed, low=d.toy_low, high=d.toy_high)
+        train, held_out = drawn[: d.toy_train_size], drawn[d.toy_train_size:]
+    else:
+        train = load("train_path", d.train_path, None, d.problem_key, d.answer_key, d.answer_mode)
     if d.eval_path:
         held_out = load("eval_path", d.eval_path, d.eval_size, d.eval_problem_key or d.problem_key,
                         d.eval_answer_key or d.answer_key, d.eval_answer_mode or d.answer_mode)
