@@ -129,9 +129,15 @@ def response_logprobs(model: torch.nn.Module, prompts: Sequence[TokenIds], respo
     with_entropy: also return "cond_entropy" / "marg_entropy" lists. impl: fused-loss implementation.
 
     Returns {"cond": [...], "marg": [...]} (the spaces asked for): one (len(response_i),) fp32 tensor per sample.
-    Under torch.no_grad() nothing is kept for backward; otherwise the tensors are differentiable w.r.t. the model.
+    Under torch.no_grad() nothing is kept for backward; otherwise the tensors are differentiable w.r.t. the model,
+    except under DeepSpeed ZeRO-3, where the call must run under torch.no_grad() (ValueError otherwise).
     """
     _check_space(space)
+    weight = lm_head_weight(model)
+    if hasattr(weight, "ds_id") and weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError("response_logprobs under DeepSpeed ZeRO-3 must run under torch.no_grad() (the LM-head weight "
+                         "it gathers is partitioned again before any backward; for gradients use the trainer or the "
+                         "TRL/OpenRLHF integrations, which register it as an external parameter), got grad enabled")
     if len(prompts) != len(responses):
         raise ValueError(f"prompts and responses must have the same length, got {len(prompts)} and {len(responses)}")
     if getattr(model.config, "_attn_implementation", None) != TRANSFORMERS_ATTENTION_NAME:

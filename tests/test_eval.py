@@ -222,6 +222,9 @@ def test_ks_and_options():
 def test_model_labels(tmp_path):
     run = tmp_path / "run" / "checkpoints" / "step_000040" / "hf"
     run.mkdir(parents=True)
+    with pytest.raises(ValueError, match="must be a Hugging Face model directory"):
+        parse_model_specs([str(run)])
+    (run / "config.json").write_text("{}")
     (spec,) = parse_model_specs([str(run)])
     assert spec.label == "run-step_000040"
     assert parse_model_specs(["base=Qwen/Qwen3-4B"])[0] == ModelSpec("base", "Qwen/Qwen3-4B")

@@ -34,6 +34,7 @@ def test_cli_eval_prints_the_table(model_dir, tmp_path, capsys):
 @pytest.mark.parametrize(("args", "message"), [
     (["--data", "toy"], "--model must be given"),
     (["--model", "/no/such/dir", "--data", "toy"], "neither a model directory nor a hub id"),
+    (["--model", "/", "--data", "toy"], "must be a Hugging Face model directory (with a config.json)"),
     (["--model", "org/name", "--data", "nosuch"], "is neither a benchmark"),
     (["--model", "org/name", "--data", "math500", "data_dir=/no/such"], "/no/such/benchmarks/math500/test.jsonl"),
     (["--model", "org/name", "--data", "toy", "temprature=1"], "unknown eval option 'temprature'"),

@@ -146,7 +146,8 @@ def test_dsrl_switch_runs_marginal_nsr_then_grpo(tokenizer, tmp_path) -> None:
 
 
 def test_marginal_loss_uses_prefix_context(tokenizer, tmp_path) -> None:
-    """In the marginal phase the log-probs are those of [prefix; y] from position 0, not of [x; y]."""
+    """In the marginal phase the log-probs are those of [prefix; y] from position 0, not of [x; y], and the loss is
+    built on them (off-policy, so the ratio depends on their values)."""
     prefix = (tokenizer.convert_tokens_to_ids(IM_START),)
     trainer = build(DSRLGRPOTrainer, tokenizer, tmp_path, tiny_model(tokenizer),
                     dsrl=DSRLOptions(switch_step=5, marginal_prefix=prefix, marginal_loss_scale=1.0,
@@ -156,21 +157,26 @@ def test_marginal_loss_uses_prefix_context(tokenizer, tmp_path) -> None:
     inputs = loss_inputs(tokenizer)
     inputs.pop("importance_sampling_ratio")
     with torch.no_grad():
-        got = trainer._compute_loss(trainer.model, inputs)
-        want = torch.zeros(())
-        count = 0
+        reference = torch.zeros(inputs["completion_ids"].shape, dtype=torch.float64)
         for row in range(5):
             n = int(inputs["completion_mask"][row].sum())
-            if inputs["advantages"][row] >= 0 or n == 0:
-                continue
             ids = torch.tensor([list(prefix) + inputs["completion_ids"][row, :n].tolist()])
             logits = trainer.model(input_ids=ids).logits[0, :-1].double()
-            logp = torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None]).squeeze(1)
-            # on-policy: ratio 1, so each kept token contributes -A (token-mean over kept tokens)
-            want = want + (-inputs["advantages"][row]) * torch.ones_like(logp).sum()
-            count += n
-    assert count > 0
-    torch.testing.assert_close(got.double(), want.double() / count, rtol=1e-6, atol=1e-7)
+            reference[row, :n] = torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None]).squeeze(1)
+        logps, _ = trainer._marginal_logps(trainer.model, inputs)
+        mask = inputs["completion_mask"].bool()
+        torch.testing.assert_close(logps.double()[mask], reference[mask], rtol=1e-5, atol=1e-5)
+
+        # old log-probs 0.1 below the float64 reference: every kept token's ratio is exp(logp - reference + 0.1),
+        # e^0.1 inside the clip range when logp is right
+        inputs["old_marginal_logps"] = (reference - 0.1).float()
+        got = trainer._compute_loss(trainer.model, inputs)
+        negative = (inputs["advantages"] < 0)[:, None] & mask
+        assert negative.any()
+        ratio = torch.exp(logps.double() - reference + 0.1)
+        want = (-inputs["advantages"].double()[:, None] * ratio)[negative].sum() / negative.sum()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ratio[negative], torch.full_like(ratio[negative], 0.1).exp(), rtol=1e-4, atol=1e-4)
 
 
 def test_rejects_unsupported_options(tokenizer, tmp_path) -> None:

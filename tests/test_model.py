@@ -133,3 +133,12 @@ def test_bad_space_and_lengths() -> None:
         response_logprobs(model, [[1]], [[2]], space="x")
     with pytest.raises(ValueError, match="same length, got 2 and 1"):
         response_logprobs(model, [[1], [2]], [[2]])
+
+
+def test_a_zero3_partitioned_head_with_grad_enabled_is_refused() -> None:
+    # The gathered weight would be partitioned again before the backward (seen as a ZeroDivisionError deep in the
+    # chunked backward); DeepSpeed marks a ZeRO-3 parameter with `ds_id`, which is all this check reads.
+    model = tiny_model("qwen3")
+    lm_head_weight(model).ds_id = 0
+    with pytest.raises(ValueError, match="under DeepSpeed ZeRO-3 must run under torch.no_grad"):
+        response_logprobs(model, [[1]], [[2]])

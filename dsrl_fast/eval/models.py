@@ -48,6 +48,9 @@ def parse_model_specs(items: list[str]) -> list[ModelSpec]:
             else ModelSpec(_default_label(item), item)
         if not Path(spec.path).is_dir() and not _HUB_ID_RE.match(spec.path):
             raise ValueError(f"model {spec.path!r} is neither a model directory nor a hub id (org/name)")
+        if Path(spec.path).is_dir() and not (Path(spec.path) / "config.json").is_file():
+            raise ValueError(f"model {spec.path!r} must be a Hugging Face model directory (with a config.json), got a "
+                             "directory without one")
         specs.append(spec)
     labels = [s.label for s in specs]
     duplicates = sorted({lab for lab in labels if labels.count(lab) > 1})
