@@ -286,6 +286,8 @@ def policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
             None = grad_in_forward_loss.DEFAULT_WORKSPACE_BYTES (1 GiB).
         weight_grad_fp32: on the gradient-in-forward path, accumulate d_weight over chunks in fp32 (V × H × 4 bytes
             more) rather than in the weight's dtype; the gradient is handed over in the weight's dtype either way.
+            No effect on the other paths: "triton" writes each d_weight slice once from cuBLAS's fp32 accumulator,
+            "torch" accumulates in fp32 already.
 
     Returns:
         PolicyLossOutput(loss, logprobs, entropy, metrics). Gradients flow to hidden and weight only. With no kept

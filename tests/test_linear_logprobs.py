@@ -226,3 +226,38 @@ def test_all_rows_without_gradient_give_zero_gradients(impl: str) -> None:
                                              (hidden, weight))
     assert d_hidden.dtype == torch.float16 and d_weight.dtype == torch.float16
     assert torch.count_nonzero(d_hidden) == 0 and torch.count_nonzero(d_weight) == 0
+
+
+def test_rows_without_gradient_are_never_launched(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Masked or NSR-filtered tokens (zero log-prob and entropy gradient) are dropped before the backward kernels:
+    only the 9 rows with a gradient reach them, and the gradients still match the float64 truth with zeros
+    elsewhere."""
+    from dsrl_fast.kernels import linear_logprobs as kernels
+    from dsrl_fast.ops.linear_logprobs import FusedOptions
+
+    launched: list[int] = []
+    launch = kernels.dlogits_slice
+
+    def spy(*args, **kwargs):
+        launched.append(args[0].shape[0])
+        return launch(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "dlogits_slice", spy)
+    hidden, weight, labels = make_inputs(27, 48, 301, torch.float32, KERNEL_DEVICE)
+    g_logp = torch.randn(27, dtype=torch.float64)
+    g_ent = torch.randn(27, dtype=torch.float64)
+    keep = torch.zeros(27, dtype=torch.bool)
+    keep[[0, 2, 3, 7, 11, 12, 19, 25, 26]] = True
+    g_logp[~keep] = 0.0
+    g_ent[~keep] = 0.0
+    d_hidden, d_weight = _fused_grads(hidden, weight, labels, g_logp.float().to(KERNEL_DEVICE),
+                                      g_ent.float().to(KERNEL_DEVICE), FusedOptions(with_entropy=True))
+    assert launched and set(launched) == {9}, launched
+    h64 = hidden.detach().cpu().double().requires_grad_()
+    w64 = weight.detach().cpu().double().requires_grad_()
+    logp64, ent64 = logprobs_entropy_f64(h64, w64, labels.cpu(), 1.0)
+    t_dh, t_dw = torch.autograd.grad((logp64 * g_logp).sum() + (ent64 * g_ent).sum(), (h64, w64))
+    scale = max(t_dh.abs().max().item(), t_dw.abs().max().item())
+    torch.testing.assert_close(d_hidden.cpu().double() / scale, t_dh / scale, rtol=0, atol=2e-5)
+    torch.testing.assert_close(d_weight.cpu().double() / scale, t_dw / scale, rtol=0, atol=2e-5)
+    assert torch.count_nonzero(d_hidden[~keep.to(d_hidden.device)]) == 0

@@ -227,6 +227,18 @@ def test_cli_bad_input_is_one_line_and_exit_2(argv: list[str], capsys: pytest.Ca
     assert err.startswith("dsrl-fast plan: error: ") and err.count("\n") == 1
 
 
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--gpus", "3"], "prompts_per_step must be a multiple of gpus=3 (each rank samples an equal share), got 128"),
+    (["--gpus", "4", "rollout.tensor_parallel_size=3"], "rollout.tensor_parallel_size must divide gpus=4, got 3"),
+])
+def test_a_launch_the_trainer_refuses_has_no_plan(argv: list[str], message: str,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    from dsrl_fast.cli import main
+
+    assert main(["plan", "--preset", "qwen3_4b_math", "--gpu-memory", "80GiB", *argv]) == 2
+    assert capsys.readouterr().err == f"dsrl-fast plan: error: {message}\n"
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_first_micro_batch_peaks_no_higher_than_the_next(checkpointing: bool) -> None:
     """plan_memory charges the gradients plus a later micro-batch: the first one, whose backward creates the

@@ -240,6 +240,13 @@ def plan_memory(cfg: TrainConfig, *, gpus: int, gpu_memory: int, workspace: Loss
     _check_int("reserve", reserve, 0)
     if not isinstance(workspace, LossWorkspace):
         raise TypeError(f"workspace must be a LossWorkspace, got {type(workspace).__name__}")
+    # The launches `dsrl-fast train` refuses (dsrl_fast.train.setup.check_requirements) have no plan either.
+    if cfg.prompts_per_step % gpus:
+        raise ValueError(f"prompts_per_step must be a multiple of gpus={gpus} (each rank samples an equal share), "
+                         f"got {cfg.prompts_per_step}")
+    if cfg.rollout.engine == "vllm" and gpus % cfg.rollout.tensor_parallel_size:
+        raise ValueError(f"rollout.tensor_parallel_size must divide gpus={gpus}, got "
+                         f"{cfg.rollout.tensor_parallel_size}")
     s = _setup(cfg, gpus)
     if vllm_sleep is None:
         vllm_sleep = bool(getattr(cfg.rollout, "sleep_between_generations", False))
