@@ -25,7 +25,7 @@ from dsrl_fast.train import checkpoint as checkpoint_mod
 from dsrl_fast.train.checkpoint import STATE_FILE, checkpoint_dir, latest_checkpoint, save_checkpoint
 from dsrl_fast.train.config import load_config
 from dsrl_fast.train.metrics_log import read_metrics
-from dsrl_fast.train.setup import encode_problems, resolve_run_length
+from dsrl_fast.train.setup import encode_problems, load_train_eval_problems, resolve_run_length
 from dsrl_fast.train.update import PolicyModule, TorchUpdater
 from tests.toy_runs import BASE, run
 
@@ -213,6 +213,19 @@ def test_a_run_without_held_out_problems_reports_no_accuracy(tmp_path: Path,
                   "data.template=plain", "epochs=null")
     assert summary.accuracy_before is None and summary.accuracy_after is None
     assert "not measured (no held-out problems: set data.eval_path)" in capsys.readouterr().out
+
+
+def test_toy_training_evaluates_on_data_eval_path_when_given(tmp_path: Path) -> None:
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps({"problem": f"Compute {a}+7.", "answer": str(a + 7)}) + "\n"
+                            for a in range(10, 15)))
+    toy = load_config(None, ["data.toy_train_size=50", "data.eval_size=20"])
+    train, held_out = load_train_eval_problems(toy)
+    assert (len(train), len(held_out)) == (50, 20)
+    with_file = load_config(None, ["data.toy_train_size=50", "data.eval_size=3", f"data.eval_path={data}"])
+    train_f, held_out_f = load_train_eval_problems(with_file)
+    assert [p.prompt_text for p in train_f] == [p.prompt_text for p in train]
+    assert [(p.prompt_text, p.answer) for p in held_out_f] == [(f"Compute {a}+7.", str(a + 7)) for a in (10, 11, 12)]
 
 
 # --- prompts, epochs ---------------------------------------------------------------------------------------------
