@@ -3,7 +3,8 @@
 Covered here: the DSRLGRPOTrainer loss and gradients equal TRL's own `_compute_loss` for loss_type grpo / bnpo /
 dr_grpo / dapo (KL on and off, off-policy old log-probs, vLLM importance weights, gradient accumulation); two real
 GRPOTrainer optimizer steps with our loss land on the same weights as TRL's; the DSRL switch runs NSR on the marginal
-space first. Not covered (no GPU, no vLLM server, one process): ZeRO-3 head gathering, PEFT, Triton log-probs.
+space first, also on a LoRA model. Not covered (no GPU, no vLLM server, one process): ZeRO-3 head gathering, Triton
+log-probs.
 """
 
 from __future__ import annotations
@@ -177,6 +178,26 @@ def test_marginal_loss_uses_prefix_context(tokenizer, tmp_path) -> None:
         want = (-inputs["advantages"].double()[:, None] * ratio)[negative].sum() / negative.sum()
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(ratio[negative], torch.full_like(ratio[negative], 0.1).exp(), rtol=1e-4, atol=1e-4)
+
+
+def test_lora_model_runs_the_switch_and_trains_only_the_adapters(tokenizer, tmp_path) -> None:
+    peft = pytest.importorskip("peft", reason="the PEFT path needs peft")
+    prefix = (tokenizer.convert_tokens_to_ids(IM_START),)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    trainer = build(DSRLGRPOTrainer, tokenizer, tmp_path, tiny_model(tokenizer), args={"max_steps": 2},
+                    peft_config=lora, dsrl=DSRLOptions(switch_step=1, marginal_prefix=prefix, impl="torch"))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "dsrl/marginal_phase" in h]
+    assert [h["dsrl/marginal_phase"] for h in logs] == [1.0, 0.0] and logs[0]["dsrl/kept_tokens"] > 0
+    moved = {n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all("lora_" in n for n in moved), sorted(moved)
+
+
+def test_a_marginal_prefix_outside_the_vocabulary_is_refused(tokenizer, tmp_path) -> None:
+    with pytest.raises(ValueError, match=r"DSRLOptions.marginal_prefix must hold token ids below the model's "
+                                         r"vocabulary size \d+ .*got \(151644,\)"):
+        build(DSRLGRPOTrainer, tokenizer, tmp_path, tiny_model(tokenizer), dsrl=DSRLOptions(switch_step=1))
 
 
 def test_rejects_unsupported_options(tokenizer, tmp_path) -> None:

@@ -175,6 +175,11 @@ class DSRLGRPOTrainer(GRPOTrainer):
         self.marginal_config = phase_config(self.loss_config, samples=dsrl.marginal_samples,
                                             loss_scale=dsrl.marginal_loss_scale)
         base = self.model.get_base_model() if is_peft_model(self.model) else self.model
+        vocab = base.get_input_embeddings().num_embeddings
+        if dsrl.switch_step > 0 and max(dsrl.marginal_prefix) >= vocab:
+            raise ValueError(f"DSRLOptions.marginal_prefix must hold token ids below the model's vocabulary size "
+                             f"{vocab} (the default is Qwen's <|im_start|>; pass the id of your tokenizer's "
+                             f"context token), got {dsrl.marginal_prefix}")
         add_dsrl_lm_head(base, temperature=self.temperature, impl=dsrl.impl)
         if self.ref_model is not None:
             add_dsrl_lm_head(self.ref_model, temperature=self.temperature, impl=dsrl.impl)
