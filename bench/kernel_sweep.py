@@ -51,7 +51,7 @@ def sweep(path: Path, *, dry: bool, budget_s: float) -> int:
     labels = torch.randint(0, v, (n,), device=device, generator=gen)
     lse = kl.combine_partials(kl.forward_partials(hidden, weight, labels, 1.0, True))[0]
     g = torch.randn(n, device=device, generator=gen)
-    width = kl.slice_width(v, hidden.element_size())
+    width = kl.slice_width(v, hidden.element_size(), h)
     dz = torch.empty((n, min(width, v)), dtype=dtype, device=device)
     cases: list[tuple[str, str, Callable[[], object]]] = []
     for cfg in ([kl.INTERPRETER_CONFIG] if dry else FORWARD_SWEEP):

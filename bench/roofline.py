@@ -150,7 +150,7 @@ def model_triton(shape: str, n: int, h: int, v: int, infos: dict[str, KernelInfo
     steps = [Step("_forward_kernel (grouped raster)", 1, 2.0 * n * h * v,
                   fwd_hbm + 16.0 * splits * n, _atomic_bytes(fwd_info, row_blocks * splits, 1), "_forward_kernel"),
              Step("combine partials", 8, 0.0, 16.0 * splits * n + 12.0 * n)]
-    width = k.slice_width(v, e)
+    width = k.slice_width(v, e, h)
     slices = math.ceil(v / width)
     dl_in_flight = NUM_SMS * (dlg_info.programs_per_sm if dlg_info else 1)
     rb, cb = math.ceil(n / dcfg.block_n), math.ceil(width / dcfg.block_v)

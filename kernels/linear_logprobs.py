@@ -18,7 +18,10 @@ Work and bound (N tokens, N_a of them with a nonzero gradient, hidden H, vocabul
   shapes against the ~165 FLOP/byte ridge of an H100/H200); the only extra HBM traffic is the dz slice (written
   once, read twice inside compute-bound GEMMs) and the fp32 d_hidden read-modify-write per slice. The ceiling is
   6/8 = 75% of the 6·N·H·V cuBLAS rate for a path that keeps no logits (bench/roofline.py gives the prediction per
-  shape). The workspace is the dz slice, N_a·S·2 bytes, plus the fp32 d_hidden accumulator, N_a·H·4 bytes.
+  shape). The workspace is the dz slice, N_a·S·2 bytes, plus the fp32 d_hidden accumulator, N_a·H·4 bytes: S is
+  chosen (slice_width) so that both stay within 3% of the fp32 logits where H leaves room (Qwen3-4B 2.7%, -8B 3.0%);
+  at 8B the narrower slices (896 columns instead of 2,944) cost 1-2 points of the predicted rate (72-74%, was 74-75%)
+  in extra d_hidden traffic.
 """
 
 from __future__ import annotations
@@ -49,9 +52,13 @@ FP32_FORWARD_CONFIG = KernelConfig(block_n=64, block_v=128, block_h=32, num_warp
 FP32_DLOGITS_CONFIG = KernelConfig(block_n=64, block_v=128, block_h=32, num_warps=8, num_stages=2)
 INTERPRETER_CONFIG = KernelConfig(block_n=64, block_v=256, block_h=128, num_warps=1, num_stages=1)
 GROUP_ROWS = 8
-# The dz slice of the backward is sized to stay within this share of the fp32 logits (N·V·4 bytes).
+# The backward's workspace (the dz slice plus the fp32 d_hidden accumulator) stays within WORKSPACE_LOGITS_SHARE of
+# the fp32 logits (N·V·4 bytes) where the accumulator leaves room; the dz slice alone never exceeds
+# SLICE_LOGITS_SHARE (wider slices gain nothing once the GEMMs are large).
+WORKSPACE_LOGITS_SHARE = 0.03
 SLICE_LOGITS_SHARE = 0.01
 SLICE_MULTIPLE = 128
+MIN_BUDGET_SLICES = 4
 
 
 class Partials(NamedTuple):
@@ -229,10 +236,18 @@ def combine_partials(partials: Partials) -> tuple[torch.Tensor, torch.Tensor, to
     return lse, partials.label_logit.sum(dim=0), lse - mean_z
 
 
-def slice_width(vocab: int, element_size: int, multiple: int = SLICE_MULTIPLE) -> int:
-    """Vocabulary columns per backward slice: the dz slice (rows × width × element_size bytes) stays within
-    SLICE_LOGITS_SHARE of the fp32 logits (rows × vocab × 4 bytes), rounded down to `multiple` (at least one)."""
-    width = int(SLICE_LOGITS_SHARE * vocab * 4 / element_size) // multiple * multiple
+def slice_width(vocab: int, element_size: int, hidden: int = 0, multiple: int = SLICE_MULTIPLE) -> int:
+    """Vocabulary columns per backward slice, a multiple of `multiple` (at least one).
+
+    Per scored row the backward holds width × element_size bytes of dz and hidden × 4 bytes of fp32 d_hidden
+    accumulator. The width keeps both within WORKSPACE_LOGITS_SHARE of the row's fp32 logits (vocab × 4 bytes) and
+    the dz slice within SLICE_LOGITS_SHARE. Where the accumulator leaves less than MIN_BUDGET_SLICES × `multiple`
+    columns (hidden near 3% of vocab or above) the budget cannot be met without starving the GEMMs, and the dz slice
+    takes its SLICE_LOGITS_SHARE width.
+    """
+    cap = int(SLICE_LOGITS_SHARE * vocab * 4 / element_size) // multiple * multiple
+    budget = int((WORKSPACE_LOGITS_SHARE * vocab * 4 - hidden * 4) / element_size) // multiple * multiple
+    width = min(budget, cap) if budget >= MIN_BUDGET_SLICES * multiple else cap
     return max(multiple, min(width, triton.cdiv(vocab, multiple) * multiple))
 
 

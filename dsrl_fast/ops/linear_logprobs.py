@@ -71,7 +71,7 @@ def sliced_backward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     ent = take(entropy) if g_ent is not None else None
     labels_rows, lse_rows = take(labels), take(lse)
     inv_t = 1.0 / options.temperature
-    width = min(options.slice_width or kernels.slice_width(v, hidden.element_size()), v)
+    width = min(options.slice_width or kernels.slice_width(v, hidden.element_size(), h_dim), v)
     dz = torch.empty((rows, width), dtype=hidden.dtype, device=hidden.device)
     dh_acc = torch.zeros((rows, h_dim), dtype=torch.float32, device=hidden.device) if compute_dh else None
     d_weight = torch.empty_like(weight) if compute_dw else None

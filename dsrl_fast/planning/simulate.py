@@ -150,11 +150,11 @@ def _register_meta_attention() -> str:
     return META_ATTENTION_NAME
 
 
-def _slice_width(vocab: int, element_size: int, share: float | None) -> int:
+def _slice_width(vocab: int, element_size: int, hidden: int, share: float | None) -> int:
     from dsrl_fast.kernels import linear_logprobs as kernels
 
     if share is None:
-        return min(kernels.slice_width(vocab, element_size), vocab)
+        return min(kernels.slice_width(vocab, element_size, hidden), vocab)
     multiple = kernels.SLICE_MULTIPLE
     width = int(share * vocab * 4 / element_size) // multiple * multiple
     return min(max(multiple, width), vocab)
@@ -215,7 +215,7 @@ class _KernelLossStandIn(torch.autograd.Function):
         hidden, weight, lse = ctx.saved_tensors
         n, h_dim = hidden.shape
         g_logp = grad.float().contiguous()
-        width = _slice_width(weight.shape[0], hidden.element_size(), workspace.slice_share)
+        width = _slice_width(weight.shape[0], hidden.element_size(), h_dim, workspace.slice_share)
         dz = hidden.new_empty((n, width))
         dh_acc = hidden.new_zeros((n, h_dim), dtype=torch.float32)
         d_weight = torch.empty_like(weight)
