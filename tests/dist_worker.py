@@ -215,6 +215,10 @@ def main(argv: list[str] | None = None) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         args.out.write_text(json.dumps(result, indent=1))
     if dist.is_initialized():
+        # Gloo's barrier completes only after every earlier collective on the group, so no asynchronous ZeRO-3
+        # gather is still in flight when the group is torn down (one CI run aborted in the teardown:
+        # "terminate called without an active exception" after rank 0 had written its result).
+        dist.barrier()
         dist.destroy_process_group()
 
 
