@@ -51,6 +51,16 @@ def lm_head_weight(model: torch.nn.Module) -> torch.Tensor:
     return head.weight
 
 
+def register_lm_head_for_zero3(module: torch.nn.Module, model: torch.nn.Module) -> None:
+    """Declare `model`'s LM-head weight an external parameter of `module` when DeepSpeed ZeRO-3 has partitioned it,
+    so ZeRO-3 gathers it for `module`'s forward and backward; nothing otherwise (call after deepspeed.initialize)."""
+    weight = lm_head_weight(model)
+    if hasattr(weight, "ds_id"):
+        import deepspeed
+
+        deepspeed.zero.register_external_parameter(module, weight)
+
+
 @contextlib.contextmanager
 def gathered(param: torch.Tensor) -> Iterator[torch.Tensor]:
     """Yield `param` whole: under DeepSpeed ZeRO-3 (a partitioned parameter) it is gathered for the block.
@@ -140,28 +150,17 @@ def response_logprobs(model: torch.nn.Module, prompts: Sequence[TokenIds], respo
                          "TRL/OpenRLHF integrations, which register it as an external parameter), got grad enabled")
     if len(prompts) != len(responses):
         raise ValueError(f"prompts and responses must have the same length, got {len(prompts)} and {len(responses)}")
-    if getattr(model.config, "_attn_implementation", None) != TRANSFORMERS_ATTENTION_NAME:
-        if _needs_backward_in_block(model):
-            raise ValueError("response_logprobs with gradient checkpointing and grad enabled must run inside "
-                             "`with dsrl_fast.model.packed_attention(model):` together with the backward, got a model "
-                             f"using attention {model.config._attn_implementation!r}")
-        with packed_attention(model):
-            return _response_logprobs(model, prompts, responses, space, marginal_prefix, max_tokens_per_batch,
-                                      with_entropy, impl, temperature)
-    return _response_logprobs(model, prompts, responses, space, marginal_prefix, max_tokens_per_batch, with_entropy,
-                              impl, temperature)
-
-
-def _response_logprobs(model: torch.nn.Module, prompts: Sequence[TokenIds], responses: Sequence[TokenIds], space: str,
-                       marginal_prefix: TokenIds, max_tokens_per_batch: int, with_entropy: bool, impl: str,
-                       temperature: float) -> dict[str, list[torch.Tensor]]:
-    """`response_logprobs` on a model that uses the packed attention."""
+    if getattr(model.config, "_attn_implementation", None) != TRANSFORMERS_ATTENTION_NAME \
+            and _needs_backward_in_block(model):
+        raise ValueError("response_logprobs with gradient checkpointing and grad enabled must run inside "
+                         "`with dsrl_fast.model.packed_attention(model):` together with the backward, got a model "
+                         f"using attention {model.config._attn_implementation!r}")
     device = next(model.parameters()).device
     spaces = ("cond", "marg") if space == "both" else (space,)
     keys = list(spaces) + ([f"{s}_entropy" for s in spaces] if with_entropy else [])
     results: dict[str, list[torch.Tensor | None]] = {k: [None] * len(prompts) for k in keys}
     micro_batches = build_micro_batches(prompts, responses, space, max_tokens_per_batch, prefix=marginal_prefix)
-    with gathered(lm_head_weight(model)) as weight:
+    with packed_attention(model), gathered(lm_head_weight(model)) as weight:
         for sample_idx, batch in micro_batches:
             batch = batch.to(device)
             hidden = packed_hidden_states(model, batch)

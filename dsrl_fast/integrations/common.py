@@ -9,6 +9,7 @@ from types import ModuleType
 import torch
 
 from dsrl_fast.config import PolicyLossConfig
+from dsrl_fast.logprobs import linear_logprobs
 from dsrl_fast.policy_loss import token_policy_loss
 
 DENOMINATORS = ("peer", "kept")
@@ -22,6 +23,41 @@ def require(module: str, pip: str) -> ModuleType:
     except ImportError as err:
         raise ImportError(f"this integration needs {module!r}, which failed to import ({err}); install it with: "
                           f"{pip}") from err
+
+
+def check_prefix(name: str, prefix: object) -> None:
+    """ValueError naming `name` unless `prefix` is a non-empty tuple of token ids >= 0."""
+    if not isinstance(prefix, tuple) or not prefix or not all(
+            isinstance(t, int) and t >= 0 for t in prefix):
+        raise ValueError(f"{name} must be a non-empty tuple of token ids >= 0, got {prefix!r}")
+
+
+def peer_count(agg: str, mask: torch.Tensor, *, batch_num_tokens: float | None, global_batch_size: float | None,
+               dp_size: int) -> torch.Tensor | float:
+    """A peer's loss normalizer as this rank's count: tokens for agg="token-mean", sequences otherwise.
+
+    mask: (B, T) bool. The peer's global count (batch_num_tokens / global_batch_size over all ranks) divided by
+    dp_size when it gave one, else the micro-batch's own count (at least 1).
+    """
+    if agg == "token-mean":
+        return mask.sum().clamp_min(1) if batch_num_tokens is None else batch_num_tokens / dp_size
+    return mask.any(dim=-1).sum().clamp_min(1) if global_batch_size is None else global_batch_size / dp_size
+
+
+def padded_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor, *,
+                           temperature: float, with_entropy: bool,
+                           impl: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fused log-probs (and entropy) of the kept positions of a padded batch, zeros elsewhere.
+
+    hidden: (B, T, H) any float dtype (cast to the weight's); weight: (V, H); targets: (B, T) int; keep: (B, T)
+    bool. Returns (log_probs (B, T) fp32, entropy (B, T) fp32 or None). Only the kept rows reach the LM head;
+    masked_scatter keeps an all-masked batch connected to the graph (a zero gradient, not an error).
+    """
+    out = linear_logprobs(hidden[keep].to(weight.dtype), weight, targets[keep].long(), temperature=temperature,
+                          with_entropy=with_entropy, impl=impl)
+    log_probs = out.logprobs.new_zeros(keep.shape).masked_scatter(keep, out.logprobs)
+    entropy = out.entropy.new_zeros(keep.shape).masked_scatter(keep, out.entropy) if with_entropy else None
+    return log_probs, entropy
 
 
 def kept_rows(advantages: torch.Tensor, mask: torch.Tensor, samples: str) -> torch.Tensor:
@@ -72,8 +108,7 @@ def marginal_batch(responses: torch.Tensor, response_mask: torch.Tensor,
     if responses.dim() != 2 or tuple(response_mask.shape) != tuple(responses.shape):
         raise ValueError(f"responses and response_mask must be (B, T) of one shape, got {tuple(responses.shape)} "
                          f"and {tuple(response_mask.shape)}")
-    if not prefix or not all(isinstance(t, int) and t >= 0 for t in prefix):
-        raise ValueError(f"prefix must be a non-empty tuple of token ids >= 0, got {prefix!r}")
+    check_prefix("prefix", prefix)
     rows = responses.shape[0]
     head = torch.tensor(prefix, dtype=responses.dtype, device=responses.device).expand(rows, len(prefix))
     input_ids = torch.cat([head, responses], dim=1)

@@ -45,22 +45,23 @@ from typing import Any
 
 import torch
 
-from dsrl_fast.config import SAMPLE_FILTERS, PolicyLossConfig
+from dsrl_fast.config import PolicyLossConfig
 from dsrl_fast.integrations.common import (
     DENOMINATORS,
     PIP_INTEGRATIONS,
+    padded_linear_logprobs,
+    peer_count,
     peer_policy_loss,
     require,
 )
 from dsrl_fast.logprobs import linear_logprobs
-from dsrl_fast.model import lm_head_weight
+from dsrl_fast.model import lm_head_weight, register_lm_head_for_zero3
+from dsrl_fast.validation import IMPLS
 
 require("openrlhf", PIP_INTEGRATIONS + " && pip install --no-deps openrlhf==0.11.2")
 _modeling_outputs = require("transformers.modeling_outputs", PIP_INTEGRATIONS)
 
 __all__ = ["DSRLPolicyLoss", "patch_actor_forward", "patch_policy_loss", "setup_worker"]
-
-IMPLS = ("auto", "triton", "torch")
 
 
 class DSRLPolicyLoss(torch.nn.Module):
@@ -88,8 +89,6 @@ class DSRLPolicyLoss(torch.nn.Module):
             raise ValueError(f"is_correction_gating must be 'ratio' with DSRLPolicyLoss, got {is_correction_gating!r}")
         if is_correction_mode not in ("mask", "clip"):
             raise ValueError(f"is_correction_mode must be 'mask' or 'clip', got {is_correction_mode!r}")
-        if samples not in SAMPLE_FILTERS:
-            raise ValueError(f"samples must be one of {SAMPLE_FILTERS}, got {samples!r}")
         if denominator not in DENOMINATORS:
             raise ValueError(f"denominator must be one of {DENOMINATORS}, got {denominator!r}")
         self.config = PolicyLossConfig(clip_low=clip_eps_low, clip_high=clip_eps_high, clip_ratio_c=dual_clip,
@@ -121,11 +120,8 @@ class DSRLPolicyLoss(torch.nn.Module):
         weights, outside = self._is_weights(old_log_probs, rollout_log_probs)
         count = None
         if self.denominator == "peer":
-            if self.config.agg == "token-mean":
-                count = mask.sum().clamp_min(1) if batch_num_tokens is None else batch_num_tokens / dp_size
-            else:
-                count = (mask.any(-1).sum().clamp_min(1) if global_batch_size is None
-                         else global_batch_size / dp_size)
+            count = peer_count(self.config.agg, mask, batch_num_tokens=batch_num_tokens,
+                               global_batch_size=global_batch_size, dp_size=dp_size)
         loss, metrics = peer_policy_loss(log_probs, advantages, mask, old_logprobs=old_log_probs,
                                          config=self.config, weights=weights, denominator=self.denominator,
                                          peer_count=count)
@@ -225,13 +221,10 @@ def _fused_forward(actor: torch.nn.Module, helpers: ModuleType, impl: str, seque
         else:
             width = action_mask.shape[1]
             hidden, targets, keep = hidden[:, -width:], targets[:, -width:], action_mask.bool()
-        out = linear_logprobs(hidden[keep].to(weight.dtype), weight, targets[keep].long(), temperature=temperature,
-                              with_entropy=return_entropy, impl=impl)
-        # masked_scatter keeps an all-masked batch connected to the graph (a zero gradient, not an error)
-        log_probs = out.logprobs.new_zeros(keep.shape).masked_scatter(keep, out.logprobs)
+        log_probs, scored = padded_linear_logprobs(hidden, weight, targets, keep, temperature=temperature,
+                                                   with_entropy=return_entropy, impl=impl)
         entropy = None
-        if return_entropy:  # (B, S-1): the scored window, zeros to its left
-            scored = out.entropy.new_zeros(keep.shape).masked_scatter(keep, out.entropy)
+        if scored is not None:  # (B, S-1): the scored window, zeros to its left
             entropy = torch.nn.functional.pad(scored, (seqlen - 1 - keep.shape[1], 0))
     if not return_output:
         return log_probs
@@ -257,11 +250,7 @@ def patch_actor_forward(*, impl: str = "auto") -> None:
     @functools.wraps(original_init)
     def __init__(self: torch.nn.Module, *args: Any, **kwargs: Any) -> None:
         original_init(self, *args, **kwargs)
-        weight = lm_head_weight(self.model)
-        if hasattr(weight, "ds_id"):
-            import deepspeed
-
-            deepspeed.zero.register_external_parameter(self, weight)
+        register_lm_head_for_zero3(self, self.model)
 
     @functools.wraps(original_forward)
     def forward(self: torch.nn.Module, sequences: torch.Tensor, action_mask: torch.Tensor | None = None,

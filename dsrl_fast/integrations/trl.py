@@ -30,13 +30,16 @@ from dsrl_fast.config import SAMPLE_FILTERS, PolicyLossConfig
 from dsrl_fast.integrations.common import (
     DENOMINATORS,
     PIP_INTEGRATIONS,
+    check_prefix,
     marginal_batch,
+    padded_linear_logprobs,
     peer_policy_loss,
     phase_config,
     require,
 )
-from dsrl_fast.logprobs import linear_logprobs
-from dsrl_fast.model import lm_head_weight
+from dsrl_fast.model import lm_head_weight, register_lm_head_for_zero3
+from dsrl_fast.packing import DEFAULT_PREFIX
+from dsrl_fast.validation import IMPLS
 
 _trl = require("trl", PIP_INTEGRATIONS)
 is_peft_model = require("accelerate.utils", PIP_INTEGRATIONS).is_peft_model
@@ -45,7 +48,6 @@ _trl_utils = require("trl.trainer.utils", PIP_INTEGRATIONS)
 GRPOTrainer = _trl.GRPOTrainer
 LOSS_TYPE_AGG = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm",
                  "dapo": "token-mean"}
-QWEN_IM_START = (151644,)
 
 __all__ = ["DSRLGRPOTrainer", "DSRLOptions", "add_dsrl_lm_head", "loss_config_from_trl"]
 
@@ -68,7 +70,7 @@ class DSRLOptions:
     """
 
     switch_step: int = 0
-    marginal_prefix: tuple[int, ...] = QWEN_IM_START
+    marginal_prefix: tuple[int, ...] = DEFAULT_PREFIX
     marginal_samples: str = "negative"
     marginal_loss_scale: float = 0.01
     samples: str = "all"
@@ -79,16 +81,14 @@ class DSRLOptions:
     def __post_init__(self) -> None:
         if isinstance(self.switch_step, bool) or not isinstance(self.switch_step, int) or self.switch_step < 0:
             raise ValueError(f"switch_step must be an int >= 0, got {self.switch_step!r}")
-        if not isinstance(self.marginal_prefix, tuple) or not self.marginal_prefix or not all(
-                isinstance(t, int) and t >= 0 for t in self.marginal_prefix):
-            raise ValueError(f"marginal_prefix must be a non-empty tuple of token ids, got {self.marginal_prefix!r}")
+        check_prefix("marginal_prefix", self.marginal_prefix)
         for name in ("marginal_samples", "samples"):
             if getattr(self, name) not in SAMPLE_FILTERS:
                 raise ValueError(f"{name} must be one of {SAMPLE_FILTERS}, got {getattr(self, name)!r}")
         if self.denominator not in DENOMINATORS:
             raise ValueError(f"denominator must be one of {DENOMINATORS}, got {self.denominator!r}")
-        if self.impl not in ("auto", "triton", "torch"):
-            raise ValueError(f"impl must be one of ('auto', 'triton', 'torch'), got {self.impl!r}")
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl must be one of {IMPLS}, got {self.impl!r}")
 
 
 def loss_config_from_trl(args: Any, options: DSRLOptions) -> PolicyLossConfig:
@@ -123,17 +123,13 @@ def add_dsrl_lm_head(model: torch.nn.Module, *, temperature: float = 1.0, impl: 
     Under DeepSpeed ZeRO-3 the head weight is registered as an external parameter of `model`.
     """
     original_forward = model.forward
-    if hasattr(lm_head_weight(model), "ds_id"):
-        import deepspeed
-
-        deepspeed.zero.register_external_parameter(model, lm_head_weight(model))
+    register_lm_head_for_zero3(model, model)
 
     @functools.wraps(type(model).forward)
     def forward(self: torch.nn.Module, *args: Any, fused_lm_head: bool = False, labels: torch.Tensor | None = None,
                 **kwargs: Any) -> Any:
         if not fused_lm_head:
-            return original_forward(*args, labels=labels, **kwargs) if labels is not None else original_forward(
-                *args, **kwargs)
+            return original_forward(*args, labels=labels, **kwargs)
         kwargs.pop("num_items_in_batch", None)
         kwargs["use_cache"] = False
         hidden = self.get_decoder()(*args, **kwargs).last_hidden_state[:, :-1]
@@ -143,11 +139,8 @@ def add_dsrl_lm_head(model: torch.nn.Module, *, temperature: float = 1.0, impl: 
         autocast = torch.autocast(hidden.device.type, enabled=False) if torch.is_autocast_enabled(
             hidden.device.type) else nullcontext()
         with autocast:
-            out = linear_logprobs(hidden[mask].to(weight.dtype), weight, targets[mask], temperature=temperature,
-                                  with_entropy=True, impl=impl)
-        # masked_scatter keeps an all-masked micro-batch connected to the graph (a zero gradient, not an error)
-        log_probs = out.logprobs.new_zeros(mask.shape).masked_scatter(mask, out.logprobs)
-        entropy = out.entropy.new_zeros(mask.shape).masked_scatter(mask, out.entropy)
+            log_probs, entropy = padded_linear_logprobs(hidden, weight, targets, mask, temperature=temperature,
+                                                        with_entropy=True, impl=impl)
         loss = -log_probs.sum() / mask.sum().clamp_min(1)
         return _trl_utils.FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, label_mask=mask)
 

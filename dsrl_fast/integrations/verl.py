@@ -36,10 +36,12 @@ from dsrl_fast.integrations.common import (
     PIP_INTEGRATIONS,
     kept_rows,
     marginal_batch,
+    peer_count,
     peer_policy_loss,
     require,
 )
 from dsrl_fast.logprobs import linear_logprobs
+from dsrl_fast.model import lm_head_weight
 
 _PIP = PIP_INTEGRATIONS + " && pip install --no-deps verl==0.9.1"
 _core = require("verl.trainer.ppo.core_algos", _PIP)
@@ -73,12 +75,8 @@ def loss_config_from_verl(config: Any, loss_agg_mode: str, horizon: int, *, samp
 def _verl_count(config: Any, agg: str, mask: torch.Tensor) -> torch.Tensor | float:
     """verl's normalizer of `agg` for this micro-batch (agg_loss with its global_batch_info), as a local count."""
     info = config.global_batch_info
-    dp_size = info.get("dp_size", 1) or 1
-    if agg == "token-mean":
-        total = info.get("batch_num_tokens")
-        return mask.sum().clamp_min(1) if total is None else total / dp_size
-    total = info.get("global_batch_size")
-    return mask.any(dim=-1).sum().clamp_min(1) if total is None else total / dp_size
+    return peer_count(agg, mask, batch_num_tokens=info.get("batch_num_tokens"),
+                      global_batch_size=info.get("global_batch_size"), dp_size=info.get("dp_size", 1) or 1)
 
 
 def make_policy_loss(samples: str = "all", *, denominator: str = "peer",
@@ -140,7 +138,7 @@ def forward_with_dsrl_backend(self: torch.nn.Module, input_ids: torch.Tensor | N
         targets = torch.roll(input_ids, shifts=-1, dims=-1)
     else:
         raise ValueError("forward_with_dsrl_backend needs labels, shift_labels or input_ids, got none")
-    weight = self.get_output_embeddings().weight
+    weight = lm_head_weight(self)
     out = linear_logprobs(hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype), weight,
                           targets.reshape(-1).to(torch.int64), temperature=float(temperature), with_entropy=True)
     return _dense_common.CausalLMOutputForPPO(log_probs=out.logprobs.view(targets.shape),

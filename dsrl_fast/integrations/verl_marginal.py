@@ -35,10 +35,12 @@ import torch
 from dsrl_fast.config import PolicyLossConfig
 from dsrl_fast.integrations.common import (
     PIP_INTEGRATIONS,
+    check_prefix,
     kept_rows,
     peer_policy_loss,
     require,
 )
+from dsrl_fast.packing import DEFAULT_PREFIX
 
 _PIP = PIP_INTEGRATIONS + " && pip install --no-deps verl==0.9.1 torchdata==0.11.0 transferqueue==0.1.11"
 _tu = require("verl.utils.tensordict_utils", _PIP)
@@ -50,7 +52,7 @@ _trainer_base = require("verl.trainer.ppo.v1.trainer_base", _PIP)
 
 FLAG = "dsrl_marginal"
 TRAINER_NAME = "dsrl"
-DEFAULTS = {"switch_step": 19, "prefix": (151644,), "loss_scale": 0.01}
+DEFAULTS = {"switch_step": 19, "prefix": DEFAULT_PREFIX, "loss_scale": 0.01}
 
 __all__ = ["DEFAULTS", "FLAG", "TRAINER_NAME", "DSRLPPOTrainer", "install", "install_worker_hook", "marginal_options",
            "marginal_policy_loss", "marginal_rows"]
@@ -67,8 +69,7 @@ def marginal_rows(data: Any, prefix: tuple[int, ...]) -> Any:
     position_ids (B, P+j) = 0..P+j-1, prompts (B, P) = prefix, responses (B, j) jagged, and response_mask / loss_mask
     (B, j) zeroed on rows with no negative advantage (the NSR filter). Returns `data`.
     """
-    if not prefix or not all(isinstance(t, int) and t >= 0 for t in prefix):
-        raise ValueError(f"prefix must be a non-empty tuple of token ids >= 0, got {prefix!r}")
+    check_prefix("prefix", prefix)
     for name in ("responses", "response_mask", "advantages", "position_ids"):
         if not data[name].is_nested:
             raise ValueError(f"{name} must be a jagged nested tensor (verl's v1 trainer), got a dense tensor of "

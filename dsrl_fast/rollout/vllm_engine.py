@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from dsrl_fast.rollout.base import Rollout, SamplingConfig, check_prompts
+from dsrl_fast.train.collectives import is_distributed
 
 __all__ = ["VLLMEngine"]
 
@@ -96,11 +97,6 @@ def _keep_default_process_group(keep: bool) -> Iterator[None]:
         yield
     finally:
         dist.destroy_process_group = destroy
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and \
-        torch.distributed.get_world_size() > 1
 
 
 def _rank_block(size: int) -> tuple[Any, list[int]]:
@@ -164,7 +160,7 @@ class VLLMEngine:
             raise ValueError(f"cpu_kv_cache_gib must be an int >= 1, got {cpu_kv_cache_gib!r}")
         if "logprobs_mode" in llm_kwargs:
             raise ValueError("llm_kwargs must not set logprobs_mode: the engine needs 'processed_logprobs'")
-        world = torch.distributed.get_world_size() if _distributed() else 1
+        world = torch.distributed.get_world_size() if is_distributed() else 1
         if isinstance(tensor_parallel_size, bool) or not isinstance(tensor_parallel_size, int) or \
                 tensor_parallel_size < 1 or world % tensor_parallel_size:
             raise ValueError(f"tensor_parallel_size must be an int >= 1 dividing the world size {world}, "
