@@ -13,11 +13,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 
 SPACES = ("cond", "marg")
 DEFAULT_PREFIX: tuple[int, ...] = (151644,)  # Qwen's <|im_start|>, the marginal context of the reference code
+
+
+def default_marginal_prefix(tokenizer: Any) -> tuple[int, ...]:
+    """The marginal context of `tokenizer`: its <|im_start|> id (the authors' choice), else its BOS id (ValueError
+    when it has neither)."""
+    im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    if isinstance(im_start, int) and im_start != tokenizer.unk_token_id:
+        return (im_start,)
+    if tokenizer.bos_token_id is None:
+        raise ValueError("tokenizer has neither <|im_start|> nor a BOS token: pass marginal_prefix explicitly")
+    return (tokenizer.bos_token_id,)
 
 TokenIds = Sequence[int] | torch.Tensor
 

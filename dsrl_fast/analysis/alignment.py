@@ -12,11 +12,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from dsrl_fast.model import response_logprobs
+from dsrl_fast.packing import default_marginal_prefix
 
 __all__ = ["AlignmentResult", "default_marginal_prefix", "gradient_alignment"]
 
@@ -40,16 +40,6 @@ class AlignmentResult:
     logp_marginal: float
     logp_conditional: float
     token_diff: list[float]
-
-
-def default_marginal_prefix(tokenizer: Any) -> tuple[int, ...]:
-    """The marginal context: the tokenizer's <|im_start|> (the authors' choice), else its BOS token."""
-    im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
-    if isinstance(im_start, int) and im_start != tokenizer.unk_token_id:
-        return (im_start,)
-    if tokenizer.bos_token_id is None:
-        raise ValueError("tokenizer has neither <|im_start|> nor a BOS token: pass marginal_prefix explicitly")
-    return (tokenizer.bos_token_id,)
 
 
 def _check_ids(name: str, ids: Sequence[int]) -> list[int]:
@@ -85,12 +75,14 @@ def gradient_alignment(model: torch.nn.Module, prompt_ids: Sequence[int], respon
         g_marg = torch.autograd.grad(marg.sum(), params, allow_unused=True)
     dot = norm_c = norm_m = 0.0
     for gc, gm in zip(g_cond, g_marg, strict=True):
-        if gc is not None:
-            norm_c += float(gc.double().square().sum())
-        if gm is not None:
-            norm_m += float(gm.double().square().sum())
-        if gc is not None and gm is not None:
-            dot += float((gc.double() * gm.double()).sum())
+        c64 = None if gc is None else gc.double()
+        m64 = None if gm is None else gm.double()
+        if c64 is not None:
+            norm_c += float(c64.square().sum())
+        if m64 is not None:
+            norm_m += float(m64.square().sum())
+        if c64 is not None and m64 is not None:
+            dot += float((c64 * m64).sum())
     norm_c, norm_m = math.sqrt(norm_c), math.sqrt(norm_m)
     cosine = dot / (norm_c * norm_m) if norm_c > 0 and norm_m > 0 else float("nan")
     diff = (cond.detach().double() - marg.detach().double()).tolist()

@@ -15,11 +15,11 @@ from typing import Any
 
 import yaml
 
+from dsrl_fast.train.config import ANSWER_MODES, DTYPES
+
 __all__ = ["DEFAULT_KS", "ENGINES", "EvalConfig", "parse_ks", "parse_overrides"]
 
 ENGINES = ("auto", "hf", "vllm")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-ANSWER_MODES = ("field", "boxed", "list")
 DEFAULT_KS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 

@@ -8,6 +8,7 @@ problems still missing; a cache made with other settings or other questions is r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -128,9 +129,7 @@ def generate_samples(engine: RolloutEngine, tokenizer: Any, problems: Sequence[P
     for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
         seed = None if sampling.seed is None else (sampling.seed * 1_000_003 + chunk[0]) % (2**31 - 1)
-        call = SamplingConfig(temperature=sampling.temperature, top_p=sampling.top_p, n=sampling.n,
-                              max_new_tokens=sampling.max_new_tokens, stop_token_ids=sampling.stop_token_ids,
-                              seed=seed)
+        call = dataclasses.replace(sampling, seed=seed)
         rollouts = engine.generate([list(prompts[i]) for i in chunk], call)
         texts = tokenizer.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)
         grouped: list[list[int]] = [[] for _ in chunk]

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from dsrl_fast.rollout.base import RolloutEngine
+from dsrl_fast.train.setup import model_dtype
 
 __all__ = ["ModelSpec", "load_tokenizer", "model_positions", "open_engine", "parse_model_specs", "resolve_engine",
            "torch_dtype"]
@@ -87,9 +88,7 @@ def model_positions(path: str) -> int | None:
 
 def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype of a dtype option ("auto": bf16 on CUDA, fp32 on CPU)."""
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return model_dtype(name, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def open_engine(path: str, engine: str, *, dtype: str, seed: int, max_model_len: int,

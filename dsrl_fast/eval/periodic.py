@@ -7,6 +7,7 @@ and the per-problem Avg@n / Pass@k values are summed over ranks by `reduce`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -60,9 +61,7 @@ def evaluate_tasks(engine: RolloutEngine, tokenizer: Any, tasks: Sequence[EvalTa
         sums = [0.0] * (2 + len(kept_ks))
         if mine:
             seed = None if sampling.seed is None else (sampling.seed + mine[0]) % (2**31 - 1)
-            call = SamplingConfig(temperature=sampling.temperature, top_p=sampling.top_p, n=n,
-                                  max_new_tokens=sampling.max_new_tokens, stop_token_ids=sampling.stop_token_ids,
-                                  seed=seed)
+            call = dataclasses.replace(sampling, seed=seed)
             rollouts = engine.generate([task.prompts[i] for i in mine], call)
             texts = tokenizer.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)
             scores = reward_fn(texts, [task.problems[mine[r.prompt_index]].answer for r in rollouts])

@@ -16,18 +16,22 @@ use SIGALRM (main thread only), so they are off and the pool enforces the limit:
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable
 from typing import Self
 
 from dsrl_fast.reward.base import MalformedAnswer, Outcome, RewardStats, check_batch
 from dsrl_fast.reward.extract import extract_boxed
-from dsrl_fast.reward.normalize import answers_match_fast, canonical_decimal, normalize_answer, normalize_unicode
+from dsrl_fast.reward.normalize import (
+    _UNESCAPED_DOLLAR_RE,
+    answers_match_fast,
+    canonical_decimal,
+    normalize_answer,
+    normalize_unicode,
+)
 from dsrl_fast.reward.pool import DEFAULT_START_METHOD, CheckPool, StartMethod
 
 __all__ = ["MathVerifyReward", "math_verify_check"]
 
-_UNESCAPED_DOLLAR_RE = re.compile(r"(?<!\\)\$")
 # Each worker checks these before its first timed check: sympy's first polynomial, set, interval, matrix and
 # equation comparisons import modules lazily (0.6 s for the first polynomial), which would eat a check's limit.
 _WARM_UP = (("0", "0"), ("x^2+2x+1", "(x+1)^2"), ("\\{2,1\\}", "\\{1,2\\}"), ("[0,1)", "[0, 1)"),

@@ -16,6 +16,7 @@ import torch
 
 from dsrl_fast.data import Problem, load_hf_problems, load_problems
 from dsrl_fast.errors import UserError
+from dsrl_fast.packing import default_marginal_prefix
 from dsrl_fast.reward import check_reward_spec
 from dsrl_fast.templates import render_prompt
 from dsrl_fast.train.config import TrainConfig
@@ -212,9 +213,8 @@ def resolve_marginal_prefix(cfg: TrainConfig, tokenizer: Any) -> tuple[int, ...]
     """algo.marginal_prefix, else the tokenizer's <|im_start|> id (the authors' choice), else its BOS id."""
     if cfg.algo.marginal_prefix is not None:
         return tuple(cfg.algo.marginal_prefix)
-    im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
-    if isinstance(im_start, int) and im_start != tokenizer.unk_token_id and im_start is not None:
-        return (im_start,)
-    if tokenizer.bos_token_id is None:
-        raise UserError("algo.marginal_prefix must be set: the tokenizer has neither <|im_start|> nor a BOS token")
-    return (tokenizer.bos_token_id,)
+    try:
+        return default_marginal_prefix(tokenizer)
+    except ValueError as exc:
+        raise UserError("algo.marginal_prefix must be set: the tokenizer has neither <|im_start|> nor a BOS "
+                        "token") from exc
