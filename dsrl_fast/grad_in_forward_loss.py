@@ -90,8 +90,8 @@ def grad_in_forward_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labe
     active = weights != 0
     grad_rows = None
     if compute_dh or compute_dw:
-        count = int(active.sum())
-        grad_rows = None if count == n else active.nonzero().squeeze(1)
+        idx = active.nonzero().squeeze(1)
+        grad_rows = None if idx.numel() == n else idx
     with torch.no_grad():
         result = logprobs_and_grads(hidden, weight, labels, token_grad, options, grad_rows, compute_dh, compute_dw)
     entropy = result.entropy

@@ -53,17 +53,26 @@ class ChunkedLinearLogprobs(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_logprobs: torch.Tensor | None,
                  grad_entropy: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
-        hidden, weight, labels, lse, entropy = ctx.saved_tensors
+        saved = ctx.saved_tensors
         if grad_logprobs is None:
-            grad_logprobs = torch.zeros_like(lse)
-        if not (ctx.with_entropy and grad_entropy is not None):
+            grad_logprobs = torch.zeros_like(saved[3])
+        if not ctx.with_entropy:
             grad_entropy = None
-        active = grad_logprobs != 0
-        if grad_entropy is not None:
-            active |= grad_entropy != 0
-        d_hidden, d_weight = backward_rows(ctx.saved_tensors, grad_logprobs, grad_entropy, active.nonzero().squeeze(1),
-                                           ctx.inv_t, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        rows = active_rows(grad_logprobs, grad_entropy)
+        d_hidden, d_weight = backward_rows(saved, grad_logprobs, grad_entropy, rows, ctx.inv_t,
+                                           ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         return d_hidden, d_weight, None, None, None
+
+
+def active_rows(grad_logprobs: torch.Tensor | None, grad_entropy: torch.Tensor | None) -> torch.Tensor:
+    """(A,) int64 indices of rows whose log-prob or entropy gradient (N,) is nonzero (one host sync for A); at least
+    one of the two is given."""
+    grads = [g for g in (grad_logprobs, grad_entropy) if g is not None]
+    assert grads
+    active = grads[0] != 0
+    for g in grads[1:]:
+        active |= g != 0
+    return active.nonzero().squeeze(1)
 
 
 def backward_rows(saved: tuple[torch.Tensor, ...], grad_logprobs: torch.Tensor, grad_entropy: torch.Tensor | None,
@@ -78,8 +87,8 @@ def backward_rows(saved: tuple[torch.Tensor, ...], grad_logprobs: torch.Tensor, 
     """
     hidden, weight, labels, lse, entropy = saved
     weight32 = weight.float()
-    d_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-    d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    d_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_hidden else None
+    d_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
     step = _rows_per_chunk(weight.shape[0])
     for start in range(0, rows.numel(), step):
         idx = rows[start:start + step]
@@ -92,8 +101,9 @@ def backward_rows(saved: tuple[torch.Tensor, ...], grad_logprobs: torch.Tensor, 
         if grad_entropy is not None:
             dz -= grad_entropy[idx, None].float() * p * (log_p + entropy[idx, None])
         dz *= inv_t
-        if need_hidden:
+        if d_hidden is not None:
             d_hidden[idx] = dz @ weight32
-        if need_weight:
+        if d_weight is not None:
             d_weight.addmm_(dz.T, h)
-    return (d_hidden.to(hidden.dtype) if need_hidden else None, d_weight.to(weight.dtype) if need_weight else None)
+    return (None if d_hidden is None else d_hidden.to(hidden.dtype),
+            None if d_weight is None else d_weight.to(weight.dtype))

@@ -80,9 +80,9 @@ def logprobs_and_grads(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
             chunk = torch.arange(start, stop, device=device) if idx is None else idx[start:stop]
             h = hidden[start:stop] if idx is None else hidden.index_select(0, chunk)
             z = buffer[:stop - start]
+            chunk_labels = labels[chunk].contiguous()
             matmul_into(z, h, weight.T, accumulate=False)
-            lse, label_logit, ent = logits_rows.row_stats(z, labels[chunk].contiguous(), inv_t,
-                                                          options.with_entropy)
+            lse, label_logit, ent = logits_rows.row_stats(z, chunk_labels, inv_t, options.with_entropy)
             logp = label_logit - lse
             logprobs[chunk] = logp
             if entropy is not None and ent is not None:
@@ -91,7 +91,7 @@ def logprobs_and_grads(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
                 continue
             g_logp, g_ent = token_grad(chunk, logp, ent)
             dz = _dz_view(z, hidden.dtype)
-            logits_rows.row_grad(z, labels[chunk].contiguous(), lse, ent if g_ent is not None else None,
+            logits_rows.row_grad(z, chunk_labels, lse, ent if g_ent is not None else None,
                                  g_logp.float().contiguous(), None if g_ent is None else g_ent.float().contiguous(),
                                  inv_t, dz)
             if d_hidden is not None:

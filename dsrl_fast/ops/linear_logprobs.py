@@ -14,6 +14,7 @@ import torch
 
 from dsrl_fast.kernels import linear_logprobs as kernels
 from dsrl_fast.ops.gemm import matmul_into
+from dsrl_fast.torch_logprobs import active_rows
 
 
 @dataclass(frozen=True)
@@ -30,16 +31,6 @@ class FusedOptions:
     forward_config: kernels.KernelConfig | None = None
     dlogits_config: kernels.KernelConfig | None = None
     slice_width: int | None = None
-
-
-def active_rows(grad_logprobs: torch.Tensor | None, grad_entropy: torch.Tensor | None) -> torch.Tensor:
-    """(A,) int64 indices of rows whose log-prob or entropy gradient is nonzero (one host sync for A)."""
-    grads = [g for g in (grad_logprobs, grad_entropy) if g is not None]
-    assert grads
-    active = grads[0] != 0
-    for g in grads[1:]:
-        active |= g != 0
-    return active.nonzero().squeeze(1)
 
 
 def sliced_backward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
