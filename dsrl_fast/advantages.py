@@ -127,11 +127,6 @@ def gae(token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, g
     return GAEOutput(adv, (adv + v) * m)
 
 
-def _reinforce_pp(r: torch.Tensor, token_counts: torch.Tensor | None, reduce_sum: ReduceSum | None) -> torch.Tensor:
-    w = torch.ones_like(r) if token_counts is None else token_counts.to(r.dtype)
-    return whiten(r, w, reduce_sum)
-
-
 def compute_advantages(
     rewards: torch.Tensor,
     estimator: str = "grpo",
@@ -181,13 +176,13 @@ def compute_advantages(
     r = rewards.reshape(-1)
     counts = None if token_counts is None else token_counts.reshape(-1)
     if estimator == "reinforce_pp":
-        return _reinforce_pp(r, counts, reduce_sum).reshape(rewards.shape)
+        return whiten(r, counts, reduce_sum).reshape(rewards.shape)
     if rewards.dim() == 1:
         inverse = torch.unique(group_ids, return_inverse=True)[1]
 
     count, mean, sq = _group_stats(r, inverse)
     if estimator == "reinforce_pp_baseline":
-        return _reinforce_pp(r - mean, counts, reduce_sum).reshape(rewards.shape)
+        return whiten(r - mean, counts, reduce_sum).reshape(rewards.shape)
     single = count < 2
     safe = torch.where(single, torch.full_like(count, 2.0), count)  # avoids 0/0 for singletons
     if estimator == "grpo":

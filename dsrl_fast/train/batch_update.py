@@ -37,13 +37,14 @@ from dsrl_fast.model import gathered, lm_head_weight, packed_hidden_states
 from dsrl_fast.packing import PackedBatch, build_micro_batches
 from dsrl_fast.train.algorithms import Phase
 from dsrl_fast.train.collectives import reduce_floats, reduce_tensor
+from dsrl_fast.train.config import OLD_LOGPROBS
 from dsrl_fast.train.critic import ValueLossConfig, filler_config
-from dsrl_fast.train.rl_step import PACK_SPACE, StepSamples, UpdateResult, sample_advantages, selected_samples
+from dsrl_fast.train.rl_step import PACK_SPACE, StepSamples, UpdateResult, sample_advantages, update_samples
 from dsrl_fast.train.update import Updater
 
-__all__ = ["OLD_LOGPROBS", "BatchResult", "CriticSetup", "UpdateOptions", "mini_batch_groups", "run_batch"]
+__all__ = ["OLD_LOGPROBS", "BatchResult", "CriticSetup", "UpdateOptions", "mini_batch_groups", "policy_logprob_fn",
+           "run_batch"]
 
-OLD_LOGPROBS = ("recompute", "sampler")
 ScoreFn = Callable[[PackedBatch], torch.Tensor]
 
 
@@ -340,6 +341,7 @@ def run_batch(update_fn: Callable[..., UpdateResult], updater: Updater, samples:
             samples, rewards=torch.stack([r.sum() for r in rewards]).cpu())
         advantages = sample_advantages(scored, phase.estimator)
 
+    groups = mini_batch_groups(samples.group_ids, options.mini_batches)
     if phase.estimator == "gae" and critic is not None and step < critic.warmup_steps:
         update = UpdateResult(loss=0.0, clip_frac=0.0, entropy=float("nan"), kept_tokens=0.0, trained_tokens=0.0,
                               packed_tokens=0.0, logprob_drift=None, grad_norm=0.0, stepped=False)
@@ -347,25 +349,26 @@ def run_batch(update_fn: Callable[..., UpdateResult], updater: Updater, samples:
     else:
         skip = None
         update = _policy_updates(update_fn, updater, samples, phase, advantages, token_adv, old_cond, policy_fn,
-                                 metrics, lr=lr, options=options, marginal_prefix=marginal_prefix,
+                                 metrics, groups, lr=lr, options=options, marginal_prefix=marginal_prefix,
                                  max_tokens=max_tokens, device=device, ref_logprobs_fn=ref_logprobs_fn,
                                  marginal_logprob=marginal_logprob)
     if critic is not None:
         assert returns is not None and values is not None
         metrics["explained_variance"] = _explained_variance(returns, values)
         metrics["value_mean"] = _token_mean(list(values))
-        metrics.update(_critic_update(critic, samples, mini_batch_groups(samples.group_ids, options.mini_batches),
-                                      options, returns, values, max_tokens=max_tokens, prefix=marginal_prefix,
-                                      device=device))
+        metrics.update(_critic_update(critic, samples, groups, options, returns, values, max_tokens=max_tokens,
+                                      prefix=marginal_prefix, device=device))
     return BatchResult(advantages, update, metrics, skip)
 
 
 def _policy_updates(update_fn: Callable[..., UpdateResult], updater: Updater, samples: StepSamples, phase: Phase,
                     advantages: torch.Tensor, token_adv: list[torch.Tensor] | None,
-                    old_cond: list[torch.Tensor] | None, policy_fn: ScoreFn, metrics: dict[str, Any], *, lr: float,
+                    old_cond: list[torch.Tensor] | None, policy_fn: ScoreFn, metrics: dict[str, Any],
+                    groups: list[list[int]], *, lr: float,
                     options: UpdateOptions, marginal_prefix: Sequence[int], max_tokens: int, device: torch.device,
                     ref_logprobs_fn: ScoreFn | None, marginal_logprob: bool) -> UpdateResult:
-    """The `mini_batches × epochs` optimizer steps of the policy (old log-probs first when they are needed)."""
+    """The `mini_batches × epochs` optimizer steps of the policy (old log-probs first when they are needed); groups:
+    each mini-batch's sample indices (mini_batch_groups)."""
     n = len(samples.response_ids)
     lengths = [len(r) for r in samples.response_ids]
     conditional = phase.space == "conditional"
@@ -376,8 +379,7 @@ def _policy_updates(update_fn: Callable[..., UpdateResult], updater: Updater, sa
         if old_cond is not None and conditional:
             old = old_cond
         else:
-            skip_zero = phase.loss.kl_coef == 0 and phase.loss.entropy_coef == 0 and token_adv is None
-            _, trained = selected_samples(advantages, phase.samples, skip_zero)
+            _, trained = update_samples(advantages, phase, token_adv)
             scored = _score(_packed(samples, trained, phase.space, max_tokens, marginal_prefix), policy_fn, n,
                             device)
             if not conditional:
@@ -386,7 +388,7 @@ def _policy_updates(update_fn: Callable[..., UpdateResult], updater: Updater, sa
     loss_ref = ref_logprobs_fn if phase.loss.kl_coef != 0 else None
     results = []
     for _ in range(options.epochs):
-        for chunk in mini_batch_groups(samples.group_ids, options.mini_batches):
+        for chunk in groups:
             extra: dict[str, Any] = {}
             if old is not None:
                 extra["old_logprobs"] = [old[i] for i in chunk]

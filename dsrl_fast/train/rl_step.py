@@ -75,6 +75,14 @@ def selected_samples(advantages: torch.Tensor, samples_filter: str, skip_zero: b
     return kept, trained
 
 
+def update_samples(advantages: torch.Tensor, phase: Phase,
+                   token_advantages: Sequence[torch.Tensor] | None) -> tuple[list[int], list[int]]:
+    """(kept, trained) of `phase`'s update: zero-advantage samples are skipped only when nothing else (KL, entropy
+    bonus, token advantages) gives them a gradient."""
+    skip_zero = phase.loss.kl_coef == 0 and phase.loss.entropy_coef == 0 and token_advantages is None
+    return selected_samples(advantages, phase.samples, skip_zero)
+
+
 def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
@@ -118,8 +126,7 @@ def run_update(updater: Updater, samples: StepSamples, advantages: torch.Tensor,
     `advantages` still selects the phase's samples (NSR / PSR).
     """
     loss_cfg = phase.loss
-    skip_zero = loss_cfg.kl_coef == 0 and loss_cfg.entropy_coef == 0 and token_advantages is None
-    kept, trained = selected_samples(advantages, phase.samples, skip_zero)
+    kept, trained = update_samples(advantages, phase, token_advantages)
     resp_len = [len(r) for r in samples.response_ids]
     local = [float(sum(resp_len[i] for i in kept)), float(len(kept)), float(len(trained))]
     global_tokens, global_seqs, global_trained = reduce_floats(local)

@@ -28,12 +28,11 @@ from dsrl_fast.analysis.thoughts import count_thoughts
 from dsrl_fast.data import PromptSampler
 from dsrl_fast.errors import RunInterrupted, UserError
 from dsrl_fast.eval.periodic import HELD_OUT, EvalTask, evaluate_tasks, load_benchmarks
-from dsrl_fast.logprobs import linear_logprobs
-from dsrl_fast.model import lm_head_weight, packed_hidden_states, prepare_packed_model
+from dsrl_fast.model import prepare_packed_model
 from dsrl_fast.reward import RewardFn, get_reward_fn, reward_stats
 from dsrl_fast.rollout.base import RolloutEngine, SamplingConfig
 from dsrl_fast.train.algorithms import Phase, phase_for_step, uses_critic
-from dsrl_fast.train.batch_update import CriticSetup, UpdateOptions, run_batch
+from dsrl_fast.train.batch_update import CriticSetup, UpdateOptions, policy_logprob_fn, run_batch
 from dsrl_fast.train.checkpoint import latest_checkpoint, load_checkpoint, load_reference, save_checkpoint
 from dsrl_fast.train.collectives import reduce_floats
 from dsrl_fast.train.config import TrainConfig, config_to_dict, save_config
@@ -285,7 +284,7 @@ def _skip_reason(metrics: dict[str, Any], samples_filter: str) -> str:
     return f"no {kept}sample has a non-zero advantage"
 
 
-def _write_plot(cfg: TrainConfig, out: Path, rank: int) -> str | None:
+def _write_plot(out: Path, rank: int) -> str | None:
     """The training plot; dsrl's switch is the logged `switch_step` (the one actually used)."""
     if rank != 0 or not (out / "metrics.jsonl").is_file():
         return None
@@ -408,10 +407,10 @@ def train(cfg: TrainConfig) -> TrainSummary:
                 samples = collect_samples(my_prompts, rollouts, rewards, group_offset=d.rank * per_rank)
                 lr = phase.lr * _lr_factor(cfg, step)
                 t_update = time.perf_counter()
+                ref_fn = None if ref_model is None else policy_logprob_fn(ref_model, phase.loss.temperature)
                 outcome = run_batch(run_update, updater, samples, phase, step=step, marginal_prefix=prefix,
                                     max_tokens=cfg.optim.max_tokens_per_micro_batch, device=d.device, lr=lr,
-                                    options=_update_options(cfg), critic=critic,
-                                    ref_logprobs_fn=_ref_fn(ref_model, phase) if ref_model is not None else None,
+                                    options=_update_options(cfg), critic=critic, ref_logprobs_fn=ref_fn,
                                     marginal_logprob=guard is not None and cfg.guard.max_logprob_drift is not None)
                 result = outcome.update
                 t_sync = time.perf_counter()
@@ -464,7 +463,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
                         last_checkpoint = checkpoint(done)
                     logger.close()
                     sample_log.close()
-                    plot = _write_plot(cfg, out, d.rank)
+                    plot = _write_plot(out, d.rank)
                     print0(f"metrics : {out / 'metrics.jsonl'}" + (f"\nplot    : {plot}" if plot else ""))
                     raise RunInterrupted(stop.signum or signal.SIGTERM, done, str(last_checkpoint))
                 if done >= cfg.steps:  # the guard stopped the run early
@@ -477,7 +476,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
             final = checkpoint(cfg.steps)
             logger.close()
             sample_log.close()
-            plot_path = _write_plot(cfg, out, d.rank)
+            plot_path = _write_plot(out, d.rank)
             return TrainSummary(trainer_state["accuracy_before"], accuracy_after, cfg.steps,
                                 time.perf_counter() - started, str(out), plot_path, str(final / "hf"))
         finally:
@@ -500,17 +499,6 @@ def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     for p in ref.parameters():
         p.requires_grad_(False)
     return ref
-
-
-def _ref_fn(ref_model: torch.nn.Module, phase: Phase) -> Any:
-    def ref_logprobs(batch: Any) -> torch.Tensor:
-        with torch.no_grad():
-            hidden = packed_hidden_states(ref_model, batch)
-            labels = batch.labels.index_select(0, batch.masked_idx)
-            return linear_logprobs(hidden, lm_head_weight(ref_model), labels,
-                                   temperature=phase.loss.temperature).logprobs
-
-    return ref_logprobs
 
 
 def _step_metrics(cfg: TrainConfig, phase: Phase, samples: Any, texts: list[str], result: Any, lr: float,
