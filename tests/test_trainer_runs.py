@@ -174,6 +174,22 @@ def test_a_failed_checkpoint_write_says_why_and_removes_the_partial_checkpoint(
     assert not checkpoint_dir(tmp_path, 2).exists()
 
 
+def test_a_failed_critic_write_leaves_no_complete_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PPO's critic is part of the checkpoint: a failure writing it removes the partial checkpoint (it used to be
+    written after the trainer state had marked the checkpoint complete, so a resume then failed on it)."""
+    updater, tokenizer = _toy_updater()
+    save_checkpoint(tmp_path, 1, updater, tokenizer, {"sampler": {}}, keep=2, critic=updater)
+    assert (checkpoint_dir(tmp_path, 1) / "critic.pt").is_file()
+
+    def disk_full(directory: Any, critic: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_mod, "save_critic", disk_full)
+    with pytest.raises(CheckpointWriteError, match=r"step_000002.*No space left on device.*partial checkpoint removed"):
+        save_checkpoint(tmp_path, 2, updater, tokenizer, {"sampler": {}}, keep=2, critic=updater)
+    assert not checkpoint_dir(tmp_path, 2).exists() and latest_checkpoint(tmp_path) == checkpoint_dir(tmp_path, 1)
+
+
 def test_periodic_evaluation_survives_a_kill_right_after_its_checkpoint(tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     real_save = checkpoint_mod.save_checkpoint

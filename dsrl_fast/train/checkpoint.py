@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from dsrl_fast.errors import CheckpointWriteError
+from dsrl_fast.train.critic import save_critic
 from dsrl_fast.train.update import DeepSpeedUpdater, Updater
 
 STATE_FILE = "trainer_state.json"
@@ -64,18 +65,20 @@ def export_hf(updater: Updater, tokenizer: Any, directory: Path) -> None:
 
 
 def save_checkpoint(output_dir: str | Path, step: int, updater: Updater, tokenizer: Any, trainer_state: dict[str, Any],
-                    keep: int, reference: torch.nn.Module | None = None) -> Path:
+                    keep: int, reference: torch.nn.Module | None = None, critic: Updater | None = None) -> Path:
     """Save everything needed to resume after `step` finished steps; keep the newest `keep` checkpoints.
 
     reference: the frozen KL reference policy, saved too (it is neither the initial nor the current actor after a
-    dsrl re-sync, so a resumed run cannot rebuild it).
+    dsrl re-sync, so a resumed run cannot rebuild it). critic: PPO's value-model updater, saved too
+    (dsrl_fast.train.critic.save_critic). Both are written before the trainer state that marks the checkpoint
+    complete.
     """
     target = checkpoint_dir(output_dir, step)
     if _rank() == 0 and target.exists():
         shutil.rmtree(target)
     _barrier()
     try:
-        _write_checkpoint(target, step, updater, tokenizer, trainer_state, reference)
+        _write_checkpoint(target, step, updater, tokenizer, trainer_state, reference, critic)
     except (OSError, RuntimeError) as exc:
         # torch.save reports a full disk as RuntimeError ("unexpected pos ..."): say what really happened.
         shutil.rmtree(target, ignore_errors=True)
@@ -91,7 +94,7 @@ def save_checkpoint(output_dir: str | Path, step: int, updater: Updater, tokeniz
 
 
 def _write_checkpoint(target: Path, step: int, updater: Updater, tokenizer: Any, trainer_state: dict[str, Any],
-                      reference: torch.nn.Module | None) -> None:
+                      reference: torch.nn.Module | None, critic: Updater | None) -> None:
     if isinstance(updater, DeepSpeedUpdater):
         updater.save_checkpoint(str(target / "deepspeed"), tag="state")
     elif _rank() == 0:
@@ -100,6 +103,8 @@ def _write_checkpoint(target: Path, step: int, updater: Updater, tokenizer: Any,
     if reference is not None and _rank() == 0:
         target.mkdir(parents=True, exist_ok=True)
         torch.save(reference.state_dict(), target / REFERENCE_FILE)
+    if critic is not None:
+        save_critic(target, critic)
     export_hf(updater, tokenizer, target / "hf")
     _barrier()
     if _rank() == 0:

@@ -178,7 +178,7 @@ def load_critic(directory: str | os.PathLike[str], updater: Any) -> None:
     path = source / (CRITIC_DEEPSPEED if isinstance(updater, DeepSpeedUpdater) else CRITIC_STATE)
     if not path.exists():
         raise FileNotFoundError(f"{str(path)!r} does not exist: the checkpoint in {str(source)!r} holds no critic "
-                                "(saved by a run without PPO, or interrupted while saving it)")
+                                "(saved by a run without PPO)")
     if isinstance(updater, DeepSpeedUpdater):
         updater.load_checkpoint(str(path), tag="state")
     else:

@@ -36,7 +36,7 @@ from dsrl_fast.train.batch_update import CriticSetup, UpdateOptions, policy_logp
 from dsrl_fast.train.checkpoint import latest_checkpoint, load_checkpoint, load_reference, save_checkpoint
 from dsrl_fast.train.collectives import reduce_floats
 from dsrl_fast.train.config import TrainConfig, config_to_dict, save_config
-from dsrl_fast.train.critic import CriticModule, build_critic_model, load_critic, save_critic
+from dsrl_fast.train.critic import CriticModule, build_critic_model, load_critic
 from dsrl_fast.train.guard import MarginalGuard, guard_signals
 from dsrl_fast.train.interrupt import StopRequest
 from dsrl_fast.train.metrics_log import MetricsLogger, SampleLog, StepProgress, print0
@@ -378,11 +378,9 @@ def train(cfg: TrainConfig) -> TrainSummary:
             last_checkpoint: Path | None = resume_from
 
             def checkpoint(done: int) -> Path:
-                path = save_checkpoint(out, done, updater, tokenizer, dict(trainer_state, sampler=sampler.state_dict()),
-                                       cfg.keep_checkpoints, reference=ref_model)
-                if critic is not None:
-                    save_critic(path, critic.updater)
-                return path
+                return save_checkpoint(out, done, updater, tokenizer, dict(trainer_state, sampler=sampler.state_dict()),
+                                       cfg.keep_checkpoints, reference=ref_model,
+                                       critic=None if critic is None else critic.updater)
 
             for step in range(start_step, cfg.steps):
                 t0 = time.perf_counter()
