@@ -36,6 +36,7 @@ import torch
 from dsrl_fast.planning.shapes import model_config
 from dsrl_fast.planning.simulate import LossWorkspace, micro_batch_peak
 from dsrl_fast.train.config import TrainConfig
+from dsrl_fast.train.setup import model_dtype
 
 GIB = 1 << 30
 DEFAULT_VLLM_UTILIZATION = 0.5
@@ -46,7 +47,6 @@ TOKEN_GRANULE = 256
 
 ALWAYS, ROLLOUT, UPDATE, MICRO_BATCH, STEP = "always", "rollout", "update", "micro-batch", "step"
 PHASES = (ALWAYS, ROLLOUT, UPDATE, MICRO_BATCH, STEP)
-_DTYPES = {"auto": torch.bfloat16, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,7 @@ def _setup(cfg: TrainConfig, gpus: int) -> _Setup:
     if not use_ds and gpus > 1:
         raise ValueError(f"deepspeed.enabled must be true or null with {gpus} GPUs (data-parallel training runs "
                          "through DeepSpeed), got false")
-    dtype = _DTYPES[cfg.model.dtype]
+    dtype = model_dtype(cfg.model.dtype, torch.device("cuda"))  # a plan is for GPUs: "auto" is bfloat16
     config = model_config(cfg.model.name_or_path)
     return _Setup(
         config=config, dtype=dtype, params=count_parameters(config), vocab=config.vocab_size,
