@@ -100,7 +100,6 @@ def _equivalent() -> list[Case]:
     big = digits(50_000, seed=7)
     cases += [
         Case("equivalent", "brace-less \\boxed 5", "so $\\boxed 5$ done", "5", 1.0, 1.0),
-        Case("equivalent", "\\fbox", "\\fbox{12}", "12", 1.0, 1.0),
         Case("equivalent", "last of two boxes", box("3") + " wait, actually " + box("4"), "4", 1.0, 1.0),
         Case("equivalent", "nested box", "\\boxed{\\boxed{3}}", "3", 1.0, 1.0),
         Case("equivalent", "50,000-digit equal integers (exact fast path)", box(big), big, 1.0, 1.0, Outcome.CORRECT),
@@ -147,6 +146,10 @@ def _must_fail() -> list[Case]:
              Outcome.NO_ANSWER),
         Case("must_fail", "right box then a wrong last box", box("27") + " hmm " + box("28"), "27", 0.0, 0.0),
         Case("must_fail", "\\boxedx is not a box", "\\boxedx{27}", "27", 0.0, 0.0, Outcome.NO_ANSWER),
+        Case("must_fail", "unbalanced \\boxed12}", "\\boxed12}", "12", 0.0, 0.0, Outcome.NO_ANSWER),
+        Case("must_fail", "brace-less \\boxed12 without a space", "so \\boxed12", "12", 0.0, 0.0, Outcome.NO_ANSWER),
+        Case("must_fail", "\\fbox (the authors' rule reads \\boxed only)", "\\fbox{12}", "12", 0.0, 0.0,
+             Outcome.NO_ANSWER),
         Case("must_fail", "1,000,000-digit numbers differing in the last digit", box("1" + million),
              "1" + million[:-1] + str((int(million[-1]) + 1) % 10), 0.0, 0.0, Outcome.NO_ANSWER),
         Case("must_fail", f"equal numbers over the {MAX_ANSWER_CHARS:,}-character answer cap", box("1" + million),

@@ -80,13 +80,15 @@ def fork_server() -> None:
         ("\\boxed{x^{2^{3}}} end", "x^{2^{3}}"),
         ("so $\\boxed 5$.", "5"),
         ("\\boxed {7}", "7"),
-        ("\\fbox{x+1}", "x+1"),
         ("\\boxed{\\boxed{3}}", "3"),
         ("\\boxed{1} and then \\boxed{\\text{Evelyn}}", "\\text{Evelyn}"),
         ("\\boxed{4} \\boxedx{5}", "4"),
         ("\\fbox{4} \\boxed{5}", "5"),
-        ("\\boxed{5} \\fbox{4}", "4"),
+        ("\\boxed{5} \\fbox{4}", "5"),
         ("\\boxed{a\\\\b}", "a\\\\b"),
+        ("\\boxed{12}}", "12"),
+        ("\\boxed 5 is wrong, so \\boxed{6}", "6"),
+        ("\\boxed 12\nmore text", "12"),
     ],
 )
 def test_extract_boxed(text, expected):
@@ -94,10 +96,53 @@ def test_extract_boxed(text, expected):
 
 
 @pytest.mark.parametrize(
-    "text", ["no box here", "", "\\boxed{12", "\\boxed{}", "\\boxed{ }", "\\boxedx{3}", "\\boxed{\\}", "\\boxed"]
+    "text",
+    ["no box here", "", "\\boxed{12", "\\boxed{}", "\\boxed{ }", "\\boxedx{3}", "\\boxed{\\}", "\\boxed",
+     "\\boxed12}", "\\boxed12", "\\boxed\\frac12", "\\boxed{1{2}", "\\boxed{12} then \\boxed13}", "\\boxed{12} \\boxed{13",
+     "\\fbox{12}", "\\boxed\n12"],
 )
 def test_extract_boxed_none(text):
+    """No complete last box: unclosed, unbalanced (``\\boxed12}`` read as ``12}`` before), brace-less without a space,
+    empty, or ``\\fbox`` (read before; the authors' rule scores it 0)."""
     assert extract_boxed(text) is None
+
+
+# The authors' reward (verl's math_reward: Hendrycks last_boxed_only_string + remove_boxed + is_equiv) and ours agree
+# on these; the first ones are the forms where the extraction decides the score.
+AUTHORS_CASES = [
+    ("\\boxed12}", "12"), ("\\boxed12", "12"), ("\\boxed{12", "12"), ("\\boxed{1{2}", "12"), ("\\fbox{12}", "12"),
+    ("\\boxed{12} so \\boxed13}", "12"), ("\\boxed{12} so \\boxed{13", "12"), ("\\boxed{12}", "12"),
+    ("\\boxed{\\frac{1}{2}}", "\\frac12"), ("\\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{\\sqrt{3}}{2}"), ("so $\\boxed 5$.", "5"),
+    ("\\boxed 12", "12"), ("\\boxed{3} then \\boxed{4}", "4"), ("\\boxed{3} then \\boxed{4}", "3"),
+    ("\\boxed{\\boxed{3}}", "3"), ("\\fbox{4} \\boxed{5}", "5"), ("\\boxed{5} \\fbox{4}", "5"),
+    ("\\boxed{5} \\fbox{4}", "4"), ("\\boxed{\\{1,2\\}}", "\\{1,2\\}"), ("\\boxed{12}}", "12"), ("\\boxed{}", "1"),
+    ("no box", "12"),
+]
+
+
+@pytest.mark.parametrize("reward", ["hendrycks_math", "math_verify", "exact_match"])
+def test_every_reward_needs_a_complete_last_box(reward):
+    """``\\boxed12}`` scored 1 against 12 under math_verify (extracted as ``12}``); every reward now scores the
+    incomplete last box 0 as no answer, and an ``\\fbox`` too."""
+    responses = ["\\boxed12}", "\\boxed12", "\\boxed{12} \\boxed13}", "\\fbox{12}", "\\boxed{12}", "\\boxed 12"]
+    fn = get_reward_fn(reward, **({"num_workers": 1} if reward == "math_verify" else {}))
+    try:
+        assert fn(responses, ["12"] * len(responses)) == [0.0, 0.0, 0.0, 0.0, 1.0, 1.0]
+        stats = reward_stats(fn)
+        assert stats is None or stats.no_answer == 4
+    finally:
+        getattr(fn, "close", lambda: None)()
+
+
+def test_boxed_rule_is_the_authors():
+    """HendrycksMathReward(unicode=False) gives the authors' own reward function's score on every case, read from
+    the peer itself (verl 0.9.1's math_reward, which the authors' verl 0.5 fork ships unchanged)."""
+    math_reward = pytest.importorskip("verl.utils.reward_score.math_reward", reason="the authors' reward ships in verl")
+    ours = HendrycksMathReward(unicode=False)
+    responses, references = [r for r, _ in AUTHORS_CASES], [g for _, g in AUTHORS_CASES]
+    theirs = [math_reward.compute_score(r, g) for r, g in AUTHORS_CASES]
+    assert ours(responses, references) == theirs
+    assert sum(theirs) >= 8 and theirs.count(0.0) >= 8  # both outcomes are exercised
 
 
 def test_extract_boxed_length_cap():

@@ -14,8 +14,9 @@ strings:
 When the rules cannot apply (``"\\text{ "`` twice, a string ending in ``\\sqrt`` or ``\\frac``) the published
 check compares the raw strings, and so does this one. It has no trailing-``.0`` rule and no numeric comparison:
 ``27.0`` vs ``27`` and ``0.25`` vs ``\\frac{1}{4}`` are *wrong* here (math-verify accepts both), so more samples
-are negative. The answer is the last box found by :func:`~dsrl_fast.reward.extract.extract_boxed` (the published
-code's own extraction differs only on malformed input). By default Unicode math is first rewritten as LaTeX
+are negative. The answer is the last complete box found by :func:`~dsrl_fast.reward.extract.extract_boxed`, the
+authors' rule (``\\boxed12}`` and ``\\fbox{}`` are no answer; its docstring lists where it reads well-formed LaTeX
+more carefully than their string code). By default Unicode math is first rewritten as LaTeX
 (:func:`~dsrl_fast.reward.normalize.normalize_unicode`); ``unicode=False`` gives the published check exactly.
 Checks are pure string operations, linear in the answer length (answers are capped by ``extract_boxed``), so
 they run in the calling thread without a time limit.
