@@ -9,10 +9,17 @@ A data spec is one of:
   problem_key / answer_key / answer_mode options;
 - ``<label>=<path or hf:...>``: the same, labelled; when the label is a benchmark name its fields are the defaults
   (``math500=hf:HuggingFaceH4/MATH-500:test``).
+
+The reference answers of the six benchmarks (and of a source labelled with one's name) are read in the plain form a
+model writes (:func:`plain_answer`). The shipped AIME24 file writes 7 of its 30 integers with leading zeros (``025``;
+the authors' file has ``25``) and OlympiadBench's list answers (and one Minerva answer) keep their ``$…$`` math
+delimiters: against those references the Hendrycks string check (``hendrycks_math``, the authors' scorer) gives a
+correct ``\\boxed{25}`` or ``\\boxed{2n-2}`` 0.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass
@@ -22,7 +29,7 @@ from typing import Any
 from dsrl_fast.data import AnswerMode, Problem, load_hf_problems, load_problems
 
 __all__ = ["ALIASES", "BENCHMARKS", "BenchmarkFormat", "EvalSet", "default_data_dir", "load_eval_set",
-           "parse_data_specs"]
+           "parse_data_specs", "plain_answer"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +54,8 @@ ALIASES = {"minerva": "minerva_math", "olympiad": "olympiadbench", "math_500": "
            "aime2025": "aime25", "amc": "amc23"}
 TOY = "toy"
 _LABEL_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
+_MATH_DELIMITER_RE = re.compile(r"(?<!\\)\$")  # an unescaped $; \$ is a dollar sign
+_LEADING_ZEROS_RE = re.compile(r"([-+]?)0+(\d+)", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,31 @@ class EvalSet:
 def default_data_dir() -> Path:
     """$DSRL_FAST_DATA, else ./data."""
     return Path(os.environ.get("DSRL_FAST_DATA", "data"))
+
+
+def plain_answer(answer: str) -> str:
+    """A benchmark reference in its plain form: without ``$`` math delimiters (``$2n-2$`` → ``2n-2``), and an
+    integer without leading zeros (``025`` → ``25``; a sign is kept: Minerva asks for ``+2``). Raises ValueError
+    when nothing is left."""
+    if not isinstance(answer, str):
+        raise TypeError(f"answer must be a str, got {type(answer).__name__}")
+    plain = _MATH_DELIMITER_RE.sub("", answer).strip()
+    zeros = _LEADING_ZEROS_RE.fullmatch(plain)
+    if zeros:
+        plain = zeros[1] + zeros[2]
+    if not plain:
+        raise ValueError(f"answer must hold more than $ delimiters and spaces, got {answer!r}")
+    return plain
+
+
+def _plain_answers(problems: list[Problem], label: str) -> list[Problem]:
+    out = []
+    for i, p in enumerate(problems):
+        try:
+            out.append(dataclasses.replace(p, answer=plain_answer(p.answer)))
+        except ValueError as exc:
+            raise ValueError(f"{label}: problem {i}: {exc}") from exc
+    return out
 
 
 def _canonical(name: str) -> str | None:
@@ -125,7 +159,8 @@ def load_eval_set(spec: DataSpec, *, data_dir: str | os.PathLike[str] | None = N
                   problem_key: str | None = None, answer_key: str | None = None,
                   answer_mode: AnswerMode | None = None, toy_seed: int = 0, toy_train_size: int = 7000,
                   toy_eval_size: int = 200) -> EvalSet:
-    """The problems of `spec` (the first `limit` when given). Key options override the benchmark's fields.
+    """The problems of `spec` (the first `limit` when given). Key options override the benchmark's fields; a
+    benchmark's reference answers are in their plain form (:func:`plain_answer`).
 
     Raises FileNotFoundError naming the expected path when a benchmark file is missing.
     """
@@ -138,6 +173,11 @@ def load_eval_set(spec: DataSpec, *, data_dir: str | os.PathLike[str] | None = N
     fmt = BENCHMARKS.get(spec.benchmark or "", BenchmarkFormat("problem", "answer", "field"))
     keys: dict[str, Any] = {"problem_key": problem_key or fmt.problem_key, "answer_key": answer_key or fmt.answer_key,
                             "answer_mode": answer_mode or fmt.answer_mode, "limit": limit}
+    problems = _read_problems(spec, data_dir, keys)
+    return EvalSet(spec.label, _plain_answers(problems, spec.label) if spec.benchmark in BENCHMARKS else problems)
+
+
+def _read_problems(spec: DataSpec, data_dir: str | os.PathLike[str] | None, keys: dict[str, Any]) -> list[Problem]:
     source = spec.source
     if source is None:
         root = Path(data_dir) if data_dir is not None else default_data_dir()
@@ -146,10 +186,10 @@ def load_eval_set(spec: DataSpec, *, data_dir: str | os.PathLike[str] | None = N
             raise FileNotFoundError(f"benchmark {spec.label!r} expects {str(path)!r}, which does not exist: set "
                                     f"data_dir=<dir holding benchmarks/{spec.label}/test.jsonl> or $DSRL_FAST_DATA, "
                                     f"or pass {spec.label}=<file.jsonl | hf:dataset[:split]>")
-        return EvalSet(spec.label, load_problems(path, **keys))
+        return load_problems(path, **keys)
     if source.startswith("hf:"):
         name, _, split = source[3:].partition(":")
         if not name:
             raise ValueError(f"data {source!r} must name a dataset after 'hf:'")
-        return EvalSet(spec.label, load_hf_problems(name, split or "test", **keys))
-    return EvalSet(spec.label, load_problems(source, **keys))
+        return load_hf_problems(name, split or "test", **keys)
+    return load_problems(source, **keys)
