@@ -48,6 +48,13 @@ class PolicyLossConfig:
         kl_coef: weight of the per-token KL penalty against ref_logprobs (0 disables it).
         kl_type: "k1" (logp - ref), "k2" (½(logp - ref)²) or "k3" (exp(ref - logp) - (ref - logp) - 1).
         entropy_coef: weight of the entropy bonus (the loss subtracts entropy_coef · entropy).
+        log_ratio_clamp: the per-token log-ratio logp − old is clamped to [−c, c] before the exp, with no gradient
+            where it clamps, as verl (the authors' code) and OpenRLHF do with c = 20. It changes the loss only where
+            |logp − old| > c: with no dual clip, a token with A < 0 and logp − old > c then contributes −A·e^c with
+            zero gradient instead of −A·e^(logp − old). None: no clamp (TRL's loss).
+        kl_ratio_weighted: multiply each token's KL term by the ratio exp(logp − old) (with its gradient; clamped
+            like the policy ratio), TRL's `use_bias_correction_kl`: the unbiased reverse-KL gradient on samples
+            drawn from the old policy.
     """
 
     clip_low: float = 0.2
@@ -62,6 +69,8 @@ class PolicyLossConfig:
     kl_coef: float = 0.0
     kl_type: KLType = "k3"
     entropy_coef: float = 0.0
+    log_ratio_clamp: float | None = 20.0
+    kl_ratio_weighted: bool = False
 
     def __post_init__(self) -> None:
         _check_finite("clip_low", self.clip_low, non_negative=True)
@@ -79,6 +88,10 @@ class PolicyLossConfig:
         _check_finite("loss_scale", self.loss_scale)
         _check_finite("kl_coef", self.kl_coef, non_negative=True)
         _check_finite("entropy_coef", self.entropy_coef)
+        if self.log_ratio_clamp is not None:
+            _check_finite("log_ratio_clamp", self.log_ratio_clamp, positive=True)
+        if not isinstance(self.kl_ratio_weighted, bool):
+            raise TypeError(f"kl_ratio_weighted must be a bool, got {type(self.kl_ratio_weighted).__name__}")
         for name in ("norm_tokens", "max_response_len"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):

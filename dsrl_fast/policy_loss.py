@@ -176,6 +176,8 @@ def _token_policy_loss(logprobs: torch.Tensor, advantages: torch.Tensor, *, entr
     # Dropped tokens get log-ratio 0 so that garbage old/ref log-probs there cannot produce inf·0 = NaN gradients.
     old = logprobs.detach() if old_logprobs is None else old_logprobs.float()
     log_ratio = torch.where(kept, logprobs - old, 0.0)
+    if config.log_ratio_clamp is not None:
+        log_ratio = log_ratio.clamp(-config.log_ratio_clamp, config.log_ratio_clamp)
     ratio = torch.exp(log_ratio)
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1.0 - config.clip_low, 1.0 + config.clip_high)
@@ -188,7 +190,7 @@ def _token_policy_loss(logprobs: torch.Tensor, advantages: torch.Tensor, *, entr
     kl = None
     if ref_logprobs is not None and config.kl_coef != 0:
         kl = _kl(logprobs, torch.where(kept, ref_logprobs.float(), logprobs.detach()), config.kl_type)
-        token_loss = token_loss + config.kl_coef * kl
+        token_loss = token_loss + config.kl_coef * (kl * ratio if config.kl_ratio_weighted else kl)
     if entropy is not None and config.entropy_coef != 0:
         token_loss = token_loss - config.entropy_coef * torch.where(kept, entropy, 0.0)
     loss = (weights * token_loss).sum() * config.loss_scale

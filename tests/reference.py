@@ -34,7 +34,10 @@ def policy_loss_f64(logp: torch.Tensor, entropy: torch.Tensor, advantages: torch
         losses = []
         for i in idx:
             adv = float(advantages[i])
-            ratio = torch.exp(logp[i] - old[i])
+            log_ratio = logp[i] - old[i]
+            if cfg.log_ratio_clamp is not None:
+                log_ratio = log_ratio.clamp(-cfg.log_ratio_clamp, cfg.log_ratio_clamp)
+            ratio = torch.exp(log_ratio)
             pg = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - cfg.clip_low, 1 + cfg.clip_high))
             if cfg.clip_ratio_c is not None and adv < 0:
                 pg = torch.minimum(pg, torch.tensor(-adv * cfg.clip_ratio_c, dtype=torch.float64))
@@ -42,7 +45,7 @@ def policy_loss_f64(logp: torch.Tensor, entropy: torch.Tensor, advantages: torch
             if cfg.kl_coef:
                 d = logp[i] - ref[i].double()
                 kl = {"k1": d, "k2": 0.5 * d * d, "k3": torch.exp(-d) + d - 1}[cfg.kl_type]
-                term = term + cfg.kl_coef * kl
+                term = term + cfg.kl_coef * (kl * ratio if cfg.kl_ratio_weighted else kl)
             if cfg.entropy_coef:
                 term = term - cfg.entropy_coef * entropy[i]
             losses.append(term)

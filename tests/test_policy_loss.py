@@ -193,11 +193,26 @@ def test_bad_loss_input(change: dict, match: str) -> None:
         ({"temperature": -1.0}, "temperature must be > 0"),
         ({"norm_tokens": 0}, "norm_tokens must be a positive int"),
         ({"norm_tokens": 5, "agg": "seq-mean-token-mean"}, "norm_tokens applies to agg='token-mean' only"),
+        ({"log_ratio_clamp": 0.0}, "log_ratio_clamp must be > 0, got 0.0"),
+        ({"log_ratio_clamp": float("inf")}, "log_ratio_clamp must be a finite number, got inf"),
     ],
 )
 def test_bad_config(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         PolicyLossConfig(**kwargs)
+    with pytest.raises(TypeError, match="kl_ratio_weighted must be a bool, got str"):
+        PolicyLossConfig(kl_ratio_weighted="yes")
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton", "grad_in_forward"])
+def test_log_ratio_clamp_and_weighted_kl_on_every_path(impl: str) -> None:
+    """Old log-probs 25 nats off on a third of the tokens (both signs), no dual clip, clamp 20, bias-corrected KL:
+    the fused paths equal the float64 oracle, which clamps the same way."""
+    batch = make_batch(device="cpu" if impl == "torch" else KERNEL_DEVICE)
+    shift = torch.tensor([25.0, -25.0, 0.0]).repeat(len(batch["labels"]))[:len(batch["labels"])]
+    batch["old_logprobs"] = batch["old_logprobs"] - shift.to(batch["old_logprobs"].device)
+    cfg = PolicyLossConfig(log_ratio_clamp=20.0, kl_coef=0.1, kl_ratio_weighted=True)
+    check_against_oracle(cfg, impl, batch)
 
 
 @pytest.mark.parametrize(("loss_type", "agg"), [("grpo", "seq-mean-token-mean"), ("bnpo", "token-mean"),

@@ -3,6 +3,8 @@ rollout importance-sampling weights, and input validation."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -109,6 +111,80 @@ def test_importance_weights_scale_the_policy_term_only() -> None:
     torch.testing.assert_close(loss.double(), want, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-7)
     assert torch.isfinite(grad).all()
+
+
+def far_off_policy_batch() -> dict[str, torch.Tensor]:
+    """padded_batch with the log-ratio shifted by +25 / -25 on two of every three tokens (0.4 noise on all). The old
+    log-probs are fp32-representable, so the fp32 cast inside the loss loses nothing against the float64 oracle.
+    Row 1 (A < 0) has a log-ratio near +25 at its first token, row 0 (A > 0) near -25 at its second."""
+    batch = padded_batch()
+    shift = torch.tensor([25.0, -25.0, 0.0], dtype=torch.float64).repeat(T)[:T].expand(B, T)
+    batch["old_logprobs"] = (batch["old_logprobs"] - shift).float().double()
+    return batch
+
+
+@pytest.mark.parametrize("dual_clip", [None, 3.0])
+@pytest.mark.parametrize("clamp", [20.0, 5.0, None])
+def test_log_ratio_clamp_matches_the_oracle(clamp: float | None, dual_clip: float | None) -> None:
+    """Loss and gradient equal the float64 oracle with |log-ratio| beyond the clamp, both advantage signs, dual
+    clip on and off; with the clamp and no dual clip, the A < 0 token at log-ratio ~+25 has a zero gradient."""
+    batch = far_off_policy_batch()
+    cfg = PolicyLossConfig(clip_ratio_c=dual_clip, log_ratio_clamp=clamp)
+    loss, _ = token_policy_loss(batch["logprobs"], batch["advantages"], mask=batch["mask"],
+                                old_logprobs=batch["old_logprobs"], config=cfg)
+    (grad,) = torch.autograd.grad(loss, batch["logprobs"])
+    want = oracle(batch, cfg)
+    (want_grad,) = torch.autograd.grad(want, batch["logprobs"])
+    torch.testing.assert_close(loss.double(), want, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-6, atol=1e-7)
+    assert torch.isfinite(grad).all()
+    if dual_clip is None:
+        assert (grad[1, 0] == 0) == (clamp is not None)
+
+
+def test_log_ratio_clamp_changes_only_what_it_clamps() -> None:
+    """Clamp 20 vs none: equal loss and gradient when every |log-ratio| <= 20; with a +25 log-ratio on an A < 0
+    token and no dual clip, the clamped loss has -A·e^20 where the unclamped one has -A·e^(log-ratio)."""
+    near = padded_batch()
+    far = far_off_policy_batch()
+    results = {}
+    for name, batch in (("near", near), ("far", far)):
+        for clamp in (20.0, None):
+            loss, _ = token_policy_loss(batch["logprobs"], batch["advantages"], mask=batch["mask"],
+                                        old_logprobs=batch["old_logprobs"],
+                                        config=PolicyLossConfig(log_ratio_clamp=clamp))
+            results[name, clamp] = (loss, torch.autograd.grad(loss, batch["logprobs"])[0])
+    assert (near["logprobs"] - near["old_logprobs"]).abs().max() < 20
+    assert torch.equal(results["near", 20.0][0], results["near", None][0])
+    assert torch.equal(results["near", 20.0][1], results["near", None][1])
+    # row 1 (A = -0.7), token 0, log-ratio 25 ± noise: the only term the clamp changes by more than ~e^-20
+    log_ratio = (far["logprobs"][1, 0] - far["old_logprobs"][1, 0]).item()
+    assert log_ratio > 20
+    gap = 0.7 * (math.exp(log_ratio) - math.exp(20.0)) / int(far["mask"].sum())
+    assert results["far", None][0].item() - results["far", 20.0][0].item() == pytest.approx(gap, rel=1e-6)
+
+
+@pytest.mark.parametrize("on_policy", [True, False])
+def test_kl_ratio_weighted_matches_the_oracle(on_policy: bool) -> None:
+    """TRL's bias-corrected KL: the KL term times exp(logp - old). On-policy the loss value is unchanged (ratio 1)
+    but the gradient is not (the ratio's gradient is logp's)."""
+    batch = padded_batch()
+    old = None if on_policy else batch["old_logprobs"]
+    results = []
+    for weighted in (True, False):
+        cfg = PolicyLossConfig(kl_coef=0.3, kl_ratio_weighted=weighted)
+        loss, _ = token_policy_loss(batch["logprobs"], batch["advantages"], mask=batch["mask"], old_logprobs=old,
+                                    ref_logprobs=batch["ref_logprobs"], config=cfg)
+        (grad,) = torch.autograd.grad(loss, batch["logprobs"])
+        want = oracle({**batch, "old_logprobs": batch["logprobs"].detach() if on_policy else old}, cfg)
+        (want_grad,) = torch.autograd.grad(want, batch["logprobs"])
+        torch.testing.assert_close(loss.double(), want, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-7)
+        results.append((loss, grad))
+    (weighted_loss, weighted_grad), (plain_loss, plain_grad) = results
+    if on_policy:
+        torch.testing.assert_close(weighted_loss, plain_loss, rtol=1e-6, atol=1e-7)
+    assert (weighted_grad - plain_grad).abs().max() > 1e-3
 
 
 GOOD = {"logprobs": torch.zeros(B, T), "advantages": torch.zeros(B), "mask": torch.ones(B, T, dtype=torch.bool)}
