@@ -17,9 +17,9 @@ from dsrl_fast.eval.benchmarks import BENCHMARKS, load_eval_set, parse_data_spec
 from dsrl_fast.eval.config import EvalConfig, parse_ks, parse_overrides
 from dsrl_fast.eval.generate import CacheMismatch
 from dsrl_fast.eval.models import ModelSpec, open_engine, parse_model_specs
-from dsrl_fast.eval.report import thought_ratios
+from dsrl_fast.eval.report import settings_line, thought_ratios
 from dsrl_fast.eval.runner import load_eval_sets, run_eval
-from dsrl_fast.eval.scoring import BenchmarkResult
+from dsrl_fast.eval.scoring import BenchmarkResult, RowSettings
 
 DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not (DATA_DIR / "benchmarks").is_dir(),
@@ -131,9 +131,18 @@ def test_eval_end_to_end_tables_counts_and_cache(model_dirs, tmp_path):
 
     saved = json.loads(Path(out.tables["json"]).read_text())
     assert saved["settings"]["n"] == 4 and len(saved["results"]) == 4
+    assert saved["settings"]["scorer"] == "parity_reward"
     assert saved["results"][0]["pass@2"] == pytest.approx(out.results[0].pass_at_k[2])
+    for row in saved["results"]:  # every row says what made it
+        assert (row["scorer"], row["max_new_tokens"], row["n"], row["temperature"], row["top_p"]) == (
+            "parity_reward", 6, 4, 1.0, 1.0)
+    with open(out.tables["csv"]) as f:
+        assert {(r["scorer"], r["max_new_tokens"], r["temperature"]) for r in csv.DictReader(f)} == {
+            ("parity_reward", "6", "1.0")}
     markdown = Path(out.tables["markdown"]).read_text()
     assert "### math500 (2 problems, n = 4)" in markdown and "| tuned |" in markdown
+    settings = "scorer parity_reward · length cap 6 tokens · n = 4 · temperature 1.0 · top_p 1.0"
+    assert markdown.count(settings) == 2  # under each benchmark's heading
     assert Path(out.plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     first = {(r.model, r.benchmark): r.pass_at_k for r in out.results}
 
@@ -232,8 +241,18 @@ def test_model_labels(tmp_path):
         parse_model_specs([f"a={run}", f"a={run}"])
 
 
-def _result(model: str, bench: str, thoughts: ThoughtCounts) -> BenchmarkResult:
-    return BenchmarkResult(model, bench, 1, 1, 0.0, {1: 0.0}, {1: 0.0}, 1.0, 0.0, thoughts)
+def _result(model: str, bench: str, thoughts: ThoughtCounts, cap: int = 8192) -> BenchmarkResult:
+    return BenchmarkResult(model, bench, 1, 1, 0.0, {1: 0.0}, {1: 0.0}, 1.0, 0.0, thoughts,
+                           RowSettings("hendrycks_math", cap, 1.0, 1.0))
+
+
+def test_defaults_are_the_papers_and_tables_name_them():
+    cfg = EvalConfig()
+    assert (cfg.max_new_tokens, cfg.reward, cfg.temperature, cfg.top_p, cfg.n) == (8192, "hendrycks_math", 1.0, 1.0,
+                                                                                    32)
+    rows = [_result("base", "b1", ThoughtCounts(1, 1, 1)), _result("small", "b1", ThoughtCounts(1, 1, 1), cap=2000)]
+    assert settings_line(rows) == ("scorer hendrycks_math · length cap 8192 tokens (small: 2000 tokens) · n = 1 · "
+                                   "temperature 1.0 · top_p 1.0")
 
 
 def test_thought_ratios_compare_with_the_first_model():

@@ -28,6 +28,7 @@ def test_cli_eval_prints_the_table(model_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert code == 0
     assert "### amc23 (1 problems, n = 2)" in printed and "| base |" in printed
+    assert "scorer exact_match · length cap 4 tokens · n = 2 · temperature 1.0 · top_p 1.0" in printed
     assert f"plot   : {tmp_path / 'cli' / 'pass_at_k.png'}" in printed
 
 

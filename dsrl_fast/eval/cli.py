@@ -13,9 +13,11 @@ __all__ = ["add_eval_parser"]
 _EPILOG = """data: benchmark names (math500, aime24, aime25, amc23, minerva_math, olympiadbench; read from
   <data_dir>/benchmarks/<name>/test.jsonl), toy (the embedded task's held-out problems), a .jsonl/.parquet file,
   hf:<dataset>[:<split>], or label=<file | hf:...> (a benchmark label gives its fields).
-options (key=value): n, ks, temperature, top_p, max_new_tokens, seed, engine (auto|hf|vllm), dtype, template,
-  add_special_tokens, reward, limit, batch_size, data_dir, problem_key, answer_key, answer_mode, toy_seed,
+options (key=value): n, ks, temperature, top_p, max_new_tokens (default 8192, the paper's), seed, engine
+  (auto|hf|vllm), dtype, template, add_special_tokens, reward (the scorer; default hendrycks_math, the authors' string
+  check; math_verify accepts more forms), limit, batch_size, data_dir, problem_key, answer_key, answer_mode, toy_seed,
   toy_train_size, toy_eval_size, gpu_memory_utilization, cpu_kv_cache_gib, max_model_len, progress.
+Every table names its scorer, length cap, n, temperature and top_p: compare tables only where they agree.
 example: dsrl-fast eval --model base=Qwen/Qwen3-4B --model runs/dsrl/checkpoints/step_000200/hf \\
   --data math500,aime24 --n 32 --k 1,2,4,...,32 --output eval_out data_dir=../shared/data"""
 
@@ -25,9 +27,10 @@ def add_eval_parser(sub: argparse._SubParsersAction,
     """Register `eval` on the `dsrl-fast` subparsers (`add_debug` adds the shared --debug flag)."""
     p = sub.add_parser("eval", help="Avg@n, Pass@k and maj@k of models on benchmarks (tables, plot, generations)",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_EPILOG,
-                       description="Sample n responses per problem (temperature 1.0, top_p 1.0, the training "
-                                   "template), score them with the training reward and report Avg@n, the unbiased "
-                                   "Pass@k for every k <= n, maj@k and the thought taxonomy per model and benchmark.")
+                       description="Sample n responses per problem with the paper's settings (temperature 1.0, "
+                                   "top_p 1.0, up to 8192 new tokens, the training template), score them with the "
+                                   "authors' Hendrycks MATH check and report Avg@n, the unbiased Pass@k for every "
+                                   "k <= n, maj@k and the thought taxonomy per model and benchmark.")
     p.add_argument("--model", action="append", default=[], metavar="[LABEL=]PATH",
                    help="a model directory or hub id (repeat for several; the first is the base of the ratios)")
     p.add_argument("--data", default=None, metavar="SPEC[,SPEC...]", help="benchmarks or files (see below)")
@@ -45,7 +48,7 @@ def _eval(args: argparse.Namespace) -> int:
     from dsrl_fast.eval.generate import CacheMismatch
     from dsrl_fast.eval.models import parse_model_specs
     from dsrl_fast.eval.runner import load_eval_sets, run_eval
-    from dsrl_fast.reward import get_reward_fn
+    from dsrl_fast.reward import check_reward_spec
 
     try:
         if args.data is None:
@@ -58,17 +61,13 @@ def _eval(args: argparse.Namespace) -> int:
         cfg = parse_overrides(args.overrides, base)
         models = parse_model_specs(args.model)
         sets = load_eval_sets(parse_data_specs(args.data), cfg)
-        reward_fn = get_reward_fn(cfg.reward)
+        check_reward_spec(cfg.reward, load=True)
     except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
         raise UserError(str(exc)) from exc
     try:
-        outputs = run_eval(models, sets, cfg, args.output, reward_fn=reward_fn)
+        outputs = run_eval(models, sets, cfg, args.output)
     except CacheMismatch as exc:
         raise UserError(str(exc)) from exc
-    finally:
-        close = getattr(reward_fn, "close", None)
-        if close is not None:
-            close()
     print(Path(outputs.tables["markdown"]).read_text(encoding="utf-8").rstrip())
     print(f"tables : {outputs.tables['markdown']}, {outputs.tables['csv']}, {outputs.tables['json']}")
     print(f"plot   : {outputs.plot}")

@@ -32,7 +32,8 @@ class EvalConfig:
         ks: the k of Pass@k and maj@k.
         temperature: sampling temperature (the paper: 1.0).
         top_p: nucleus mass (the paper: 1.0).
-        max_new_tokens: response length cap, lowered to fit the model's positions when they are fewer.
+        max_new_tokens: response length cap, lowered to fit the model's positions when they are fewer. The paper (and
+            the authors' validation): 8192, the training response length.
         seed: sampling seed (each batch of problems draws from (seed, its first problem's index)).
         engine: "vllm", "hf" (transformers generate) or "auto" (vLLM on CUDA when installed, else hf).
         dtype: model dtype: "auto" (bf16 on CUDA, fp32 on CPU), "float32", "bfloat16" or "float16".
@@ -40,7 +41,9 @@ class EvalConfig:
             the training default.
         add_special_tokens: let the tokenizer add its special tokens (BOS) to the prompt; null: only for the toy task
             (as in training).
-        reward: reward spec for dsrl_fast.reward.get_reward_fn (as in training).
+        reward: the scorer, a reward spec for dsrl_fast.reward.get_reward_fn. The paper's: "hendrycks_math", the MATH
+            string check the authors score with; "math_verify" accepts more forms (0.25 = \\frac{1}{4}), so its
+            numbers are higher and not comparable with the paper's.
         limit: evaluate only the first `limit` problems of each benchmark; null: all.
         batch_size: problems per generation call (each finished batch is cached).
         data_dir: directory holding benchmarks/<name>/test.jsonl; null: $DSRL_FAST_DATA, else ./data.
@@ -51,7 +54,8 @@ class EvalConfig:
             problems with the demo's defaults.
         gpu_memory_utilization: vLLM's GPU memory share.
         cpu_kv_cache_gib: vLLM's KV cache on CPU (GiB).
-        max_model_len: vLLM's context length; null: the longest prompt plus max_new_tokens, within the model's positions.
+        max_model_len: vLLM's context length; null: the longest prompt plus max_new_tokens, within the model's
+            positions.
         progress: show progress bars.
     """
 
@@ -59,13 +63,13 @@ class EvalConfig:
     ks: tuple[int, ...] = DEFAULT_KS
     temperature: float = 1.0
     top_p: float = 1.0
-    max_new_tokens: int = 4096
+    max_new_tokens: int = 8192
     seed: int = 0
     engine: str = "auto"
     dtype: str = "auto"
     template: str | None = None
     add_special_tokens: bool | None = None
-    reward: str = "math_verify"
+    reward: str = "hendrycks_math"
     limit: int | None = None
     batch_size: int = 64
     data_dir: str | None = None

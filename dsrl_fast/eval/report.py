@@ -1,5 +1,8 @@
 """Evaluation outputs: Markdown / CSV / JSON tables, per-problem correct counts and the Pass@k plot.
 
+Every table states what its numbers were made with (the scorer, the length cap, n, temperature and top_p): a
+Markdown line under each benchmark's heading, columns of every CSV / JSON row.
+
 Thought-taxonomy ratios compare each model with the first one given (the base model), per benchmark, as the paper
 compares NSR-PreRL with the base model (transition ×14.89, reflection ×6.54).
 """
@@ -9,13 +12,14 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from dsrl_fast.eval.scoring import BenchmarkResult, ProblemScores
 
-__all__ = ["plot_pass_at_k", "result_rows", "thought_ratios", "write_problem_counts", "write_tables"]
+__all__ = ["plot_pass_at_k", "result_rows", "settings_line", "thought_ratios", "write_problem_counts", "write_tables"]
 
 
 def thought_ratios(results: Sequence[BenchmarkResult]) -> dict[tuple[str, str], dict[str, float | None]]:
@@ -39,7 +43,7 @@ def result_rows(results: Sequence[BenchmarkResult]) -> list[dict[str, Any]]:
     rows = []
     for r in results:
         row: dict[str, Any] = {"model": r.model, "benchmark": r.benchmark, "problems": r.problems, "n": r.n,
-                               f"avg@{r.n}": r.avg}
+                               **asdict(r.settings), f"avg@{r.n}": r.avg}
         row.update({f"pass@{k}": v for k, v in r.pass_at_k.items()})
         row.update({f"maj@{k}": v for k, v in r.maj_at_k.items()})
         shares = r.thoughts.shares()
@@ -60,6 +64,24 @@ def _ratio(value: float | None) -> str:
     return "–" if value is None or not math.isfinite(value) else f"×{value:.2f}"
 
 
+_SETTING_LABELS: tuple[tuple[str, str, Callable[[Any], str]], ...] = (
+    ("scorer", "scorer", str), ("max_new_tokens", "length cap", lambda v: f"{v} tokens"),
+    ("temperature", "temperature", str), ("top_p", "top_p", str))
+
+
+def settings_line(rows: Sequence[BenchmarkResult]) -> str:
+    """"scorer X · length cap N tokens · n = K · temperature T · top_p P" of one benchmark's rows; a model whose value
+    differs from the first model's is named after it ("length cap 8192 tokens (small: 2000 tokens)")."""
+    parts = []
+    for name, label, show in _SETTING_LABELS:
+        values = {r.model: getattr(r.settings, name) for r in rows}
+        first = next(iter(values.values()))
+        others = ", ".join(f"{model}: {show(v)}" for model, v in values.items() if v != first)
+        parts.append(f"{label} {show(first)}" + (f" ({others})" if others else ""))
+    parts.insert(2, f"n = {rows[0].n}")
+    return " · ".join(parts)
+
+
 def markdown(results: Sequence[BenchmarkResult]) -> str:
     """The tables as Markdown: per benchmark, accuracy (percent) and the thought taxonomy."""
     ratios = thought_ratios(results)
@@ -69,7 +91,7 @@ def markdown(results: Sequence[BenchmarkResult]) -> str:
         n = rows[0].n
         ks = list(rows[0].pass_at_k)
         top = ks[-1]
-        lines += [f"### {bench} ({rows[0].problems} problems, n = {n})", "",
+        lines += [f"### {bench} ({rows[0].problems} problems, n = {n})", "", settings_line(rows), "",
                   "| model | Avg@" + str(n) + " | " + " | ".join(f"pass@{k}" for k in ks) + f" | maj@{top} | tokens |",
                   "|---|" + "---:|" * (len(ks) + 3)]
         for r in rows:

@@ -26,7 +26,7 @@ from dsrl_fast.eval.config import EvalConfig
 from dsrl_fast.eval.generate import GenerationCache, encode_prompts, generate_samples, prompt_options
 from dsrl_fast.eval.models import ModelSpec, load_tokenizer, model_positions, open_engine, resolve_engine
 from dsrl_fast.eval.report import plot_pass_at_k, write_problem_counts, write_tables
-from dsrl_fast.eval.scoring import BenchmarkResult, score_samples, summarize
+from dsrl_fast.eval.scoring import BenchmarkResult, RowSettings, score_samples, summarize
 from dsrl_fast.reward import RewardFn, get_reward_fn
 from dsrl_fast.rollout.base import RolloutEngine, SamplingConfig
 
@@ -59,7 +59,7 @@ def progress_bar(total: int, desc: str, enabled: bool, unit: str = "problem") ->
 
 
 def _eval_model(model: ModelSpec, sets: Sequence[EvalSet], cfg: EvalConfig, out: Path, reward_fn: RewardFn,
-                engine_name: str, open_fn: Callable[..., RolloutEngine]) -> list[BenchmarkResult]:
+                scorer: str, engine_name: str, open_fn: Callable[..., RolloutEngine]) -> list[BenchmarkResult]:
     tokenizer = load_tokenizer(model.path)
     positions = model_positions(model.path)
     jobs = []
@@ -94,7 +94,8 @@ def _eval_model(model: ModelSpec, sets: Sequence[EvalSet], cfg: EvalConfig, out:
                                            cache, batch_size=cfg.batch_size, on_batch=bar.update)
             scores = score_samples(samples, s.problems, reward_fn)
             write_problem_counts(scores, out / "problems" / model.label / f"{s.label}.csv")
-            results.append(summarize(model.label, s.label, samples, scores, cfg.ks))
+            settings = RowSettings(scorer, max_new, cfg.temperature, cfg.top_p)
+            results.append(summarize(model.label, s.label, samples, scores, cfg.ks, settings))
     finally:
         if engine is not None:
             engine.close()
@@ -110,24 +111,26 @@ def run_eval(models: Sequence[ModelSpec], sets: Sequence[EvalSet], cfg: EvalConf
     """Sample cfg.n responses per problem from each model on each benchmark, score them, write the outputs.
 
     sets: the benchmarks (:func:`load_eval_sets`). reward_fn: scores responses (default: get_reward_fn(cfg.reward),
-    closed afterwards). open_fn: builds a model's engine (default: :func:`dsrl_fast.eval.models.open_engine`).
+    closed afterwards; the tables name the scorer cfg.reward, or a given function by its name). open_fn: builds a
+    model's engine (default: :func:`dsrl_fast.eval.models.open_engine`).
     """
     if not models or not sets:
         raise ValueError(f"models and sets must be non-empty, got {len(models)} models and {len(sets)} data sets")
     out = Path(output_dir)
     own_reward = reward_fn is None
     reward = get_reward_fn(cfg.reward) if reward_fn is None else reward_fn
+    scorer = cfg.reward if reward_fn is None else getattr(reward_fn, "__qualname__", type(reward_fn).__qualname__)
     engine_name = resolve_engine(cfg.engine)
     results: list[BenchmarkResult] = []
     try:
         for model in models:
-            results += _eval_model(model, sets, cfg, out, reward, engine_name, open_fn)
+            results += _eval_model(model, sets, cfg, out, reward, scorer, engine_name, open_fn)
     finally:
         close = getattr(reward, "close", None)
         if own_reward and close is not None:
             close()
     settings = {"models": [asdict(m) for m in models], "data": [s.label for s in sets], "engine": engine_name,
-                **{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}}
+                **{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}, "scorer": scorer}
     tables = write_tables(results, out, settings)
     plot = plot_pass_at_k(results, out / "pass_at_k.png")
     return EvalOutputs(results, tables, plot, str(out))

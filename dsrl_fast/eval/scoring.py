@@ -15,7 +15,7 @@ from dsrl_fast.eval.generate import ProblemSamples
 from dsrl_fast.eval.pass_at_k import avg_at_k, majority_at_k, pass_at_k_curve
 from dsrl_fast.reward import RewardFn, extract_boxed, normalize_answer
 
-__all__ = ["BenchmarkResult", "ProblemScores", "score_samples", "summarize"]
+__all__ = ["BenchmarkResult", "ProblemScores", "RowSettings", "score_samples", "summarize"]
 
 _REWARD_CHUNK = 4096
 
@@ -36,6 +36,17 @@ class ProblemScores:
 
 
 @dataclass(frozen=True)
+class RowSettings:
+    """What decides a result besides the model and the problems, printed with it so that two tables can be compared:
+    the scorer (reward spec), the length cap actually used, the sampling temperature and top_p."""
+
+    scorer: str
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+
+
+@dataclass(frozen=True)
 class BenchmarkResult:
     """One model on one benchmark.
 
@@ -44,6 +55,7 @@ class BenchmarkResult:
         pass_at_k / maj_at_k: {k: value} for each asked k <= n.
         mean_tokens: mean response length in tokens; truncated: share of responses cut by the length cap.
         thoughts: the thought taxonomy's step counts pooled over all responses.
+        settings: the scorer, length cap, temperature and top_p the numbers were made with.
     """
 
     model: str
@@ -56,6 +68,7 @@ class BenchmarkResult:
     mean_tokens: float
     truncated: float
     thoughts: ThoughtCounts
+    settings: RowSettings
 
 
 def score_samples(samples: Sequence[ProblemSamples], problems: Sequence[Problem],
@@ -79,8 +92,9 @@ def score_samples(samples: Sequence[ProblemSamples], problems: Sequence[Problem]
 
 
 def summarize(model: str, benchmark: str, samples: Sequence[ProblemSamples], scores: Sequence[ProblemScores],
-              ks: Sequence[int]) -> BenchmarkResult:
-    """Avg@n, Pass@k and maj@k (each k in `ks` up to n), lengths and thought counts of one model on one benchmark."""
+              ks: Sequence[int], settings: RowSettings) -> BenchmarkResult:
+    """Avg@n, Pass@k and maj@k (each k in `ks` up to n), lengths and thought counts of one model on one benchmark,
+    made with `settings`."""
     if not scores or len(samples) != len(scores):
         raise ValueError(f"samples and scores must be non-empty and of one length, got {len(samples)} and "
                          f"{len(scores)}")
@@ -93,5 +107,5 @@ def summarize(model: str, benchmark: str, samples: Sequence[ProblemSamples], sco
         model=model, benchmark=benchmark, problems=len(scores), n=n, avg=avg_at_k([s.scores for s in scores]),
         pass_at_k=curve, maj_at_k=maj, mean_tokens=sum(tokens) / max(len(tokens), 1),
         truncated=1.0 - sum(finished) / max(len(finished), 1),
-        thoughts=count_thoughts(text for s in samples for text in s.responses),
+        thoughts=count_thoughts(text for s in samples for text in s.responses), settings=settings,
     )
