@@ -6,8 +6,10 @@ import json
 import math
 
 import pytest
-from transformers import AutoTokenizer
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from dsrl_fast.analysis.alignment import gradient_alignment
 from dsrl_fast.cli import main
 from tests.test_eval import DATA_DIR, build_text_model, needs_data
 
@@ -67,6 +69,24 @@ def test_cli_alignment_on_a_benchmark(model_dir, tmp_path, capsys):
     dots = [r["dot"] for r in saved["rollouts"]]
     assert saved["summary"]["nonnegative_dot_share"] == sum(d >= 0 for d in dots) / 4
     assert (tmp_path / "align" / "alignment.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # the sampled responses are in the file: every per-rollout number is recomputed from it alone
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    problems = saved["problems"]
+    assert [p["index"] for p in problems] == [0, 1] and saved["settings"]["max_new_tokens"] == 5
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    for r in saved["rollouts"]:
+        prompt = problems[r["problem"]]["prompt_ids"]
+        assert problems[r["problem"]]["problem"] in tokenizer.decode(prompt)
+        assert len(r["response_ids"]) == r["response_tokens"] and isinstance(r["finished"], bool)
+        assert r["response"] == tokenizer.decode(r["response_ids"], skip_special_tokens=True)
+        again = gradient_alignment(model, prompt, r["response_ids"],
+                                   marginal_prefix=saved["settings"]["marginal_prefix"], impl="torch")
+        assert again.dot == pytest.approx(r["dot"], rel=1e-5, abs=1e-6)
+        assert again.cosine == pytest.approx(r["cosine"], rel=1e-5, abs=1e-6)
+        assert again.logp_conditional == pytest.approx(r["logp_conditional"], abs=1e-5)
+        assert again.logp_marginal == pytest.approx(r["logp_marginal"], abs=1e-5)
+        assert again.token_diff == pytest.approx(r["token_diff"], abs=1e-5)
 
 
 @pytest.mark.parametrize(("args", "message"), [

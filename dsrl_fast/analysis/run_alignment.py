@@ -1,8 +1,9 @@
 """`dsrl-fast analyze alignment`: sample rollouts of a model on a benchmark, then the gradient alignment of each.
 
-Writes ``alignment.json`` (settings, a summary and every rollout's dot product, cosine, norms, log-probs and
-per-token log P(y|x) − log P(y)) and ``alignment.png`` (histograms of the dot products, the cosines and the
-per-token differences, like the paper's Fig. 2).
+Writes ``alignment.json`` (settings, a summary, every problem's question, reference and prompt token ids, and every
+rollout's sampled response (token ids and text), dot product, cosine, norms, log-probs and per-token
+log P(y|x) − log P(y), so that each number can be recomputed from the file) and ``alignment.png`` (histograms of the
+dot products, the cosines and the per-token differences, like the paper's Fig. 2).
 """
 
 from __future__ import annotations
@@ -151,13 +152,18 @@ def run_alignment(model: ModelSpec, eval_set: EvalSet, cfg: EvalConfig, output_d
     summary = summarize_alignment(results)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    texts = tokenizer.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)
+    problems = [{"index": i, "problem": p.prompt_text, "answer": p.answer, "prompt_ids": list(prompts[i])}
+                for i, p in enumerate(eval_set.problems)]
     records: list[dict[str, Any]] = [
-        {"problem": r.prompt_index, "response_tokens": len(r.response_ids), **asdict(a)}
-        for r, a in zip(rollouts, results, strict=True)]
+        {"problem": r.prompt_index, "response_tokens": len(r.response_ids), "finished": bool(r.finished),
+         "response_ids": list(r.response_ids), "response": text, **asdict(a)}
+        for r, text, a in zip(rollouts, texts, results, strict=True)]
     settings = {"model": model.path, "data": eval_set.label, "marginal_prefix": list(prefix), "impl": impl,
-                **{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}}
+                **{k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+                "max_new_tokens": max_new}
     json_path = out / "alignment.json"
-    document = _finite({"settings": settings, "summary": summary, "rollouts": records})
+    document = _finite({"settings": settings, "summary": summary, "problems": problems, "rollouts": records})
     json_path.write_text(json.dumps(document, indent=1, allow_nan=False), encoding="utf-8")
     plot = _plot(results, summary, f"{model.label} on {eval_set.label}: ∇log P(y) vs ∇log P(y|x)",
                  out / "alignment.png")
