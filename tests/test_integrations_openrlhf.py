@@ -16,6 +16,7 @@ Triton kernel (CPU runs impl=torch).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib
 import os
 import subprocess
@@ -96,6 +97,46 @@ def test_equals_openrlhf_policy_loss(openrlhf_loss, dsrl_openrlhf, case: str) ->
             assert g is None
         else:
             torch.testing.assert_close(g.float(), w.float(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dual_clip", [None, 3.0])
+@pytest.mark.parametrize("call", [{}, {"dp_size": 2, "batch_num_tokens": 61.0}], ids=["local", "global"])
+@pytest.mark.parametrize("token_level_loss", [True, False])
+def test_equals_openrlhf_beyond_its_log_ratio_clamp(openrlhf_loss, dsrl_openrlhf, dual_clip: float | None,
+                                                     call: dict, token_level_loss: bool) -> None:
+    """Log-ratios shifted by +25 / -25 on two of every three tokens, advantages of both signs: loss and gradient equal
+    OpenRLHF's, which clamps the log-ratio to ±20 (zero gradient there). The per-token gradients are the same fp32
+    numbers (bitwise with the local normalizer); the loss differs only by fp32 summation order (1e-6 relative, or
+    1e-6 of the summed |per-token gradient| where terms cancel). Without the clamp the same inputs give another loss
+    (the inputs exercise it)."""
+    torch.manual_seed(5)
+    rows, cols = 6, 9
+    log_probs = (-torch.rand(rows, cols) * 2).requires_grad_()
+    shift = torch.tensor([25.0, -25.0, 0.0]).repeat(cols)[:cols]
+    old = log_probs.detach() + 0.4 * torch.randn(rows, cols) - shift
+    advantages = torch.tensor([0.8, -1.1, 0.5, -0.3, 1.4, -2.0])[:, None].expand(rows, cols).contiguous()
+    mask = (torch.arange(cols)[None] < torch.tensor([9, 3, 0, 6, 1, 8])[:, None]).long()
+    if not token_level_loss and call:
+        call = {"dp_size": 4, "global_batch_size": 13.0}
+    results = []
+    for cls in (openrlhf_loss.PolicyLoss, dsrl_openrlhf.DSRLPolicyLoss):
+        inputs = log_probs.detach().clone().requires_grad_()
+        loss, *_ = cls(dual_clip=dual_clip, token_level_loss=token_level_loss)(inputs, old, advantages,
+                                                                              action_mask=mask, **call)
+        results.append((loss.detach(), torch.autograd.grad(loss, inputs)[0]))
+    (want, want_grad), (got, got_grad) = results
+    scale = want_grad.abs().sum().item()
+    assert torch.equal(got_grad == 0, want_grad == 0)
+    assert (want_grad[[1, 3, 5], 0] == 0).all()  # A < 0 at log-ratio ~+25: no gradient (clamp or dual clip)
+    if not call:
+        assert torch.equal(got_grad, want_grad)
+    torch.testing.assert_close(got_grad, want_grad, rtol=0, atol=1e-6 * want_grad.abs().max().item())
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * scale)
+    if dual_clip is None:
+        unclamped = dsrl_openrlhf.DSRLPolicyLoss(token_level_loss=token_level_loss)
+        unclamped.config = dataclasses.replace(unclamped.config, log_ratio_clamp=None)
+        other, *_ = unclamped(log_probs.detach(), old, advantages, action_mask=mask, **call)
+        assert (other - want).abs() > 1e-3 * want.abs()
 
 
 def test_nsr_keeps_negative_rows_only(openrlhf_loss, dsrl_openrlhf) -> None:

@@ -63,13 +63,17 @@ _modeling_outputs = require("transformers.modeling_outputs", PIP_INTEGRATIONS)
 
 __all__ = ["DSRLPolicyLoss", "patch_actor_forward", "patch_policy_loss", "setup_worker"]
 
+# OpenRLHF's PolicyLoss clamps log_probs - old_log_probs to ±20 before the exp (openrlhf/models/loss.py)
+LOG_RATIO_CLAMP = 20.0
+
 
 class DSRLPolicyLoss(torch.nn.Module):
     """OpenRLHF's PolicyLoss contract on dsrl_fast's `token_policy_loss`.
 
     Constructor: OpenRLHF's PolicyLoss arguments plus samples ("all" | "negative" | "positive"), denominator
     ("peer": OpenRLHF's global token/sample counts, equal to its loss with samples="all"; "kept": the kept
-    tokens/sequences of the micro-batch, the authors' NSR) and loss_scale.
+    tokens/sequences of the micro-batch, the authors' NSR) and loss_scale. The log-ratio is clamped to ±20 before the
+    exp, with no gradient where it clamps, as in OpenRLHF (PolicyLossConfig.log_ratio_clamp).
     forward: log_probs, old_log_probs, advantages, action_mask (B, T), rollout_log_probs (B, T) or None, dp_size,
     batch_num_tokens, global_batch_size → (loss, clip_ratio, ppo_kl, vllm_kl | None, is_filter_ratio | None).
     """
@@ -93,7 +97,8 @@ class DSRLPolicyLoss(torch.nn.Module):
             raise ValueError(f"denominator must be one of {DENOMINATORS}, got {denominator!r}")
         self.config = PolicyLossConfig(clip_low=clip_eps_low, clip_high=clip_eps_high, clip_ratio_c=dual_clip,
                                        samples=samples, loss_scale=loss_scale,
-                                       agg="token-mean" if token_level_loss else "seq-mean-token-mean")
+                                       agg="token-mean" if token_level_loss else "seq-mean-token-mean",
+                                       log_ratio_clamp=LOG_RATIO_CLAMP)
         self.correction = None if is_correction_level == "off" else is_correction_mode
         self.threshold = tuple(is_correction_threshold)
         self.denominator = denominator
