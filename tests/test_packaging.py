@@ -13,8 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_wheel_contents(tmp_path: Path) -> None:
     source = tmp_path / "src"
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".venv", ".git", "runs", "build", "*.egg-info",
-                                                                "__pycache__", "results"))
+    skip = shutil.ignore_patterns(".venv", ".venv-*", ".git", "runs", "build", "*.egg-info", "__pycache__", "results")
+    shutil.copytree(ROOT, source, ignore=skip)
     cmd = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"),
            str(source)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
