@@ -13,6 +13,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -36,6 +37,7 @@ from dsrl_fast.reward import (
     register_reward_fn,
     reward_stats,
 )
+from dsrl_fast.reward.pool import DEFAULT_START_METHOD
 from tests import reward_checks as rc
 
 TIMEOUT_S = 3.0  # the corpus checks' limit
@@ -553,6 +555,60 @@ def test_close_stops_workers():
         pool.run([("a", "a")])
     with pytest.raises(RuntimeError, match="closed"):
         pool.warm_up()
+
+
+def _parent_pid(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+
+
+@pytest.mark.skipif(DEFAULT_START_METHOD != "forkserver" or not Path("/proc").is_dir(),
+                    reason="a fork server whose pid /proc gives (Linux)")
+def test_killed_fork_server_is_restarted(caplog):
+    """The fork server and every worker SIGKILLed at once, right before a call: that call used to end in an
+    EOFError / BrokenPipeError traceback from multiprocessing (a replacement started through the dead server) or
+    score a correct check TIMEOUT (its answer waited while the server restarted). Now every check is right, on
+    workers of a new server; the server killed alone while the pool is idle is replaced too."""
+    pool = CheckPool(rc.sleepy_check, num_workers=2, timeout_s=1.0)
+    pool.warm_up()
+    server = _parent_pid(pool.processes[0].pid)
+    assert server != os.getpid()
+    for pid in [p.pid for p in pool.processes] + [server]:
+        os.kill(pid, signal.SIGKILL)
+    with caplog.at_level(logging.WARNING, logger="dsrl_fast.reward.pool"):
+        assert pool.run([(str(i), str(i)) for i in range(6)]) == [Outcome.CORRECT] * 6
+    new_server = _parent_pid(pool.processes[0].pid)
+    assert new_server not in (server, os.getpid())
+    os.kill(new_server, signal.SIGKILL)
+    time.sleep(0.5)
+    assert pool.run([("a", "a"), ("a", "b")]) == [Outcome.CORRECT, Outcome.WRONG]
+    assert _parent_pid(pool.processes[0].pid) not in (new_server, os.getpid())
+    pool.close()
+
+
+@pytest.mark.skipif(DEFAULT_START_METHOD != "forkserver" or not Path("/proc").is_dir(),
+                    reason="a fork server whose pid /proc gives (Linux)")
+def test_fork_server_that_cannot_start_fails_in_one_line(caplog):
+    """A fork server that dies at every start (tests/reward_dead_server.py): a one-line RuntimeError naming the
+    cause after a few tries, never a multiprocessing traceback from inside the pool."""
+    pool = CheckPool(rc.sleepy_check, num_workers=1, timeout_s=5.0)
+    pool.warm_up()
+    os.kill(_parent_pid(pool.processes[0].pid), signal.SIGKILL)
+    pool.close()
+    from tests.reward_dead_server import equal_check
+
+    dead = CheckPool(equal_check, num_workers=1, timeout_s=5.0)
+    with (caplog.at_level(logging.WARNING, logger="dsrl_fast.reward.pool"),
+          pytest.raises(RuntimeError, match=r"^reward check workers cannot be started: 5 tries through the "
+                                            r"'forkserver' start method failed; last cause: \w+Error") as err):
+        dead.run([("a", "a")])
+    assert "\n" not in str(err.value)
+    assert caplog.text.count("could not be started") == 5
+    dead.close()
+    pool = CheckPool(rc.sleepy_check, num_workers=1, timeout_s=5.0, preload=("math_verify",))
+    pool.warm_up()  # a working server again for the tests after this one
+    assert pool.run([("a", "a")]) == [Outcome.CORRECT]
+    pool.close()
 
 
 def test_check_pool_validation():

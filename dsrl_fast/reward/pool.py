@@ -17,6 +17,11 @@ Guarantees (each tested, under CPU load where it matters):
   within ``start_timeout_s``) is replaced, with a logged warning. After ``max_start_failures`` failures in a row
   within one :meth:`CheckPool.run` call, ``run`` raises RuntimeError naming the cause: a checker that cannot start
   would score every answer 0.0 and silently turn every sample into a negative, so the run stops instead.
+- **Fork server.** A fork server that died (killed, OOM) is restarted: a worker start that fails on its way
+  through the server (``BrokenPipeError``, ``EOFError``: the server died under the request) is retried up to
+  ``_SERVER_TRIES`` times, and multiprocessing starts a new server once it sees the old one gone. Only a server
+  that cannot be started again makes :meth:`CheckPool.run` raise RuntimeError, in one line naming the cause.
+  Checks whose answer arrived while the pool was busy restarting the server are read, never timed out.
 - A call's total time is bounded by its checks' limits plus worker start-ups (``start_timeout_s`` each).
 
 Workers start from a fork server by default (``mp_context="forkserver"`` where the platform has it): the server
@@ -46,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 StartMethod = Literal["spawn", "forkserver", "fork"]
 DEFAULT_START_METHOD: StartMethod = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+_SERVER_TRIES = 5  # worker starts through a dead fork server before giving up (a new server is up by the 2nd)
 
 
 def _worker_main(conn: Connection, check: Callable[[str, str], bool], warm_up: Sequence[tuple[str, str]]) -> None:
@@ -81,8 +87,13 @@ class _Worker:
         self.conn, child = ctx.Pipe()
         process_cls = ctx.Process  # type: ignore[attr-defined]  # every concrete context defines it
         self.process = process_cls(target=_worker_main, args=(child, check, warm_up), daemon=True)
-        self.process.start()
-        child.close()
+        try:
+            self.process.start()
+        except BaseException:
+            self.conn.close()
+            raise
+        finally:
+            child.close()
         self.ready = False
         self.task: int | None = None
         self.sent_at = 0.0
@@ -221,7 +232,16 @@ class CheckPool:
             return [o for o in call.outcomes if o is not None]
 
     def _spawn(self) -> _Worker:
-        return _Worker(self._ctx, self._check, self._warm_up, self._start_timeout_s)
+        for attempt in range(1, _SERVER_TRIES + 1):
+            try:
+                return _Worker(self._ctx, self._check, self._warm_up, self._start_timeout_s)
+            except (OSError, EOFError) as exc:  # the fork server died under the request
+                cause = f"{type(exc).__name__}: {exc}"
+                logger.warning("reward check worker could not be started (%s); attempt %d of %d", cause, attempt,
+                               _SERVER_TRIES)
+                time.sleep(0.05 * attempt)  # multiprocessing restarts a server it has seen exit
+        raise RuntimeError(f"reward check workers cannot be started: {_SERVER_TRIES} tries through the "
+                           f"{self._ctx.get_start_method()!r} start method failed; last cause: {cause}")
 
     def _replace(self, worker: _Worker) -> None:
         worker.stop()
@@ -300,7 +320,7 @@ class CheckPool:
                 worker.task = None
         now = time.monotonic()
         for worker in list(self._workers):
-            if worker.deadline > now:
+            if worker.deadline > now or worker.conn.poll():  # an answer (or EOF) waiting is read next round
                 continue
             if worker.task is not None:
                 worker.stop()  # SIGKILL
