@@ -15,7 +15,7 @@ import torch
 from dsrl_fast.analysis.thoughts import ThoughtCounts
 from dsrl_fast.eval.benchmarks import BENCHMARKS, load_eval_set, parse_data_specs
 from dsrl_fast.eval.config import EvalConfig, parse_ks, parse_overrides
-from dsrl_fast.eval.generate import CacheMismatch
+from dsrl_fast.eval.cache import CacheMismatch
 from dsrl_fast.eval.models import ModelSpec, open_engine, parse_model_specs
 from dsrl_fast.eval.report import settings_line, thought_ratios
 from dsrl_fast.eval.runner import load_eval_sets, run_eval

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from dsrl_fast.analysis.behaviours import BEHAVIOURS, Judgement, behaviour_shares, judge_prompt, parse_judgement
+from dsrl_fast.eval.cache import ProblemSamples
 from dsrl_fast.eval.config import EvalConfig
-from dsrl_fast.eval.generate import ProblemSamples
 from dsrl_fast.eval.models import ModelSpec, load_tokenizer, model_positions, open_engine, resolve_engine
 from dsrl_fast.eval.runner import progress_bar
 from dsrl_fast.rollout.base import RolloutEngine, SamplingConfig

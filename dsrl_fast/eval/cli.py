@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
-from dsrl_fast.errors import UserError
+from dsrl_fast.errors import RunStopped, UserError
+from dsrl_fast.train.interrupt import StopRequest
 
-__all__ = ["add_eval_parser"]
+__all__ = ["EvalInterrupted", "add_eval_parser"]
+
+
+class EvalInterrupted(RunStopped):
+    """`dsrl-fast eval` stopped by SIGINT/SIGTERM (exit status 128 + its number); every finished batch is cached."""
+
+    def __init__(self, signum: int, output_dir: str):
+        super().__init__(signum, f"stopped by {signal.Signals(signum).name}: the problems finished so far are cached "
+                                 f"in {Path(output_dir) / 'generations'}; the same command continues from them")
 
 _EPILOG = """data: benchmark names (math500, aime24, aime25, amc23, minerva_math, olympiadbench; read from
   <data_dir>/benchmarks/<name>/test.jsonl), toy (the embedded task's held-out problems), a .jsonl/.parquet file,
@@ -43,9 +53,16 @@ def add_eval_parser(sub: argparse._SubParsersAction,
 
 
 def _eval(args: argparse.Namespace) -> int:
+    # Installed first, as in training: SIGINT/SIGTERM stop the command at once (a cache write ends first), also when
+    # the shell started it in the background with SIGINT ignored.
+    with StopRequest(stop_now=lambda signum: EvalInterrupted(signum, args.output)) as stop:
+        return _eval_under(args, stop)
+
+
+def _eval_under(args: argparse.Namespace, stop: StopRequest) -> int:
     from dsrl_fast.eval.benchmarks import parse_data_specs
+    from dsrl_fast.eval.cache import CacheMismatch
     from dsrl_fast.eval.config import parse_ks, parse_overrides
-    from dsrl_fast.eval.generate import CacheMismatch
     from dsrl_fast.eval.models import parse_model_specs
     from dsrl_fast.eval.runner import load_eval_sets, run_eval
     from dsrl_fast.reward import check_reward_spec
@@ -65,7 +82,7 @@ def _eval(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, FileNotFoundError, ImportError) as exc:
         raise UserError(str(exc)) from exc
     try:
-        outputs = run_eval(models, sets, cfg, args.output)
+        outputs = run_eval(models, sets, cfg, args.output, stop=stop)
     except CacheMismatch as exc:
         raise UserError(str(exc)) from exc
     print(Path(outputs.tables["markdown"]).read_text(encoding="utf-8").rstrip())
