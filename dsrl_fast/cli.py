@@ -87,6 +87,7 @@ def _train(args: argparse.Namespace) -> int:
     print0(f"samples : {summary.output_dir}/samples.jsonl")
     if summary.plot_path:
         print0(f"plot    : {summary.plot_path}")
+    print0(f"summary : {summary.output_dir}/summary.json")
     print0(f"model   : {summary.checkpoint_path} (Hugging Face format)")
     return 0
 

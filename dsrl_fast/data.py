@@ -12,8 +12,9 @@ float: JSON ``7.0`` → ``"7"``, ``2.50`` → ``"2.5"``, ``1e30`` → ``"1"`` an
 Parquet or Hugging Face float, which has no source text, by its shortest round-trip form: ``1e+30`` → the same 31
 digits).
 Non-finite numbers (``NaN``, ``Infinity``), booleans, numbers that would take more than
-:data:`MAX_NUMBER_DIGITS` digits, and empty or whitespace-only answers are errors naming the file and line;
-``empty_answers="skip"`` skips rows with an empty answer instead and logs how many. JSONL files must be UTF-8
+:data:`MAX_NUMBER_DIGITS` digits, and empty or whitespace-only answers are errors naming the file and line (an empty
+answer is an :class:`EmptyAnswerError`); ``empty_answers="skip"`` skips rows with an empty answer instead and logs how
+many. JSONL files must be UTF-8
 (a byte-order mark at the start is accepted); an undecodable byte is an error naming the file, line and column.
 """
 
@@ -33,8 +34,8 @@ import numpy as np
 
 from dsrl_fast.reward import extract_boxed
 
-__all__ = ["MAX_NUMBER_DIGITS", "AnswerMode", "EmptyAnswers", "Problem", "PromptSampler", "load_hf_problems",
-           "load_problems"]
+__all__ = ["MAX_NUMBER_DIGITS", "AnswerMode", "EmptyAnswerError", "EmptyAnswers", "Problem", "PromptSampler",
+           "load_hf_problems", "load_problems"]
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +96,11 @@ class Problem:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-class _EmptyAnswer(ValueError):
-    """An answer (or a list element of one) that is empty or whitespace."""
+class EmptyAnswerError(ValueError):
+    """An answer (or a list element of one) that is empty or whitespace; the message names the file and line.
+
+    Callers that offer a way to skip such rows name it after the message (``dsrl-fast train``: data.empty_answers).
+    """
 
 
 def _answer_text(value: Any, mode: AnswerMode, where: str, key: str) -> str:
@@ -127,8 +131,7 @@ def _answer_text(value: Any, mode: AnswerMode, where: str, key: str) -> str:
     if isinstance(value, int):
         return str(value)
     if not str(value).strip():
-        raise _EmptyAnswer(f"{where}: field {key!r} is an empty answer ({value!r}); fix the row or pass "
-                           "empty_answers='skip'")
+        raise EmptyAnswerError(f"{where}: field {key!r} is an empty answer ({value!r}); fix the row")
     return str(value).strip()
 
 
@@ -156,7 +159,7 @@ def _to_problems(
             raise ValueError(f"{where}: field {problem_key!r} must be a non-empty string, got {shown!r}")
         try:
             answer = _answer_text(row[answer_key], answer_mode, where, answer_key)
-        except _EmptyAnswer:
+        except EmptyAnswerError:
             if empty_answers == "error":
                 raise
             skipped += 1

@@ -91,6 +91,37 @@ def test_empty_answers_skipped_with_a_count(tmp_path, caplog):
         load_problems(fields, empty_answers="drop")
 
 
+def test_train_names_a_key_it_accepts_for_empty_answers(tmp_path, caplog):
+    """The hint used to say "pass empty_answers='skip'", which `dsrl-fast train` accepted under no name."""
+    import subprocess
+
+    pytest.importorskip("transformers", reason="dsrl-fast train needs the train extra")
+    from dsrl_fast.train.config import load_config
+    from dsrl_fast.train.setup import load_train_eval_problems
+
+    path = write_jsonl(tmp_path / "t.jsonl", [{"problem": "Compute 1+2.", "answer": "3"},
+                                              {"problem": "Compute 2+2.", "answer": " "}])
+    root = Path(__file__).resolve().parents[1]
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "dsrl_fast.cli", "train", *args], cwd=root, text=True,
+                              capture_output=True, timeout=120, check=False)
+
+    refused = cli(f"data.train_path={path}", f"output_dir={tmp_path / 'run'}")
+    assert refused.returncode == 2 and refused.stderr.splitlines() == [
+        f"dsrl-fast train: error: data.train_path: {path}, line 2: field 'answer' is an empty answer (' '); fix the "
+        "row or pass data.empty_answers=skip to leave such rows out"]
+    typed = cli(f"data.train_path={path}", "data.empty_answers=skip", "--print-config")
+    assert typed.returncode == 0 and "  empty_answers: skip\n" in typed.stdout, typed.stderr
+    with caplog.at_level(logging.WARNING, logger="dsrl_fast.data"):
+        train, held_out = load_train_eval_problems(load_config(None, [f"data.train_path={path}",
+                                                                      "data.empty_answers=skip"]))
+    assert [p.answer for p in train] == ["3"] and held_out == []
+    assert "t.jsonl: skipped 1 rows with an empty answer" in caplog.text
+    with pytest.raises(ValueError, match=r"data.empty_answers must be one of \('error', 'skip'\), got 'drop'"):
+        load_config(None, ["data.empty_answers=drop"])
+
+
 def test_utf8_bom_accepted_and_bad_bytes_located(tmp_path):
     body = '{"problem": "π?", "answer": "½"}\n{"problem": "q", "answer": "2"}\n'.encode()
     (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + body)

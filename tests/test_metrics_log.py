@@ -279,3 +279,36 @@ def test_panels_cover_loss_grad_norm_lr_and_held_out_accuracy():
     assert panels_of(rows) == [("mean reward", ["reward_mean"]), ("sampled accuracy", ["accuracy"]),
                                ("held-out accuracy", ["eval_accuracy"]), ("loss", ["loss"]),
                                ("gradient norm", ["grad_norm"]), ("learning rate", ["lr"])]
+
+
+def test_held_out_accuracy_is_drawn_before_rl_at_every_evaluation_and_after_rl(tmp_path, monkeypatch):
+    """The trainer logs the evaluation before RL in a record of step 0, periodic ones after their step and the one
+    after RL in a record of the last step: the plot draws them as one line, before RL at step -1."""
+    from matplotlib.figure import Figure
+
+    records = [{"step": 0, "eval_accuracy_before": 0.25, "eval_before/held_out/avg@1": 0.25}]
+    records += [{"step": s, "reward_mean": 0.1 * s, "accuracy": 0.1 * s} for s in range(6)]
+    records += [{"step": 2, "eval_accuracy": 0.4}, {"step": 5, "eval_accuracy_after": 0.55}]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    drawn = []
+    real_savefig = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (drawn.append(fig), real_savefig(fig, *a, **k))[1])
+    plot_metrics(path, tmp_path / "training.png")
+    (ax,) = [a for a in drawn[0].axes if a.get_ylabel() == "held-out accuracy"]
+    (line,) = ax.get_lines()
+    assert list(line.get_xdata()) == [-1, 2, 5] and list(line.get_ydata()) == [0.25, 0.4, 0.55]
+    assert [t.get_text() for t in ax.texts] == ["before RL 0.250", "after RL 0.550"]
+    assert ax.get_xlim()[0] < -1, "the point before RL is inside the axes"
+
+
+def test_write_summary_is_strict_json_and_atomic(tmp_path, monkeypatch):
+    path = metrics_log.write_summary(tmp_path, {"status": "finished", "loss": float("nan"), "eval": {"a": math.inf}})
+    assert json.loads(path.read_text()) == {"status": "finished", "loss": None, "eval": {"a": None}}
+    monkeypatch.setattr(metrics_log.os, "replace", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left")))
+    with pytest.raises(OSError, match="No space left"):
+        metrics_log.write_summary(tmp_path, {"status": "failed"})
+    assert json.loads(path.read_text())["status"] == "finished", "a failed write keeps the previous summary"
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+    with pytest.raises(TypeError, match="summary must be a dict, got list"):
+        metrics_log.write_summary(tmp_path, [])

@@ -51,7 +51,7 @@ def test_embedded_default_is_the_no_file_config():
     assert (cfg.algo.algo, cfg.algo.switch_step, cfg.algo.pretrain_loss_coef) == ("dsrl", 50, 1.0)
     assert (cfg.optim.lr, cfg.optim.marginal_lr, cfg.steps, cfg.checkpoint_every) == (1e-4, 1e-5, 700, 100)
     assert (cfg.sft.steps, cfg.sft.batch_size, cfg.sft.lr) == (250, 128, 3e-3)
-    assert cfg.deepspeed.enabled is False and cfg.output_dir == "runs/demo"
+    assert cfg.deepspeed.enabled is None and cfg.output_dir == "runs/demo"  # the automatic setting, as the paper's
 
 
 def test_yaml_round_trip(tmp_path):
@@ -163,12 +163,13 @@ def test_override_order_and_null_name(tmp_path):
         ("data.answer_key= ", TypeError, ["data.answer_key must be str"]),
         ("deepspeed.zero_stage=4", ValueError, ["deepspeed.zero_stage must be one of", "4"]),
         ("deepspeed.offload_params=true", ValueError, ["deepspeed.offload_params=true needs deepspeed.zero_stage 3"]),
-        ("deepspeed.offload_optimizer=true", ValueError, ["deepspeed offloading needs deepspeed.enabled"]),
         ("sft.batch_size=0", ValueError, ["sft.batch_size must be >= 1"]),
         ("steps=0", ValueError, ["steps must be >= 1", "0"]),
         ("keep_checkpoints=0", ValueError, ["keep_checkpoints must be >= 1"]),
         ("eval_every=-1", ValueError, ["eval_every must be >= 0"]),
         ("wandb_project=''", ValueError, ["wandb_project must be a non-empty string"]),
+        ("resume_changes=yes", ValueError, ["resume_changes must be one of ('refuse', 'allow'), got 'yes'"]),
+        ("data.empty_answers=drop", ValueError, ["data.empty_answers must be one of ('error', 'skip'), got 'drop'"]),
     ],
 )
 def test_bad_overrides_name_the_key(override, error, parts):
@@ -267,3 +268,24 @@ def test_config_help_documents_every_key():
     docs = dict(zip(keys, [line.strip() for line in text.splitlines() if line.startswith("      ")]))
     assert all(docs.values()), [k for k, v in docs.items() if not v]
     assert "algo.switch_step (int, default 19)" in text and "19 marginal updates" in docs["algo.switch_step"]
+
+
+def test_the_toy_under_torchrun_is_not_refused_for_a_value_the_user_never_typed():
+    """The embedded default used to set deepspeed.enabled=false, so `torchrun --nproc_per_node 2 -m dsrl_fast.cli
+    train` stopped with "... got false". A stand-in for that launch: check_requirements with WORLD_SIZE=2 (a real
+    2-process CPU run of the toy compiles DeepSpeed's shm op and takes ~3 minutes, too long for CI)."""
+    pytest.importorskip("deepspeed", reason="the distributed path needs deepspeed (the train extra)")
+    from dsrl_fast.errors import UserError
+    from dsrl_fast.train.setup import check_requirements
+
+    toy = load_config(None, [])
+    check_requirements(toy, world_size=2)
+    check_requirements(toy, world_size=1)
+    with pytest.raises(UserError, match=r"deepspeed.enabled must be true or null with WORLD_SIZE=2 .*got false"):
+        check_requirements(load_config(None, ["deepspeed.enabled=false"]), world_size=2)
+    with pytest.raises(ValueError, match="deepspeed offloading needs deepspeed.enabled true or null, got false"):
+        load_config(None, ["deepspeed.enabled=false", "deepspeed.offload_optimizer=true"])
+    with pytest.raises(UserError, match=r"^deepspeed.offload_optimizer=true needs DeepSpeed, which one process runs "
+                                        r"only with deepspeed.enabled=true .*got deepspeed.enabled=null$"):
+        check_requirements(load_config(None, ["deepspeed.offload_optimizer=true"]), world_size=1)
+    check_requirements(load_config(None, ["deepspeed.offload_optimizer=true"]), world_size=2)

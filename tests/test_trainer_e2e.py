@@ -61,7 +61,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread", "toy_reward")
 
 
 def rows_of(output_dir: Path) -> list[dict[str, Any]]:
-    return read_metrics(output_dir / "metrics.jsonl")
+    """The per-step training records (metrics.jsonl also holds the evaluations before and after RL)."""
+    return [r for r in read_metrics(output_dir / "metrics.jsonl") if "reward_mean" in r]
 
 
 class ReferenceProbe:

@@ -38,6 +38,11 @@ MOVEMENT_RATIO_BOUND = 2.0
 LOW_LR = ("optim.lr=1e-6", "optim.marginal_lr=1e-6", "checkpoint_every=1", "keep_checkpoints=5")
 
 
+def _step_rows(out: Path) -> list[dict[str, Any]]:
+    """The per-step training records of metrics.jsonl (without the evaluation records)."""
+    return [r for r in read_metrics(out / "metrics.jsonl") if "reward_mean" in r]
+
+
 def _weights(state: dict[str, Any]) -> list[torch.Tensor]:
     """The fp32 weights the optimizer updates: the masters of a 16-bit run, the model itself in fp32."""
     if state["masters"]:
@@ -90,7 +95,7 @@ def test_resume_from_a_bf16_checkpoint_continues_identically(bf16_run: Path, tmp
         torch.testing.assert_close(a, b, atol=1e-7, rtol=0)
     for name, tensor in straight["model"].items():
         assert torch.equal(resumed["model"][name], tensor), name
-    rows, want = read_metrics(tmp_path / "metrics.jsonl"), read_metrics(bf16_run / "metrics.jsonl")
+    rows, want = _step_rows(tmp_path), _step_rows(bf16_run)
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     for row, expected in zip(rows, want):
         assert row["loss"] == pytest.approx(expected["loss"], abs=1e-6)
@@ -111,7 +116,7 @@ def test_a_second_run_is_refused_and_overwrite_replaces_it(tmp_path: Path) -> No
         run(tmp_path, "steps=1", "sft.steps=20")
     assert _snapshot(tmp_path) == before, "a refused run touches nothing"
     summary = run(tmp_path, "steps=1", "sft.steps=20", "checkpoint_every=0", "overwrite=true")
-    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [0]
+    assert [r["step"] for r in _step_rows(tmp_path)] == [0]
     assert latest_checkpoint(tmp_path) == checkpoint_dir(tmp_path, 1)
     assert not checkpoint_dir(tmp_path, 2).exists(), "overwrite removed the earlier run's checkpoints"
     assert Path(summary.checkpoint_path).is_dir()
@@ -190,6 +195,56 @@ def test_a_failed_critic_write_leaves_no_complete_checkpoint(tmp_path: Path, mon
     assert not checkpoint_dir(tmp_path, 2).exists() and latest_checkpoint(tmp_path) == checkpoint_dir(tmp_path, 1)
 
 
+def test_before_and_after_evaluations_go_to_metrics_and_summary(bf16_run: Path) -> None:
+    """The held-out accuracy after RL used to exist only in stdout."""
+    records = read_metrics(bf16_run / "metrics.jsonl")
+    before, after = records[0], records[-1]
+    assert set(before) == {"step", "eval_accuracy_before", "eval_before/held_out/avg@1", "eval_before/held_out/pass@1"}
+    assert set(after) == {"step", "eval_accuracy_after", "eval_after/held_out/avg@1", "eval_after/held_out/pass@1"}
+    assert (before["step"], after["step"]) == (0, 3)
+    summary = json.loads((bf16_run / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["steps"] == 4
+    assert (summary["accuracy_before"], summary["accuracy_after"]) == (before["eval_accuracy_before"],
+                                                                       after["eval_accuracy_after"])
+    assert summary["eval_after"] == {k.replace("eval_after/", "eval/"): v for k, v in after.items()
+                                     if k.startswith("eval_after/")}
+    assert summary["eval_before"]["eval/held_out/avg@1"] == before["eval_accuracy_before"]
+    assert summary["model"] == str(checkpoint_dir(bf16_run, 4) / "hf") and Path(summary["model"]).is_dir()
+    assert summary["checkpoint"] == str(checkpoint_dir(bf16_run, 4)) and Path(summary["plot"]).is_file()
+
+
+def test_the_toy_in_one_process_updates_through_the_plain_updater(bf16_run: Path) -> None:
+    """The embedded default's deepspeed.enabled is null (automatic): one process still takes the plain updater."""
+    assert load_config(None, []).deepspeed.enabled is None
+    final = checkpoint_dir(bf16_run, 4)
+    assert (final / "state.pt").is_file() and not (final / "deepspeed").exists()
+
+
+def test_a_full_disk_ends_the_bar_says_so_on_its_own_line_and_keeps_plot_and_summary(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The message used to be glued onto the progress bar's line, and no plot was written. Stand-in: torch.save
+    fails as it does on a full disk (the filesystem itself is not filled)."""
+    real_save = torch.save
+
+    def disk_full_from_step_2(obj: Any, path: Any, *args: Any, **kwargs: Any) -> None:
+        if "step_000002" in str(path):
+            raise RuntimeError("[enforce fail at inline_container.cc:659] . unexpected pos 4382272 vs 4382160")
+        real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_mod.torch, "save", disk_full_from_step_2)
+    code = cli.main(["train", *BASE, "progress=true", "steps=3", f"output_dir={tmp_path}"])
+    out, err = capsys.readouterr()
+    assert code == 1
+    message = f"dsrl-fast train: error: could not write checkpoint {str(checkpoint_dir(tmp_path, 2))!r}"
+    assert f"\n{message}" in err and err.rstrip().endswith("(partial checkpoint removed)"), err[-1500:]
+    assert "train:" in err.split(message)[0], "the bar was shown, and ended before the message"
+    assert f"plot    : {tmp_path / 'training.png'}" in out and (tmp_path / "training.png").is_file()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "failed" and "unexpected pos 4382272" in summary["error"]
+    assert summary["checkpoint"] is None and summary["accuracy_before"] is not None
+    assert [r["step"] for r in _step_rows(tmp_path)] == [0, 1]
+
+
 def test_periodic_evaluation_survives_a_kill_right_after_its_checkpoint(tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     real_save = checkpoint_mod.save_checkpoint
@@ -215,7 +270,7 @@ def test_periodic_evaluation_survives_a_kill_right_after_its_checkpoint(tmp_path
 def test_a_step_without_any_update_says_why(tmp_path: Path) -> None:
     """Without the warm-up the toy model never answers right: every reward is 0, nothing to learn from."""
     summary = run(tmp_path, "steps=1", "sft.steps=0", "checkpoint_every=0")
-    (row,) = read_metrics(tmp_path / "metrics.jsonl")
+    (row,) = _step_rows(tmp_path)
     assert row["reward_mean"] == 0 and row["update_skipped"] == "every reward is 0"
     assert summary.accuracy_before == 0.0
 
@@ -296,7 +351,7 @@ def _cli(*args: str, **kwargs: Any) -> subprocess.Popen[str]:
 def _wait_for_step(out: Path, step: int, proc: subprocess.Popen[str], timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if (out / "metrics.jsonl").is_file() and any(r["step"] >= step for r in read_metrics(out / "metrics.jsonl")):
+        if (out / "metrics.jsonl").is_file() and any(r["step"] >= step for r in _step_rows(out)):
             return
         if proc.poll() is not None:
             pytest.fail(f"the run ended early: {proc.communicate()[1][-2000:]}")
@@ -317,14 +372,14 @@ def test_sigterm_saves_a_checkpoint_at_the_step_boundary_and_resume_continues(tm
     done = latest_checkpoint(tmp_path)
     assert done is not None, stderr[-2000:]
     steps_done = int(done.name.removeprefix("step_"))
-    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == list(range(steps_done))
+    assert [r["step"] for r in _step_rows(tmp_path)] == list(range(steps_done))
     assert f"stopped by SIGTERM after {steps_done} steps; checkpoint {done}; continue with resume=true" in stderr
     assert "Traceback" not in stderr and (tmp_path / "training.png").is_file()
     assert f"metrics : {tmp_path / 'metrics.jsonl'}" in stdout
     resumed = _cli("train", *LONG_RUN, f"steps={steps_done + 1}", f"output_dir={tmp_path}", "resume=true")
     stdout, stderr = resumed.communicate(timeout=240)
     assert resumed.returncode == 0, stderr[-2000:]
-    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == list(range(steps_done + 1))
+    assert [r["step"] for r in _step_rows(tmp_path)] == list(range(steps_done + 1))
 
 
 def test_a_second_sigint_aborts_at_once_without_a_traceback(tmp_path: Path) -> None:

@@ -60,6 +60,8 @@ GUARD_ACTIONS = ("switch", "stop")
 ZERO_STAGES = (0, 1, 2, 3)
 DATA_SUFFIXES = (".jsonl", ".parquet")
 PROMPT_OVERFLOW = ("truncate_left", "drop")
+EMPTY_ANSWERS = ("error", "skip")
+RESUME_CHANGES = ("refuse", "allow")
 
 _PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -270,6 +272,8 @@ class DataConfig(_Section):
         prompt_overflow: what happens to a prompt longer than max_prompt_len: "truncate_left" (keep its last
             max_prompt_len tokens, as the authors' data loader does) or "drop" (leave the problem out). The run
             prints how many prompts were affected.
+        empty_answers: rows of train_path or eval_path whose answer is empty or whitespace: "error" (stop, naming
+            the file and line) or "skip" (leave them out; a warning says how many).
         toy_train_size: number of generated toy training problems; with toy evaluation (eval_path null) the
             toy_train_size + eval_size problems are distinct operand pairs, so both must fit in
             (toy_high - toy_low + 1)² (8,100 for 10..99).
@@ -291,6 +295,7 @@ class DataConfig(_Section):
     template: str = "qwen3_non_thinking"
     max_prompt_len: int = 1024
     prompt_overflow: str = "truncate_left"
+    empty_answers: str = "error"
     toy_train_size: int = 7000
     toy_low: int = 10
     toy_high: int = 99
@@ -304,6 +309,7 @@ class DataConfig(_Section):
                 raise ValueError(f"{self.key(name)} must be a non-empty field name, got {value!r}")
         _check_choice(self.key("answer_mode"), self.answer_mode, ANSWER_MODES)
         _check_choice(self.key("prompt_overflow"), self.prompt_overflow, PROMPT_OVERFLOW)
+        _check_choice(self.key("empty_answers"), self.empty_answers, EMPTY_ANSWERS)
         if self.eval_answer_mode is not None:
             _check_choice(self.key("eval_answer_mode"), self.eval_answer_mode, ANSWER_MODES)
         self.template = TEMPLATE_ALIASES.get(self.template, self.template)
@@ -654,6 +660,16 @@ class TrainConfig(_Section):
         checkpoint_every: save a checkpoint every this many steps (0 = only at the end).
         keep_checkpoints: number of most recent checkpoints kept on disk (the one just written always is).
         resume: continue from the latest complete checkpoint in output_dir (an empty output_dir starts fresh).
+        resume_changes: what resume=true does when a setting that defines the run differs from the run's saved config
+            (the model, data, sampling, algorithm, optimizer, precision, critic, guard, warm-up, prompts_per_step,
+            epochs, reward, eval_n, eval_greedy): "refuse" (one line naming each change, nothing written) or "allow"
+            (continue with the new values). steps, log_every, eval_every, eval_benchmarks, checkpoint_every,
+            keep_checkpoints, log_samples, tensorboard, wandb_project, progress, model.attention_backend,
+            model.gradient_checkpointing, model.use_liger, model.trust_remote_code, rollout.gpu_memory_utilization,
+            rollout.vllm_kv_cache_gib, rollout.tensor_parallel_size, rollout.sleep_between_generations,
+            optim.max_tokens_per_micro_batch, deepspeed.offload_optimizer and deepspeed.offload_params may always
+            change; seed, deepspeed.enabled and deepspeed.zero_stage never can (the checkpoint is made of them).
+            config.yaml keeps the original; each resume is recorded in config.resume-<n>.yaml.
         overwrite: delete a previous run's checkpoints, metrics, samples and plot in output_dir and start anew.
         log_samples: completions (prompt, response, reward) written to samples.jsonl per step (0 disables it).
         tensorboard: also log to TensorBoard (needs the tensorboard package).
@@ -687,6 +703,7 @@ class TrainConfig(_Section):
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     resume: bool = False
+    resume_changes: str = "refuse"
     overwrite: bool = False
     log_samples: int = 4
     tensorboard: bool = False
@@ -696,6 +713,7 @@ class TrainConfig(_Section):
 
     def _check(self) -> None:
         check_reward_spec(self.reward)
+        _check_choice("resume_changes", self.resume_changes, RESUME_CHANGES)
         for name in ("steps", "epochs", "prompts_per_step", "log_every", "keep_checkpoints", "eval_n"):
             self._min(name, 1)
         for name in ("seed", "eval_every", "checkpoint_every", "log_samples"):
@@ -745,7 +763,6 @@ def embedded_default() -> TrainConfig:
         rollout=RolloutConfig(engine="hf", n=8, temperature=1.0, max_response_len=16),
         algo=AlgoConfig(algo="dsrl", switch_step=50, pretrain_loss_coef=1.0, clip_ratio_c=10.0),
         optim=OptimConfig(lr=1e-4, marginal_lr=1e-5, weight_decay=0.0),
-        deepspeed=DeepSpeedConfig(enabled=False),
         sft=SFTConfig(steps=250, batch_size=128, lr=3e-3),
         steps=700,
         epochs=None,

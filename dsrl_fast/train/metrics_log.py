@@ -18,13 +18,18 @@ accepts any str -> int/float/str mapping):
 - ``transition_share`` / ``reflection_share`` / ``execution_share``: share of the step's reasoning steps (responses
   split on blank lines) in each class of the paper's thought taxonomy (:mod:`dsrl_fast.analysis.thoughts`).
 - ``lr``: learning rate of the step.
-- ``eval_accuracy``: held-out accuracy, in a separate record of the step after which it was measured.
+- ``eval_accuracy`` and ``eval/<set>/avg@n``, ``eval/<set>/pass@k``: a periodic evaluation (``eval_every``), in a
+  separate record of the step after which it was measured.
+- ``eval_accuracy_before`` and ``eval_before/<set>/<metric>``: the evaluation before RL, in a separate record of
+  step 0 written before step 0's own; ``eval_accuracy_after`` and ``eval_after/<set>/<metric>``: the evaluation after
+  RL, in a separate record of the last step.
 - ``update_skipped``: why a step made no update (e.g. "every reward is 0"), present only on such steps.
 
 Every line is strict JSON: a non-finite float (a diverged loss) is written as ``null``, never as a bare ``NaN``.
 
 ``<output_dir>/samples.jsonl`` (:class:`SampleLog`) holds a few completions per step: ``step``, ``prompt``,
-``response``, ``reward``.
+``response``, ``reward``. ``<output_dir>/summary.json`` (:func:`write_summary`) holds the run's outcome: see
+:func:`dsrl_fast.train.trainer.train`.
 """
 
 from __future__ import annotations
@@ -39,11 +44,12 @@ from typing import Any, Self
 
 import torch
 
-__all__ = ["METRICS_FILE", "SAMPLES_FILE", "MetricsLogger", "SampleLog", "StepProgress", "is_rank0", "print0",
-           "read_metrics"]
+__all__ = ["METRICS_FILE", "SAMPLES_FILE", "SUMMARY_FILE", "MetricsLogger", "SampleLog", "StepProgress", "is_rank0",
+           "print0", "read_metrics", "write_summary"]
 
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
+SUMMARY_FILE = "summary.json"
 _WANDB_ID_FILE = "wandb_run_id"
 
 
@@ -73,6 +79,32 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
             if isinstance(record, dict):
                 records.append(record)
     return records
+
+
+def _json_safe(value: Any) -> Any:
+    """`value` with non-finite floats as None, recursively through dicts and lists."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_summary(output_dir: str | os.PathLike[str], summary: dict[str, Any]) -> Path:
+    """Write `summary` (JSON-able; non-finite floats become null) to ``<output_dir>/summary.json`` atomically (a
+    temporary file, then a rename: a failed write leaves the previous summary) and return its path."""
+    if not isinstance(summary, dict):
+        raise TypeError(f"summary must be a dict, got {type(summary).__name__}")
+    path = Path(output_dir) / SUMMARY_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(_json_safe(summary), indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def _plain_value(key: str, value: Any) -> int | float | str | None:

@@ -19,7 +19,7 @@ __all__ = ["moving_average", "panels_of", "plot_metrics"]
 _PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("mean reward", ("reward_mean",)),
     ("sampled accuracy", ("accuracy",)),
-    ("held-out accuracy", ("eval_accuracy",)),
+    ("held-out accuracy", ("eval_accuracy_before", "eval_accuracy", "eval_accuracy_after")),
     ("response length (tokens)", ("response_len_mean",)),
     ("share of reasoning steps", ("transition_share", "reflection_share")),
     ("loss", ("loss",)),
@@ -28,6 +28,9 @@ _PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 # Schedules, not noisy measurements: drawn as they are, without a moving average.
 _EXACT = frozenset({"lr"})
+# Held-out accuracy measured before RL, every eval_every steps and after RL, drawn as one line: (key, x shift). The
+# record before RL belongs to step 0 but was measured before it: it is drawn at step -1.
+_HELD_OUT = (("eval_accuracy_before", -1), ("eval_accuracy", 0), ("eval_accuracy_after", 0))
 _COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red")
 _MARGINAL_NAMES = {"negative": "NSR-PreRL", "positive": "PSR-PreRL", "all": "PreRL"}
 _CONDITIONAL_NAMES = {"negative": "NSR-RL", "positive": "PSR-RL", "all": "GRPO"}
@@ -66,6 +69,29 @@ def _series(rows: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarra
         return np.zeros(0), np.zeros(0)
     steps, values = zip(*points)
     return np.asarray(steps, dtype=np.float64), np.asarray(values, dtype=np.float64)
+
+
+def _held_out_points(rows: list[dict[str, Any]]) -> list[tuple[float, float, str]]:
+    """(x, accuracy, key) of every held-out measurement, by x."""
+    points = []
+    for key, shift in _HELD_OUT:
+        steps, values = _series(rows, key)
+        points += [(float(x) + shift, float(v), key) for x, v in zip(steps, values)]
+    return sorted(points)
+
+
+def _draw_held_out(ax: Any, rows: list[dict[str, Any]], color: str) -> None:
+    """Every held-out accuracy measured as one line, the first (before RL) and last (after RL) points labelled."""
+    points = _held_out_points(rows)
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    ax.plot(xs, ys, "o-", color=color, markersize=4, label="held-out accuracy")
+    first, last = points[0], points[-1]
+    if first[2] == "eval_accuracy_before":
+        ax.annotate(f"before RL {first[1]:.3f}", (first[0], first[1]), textcoords="offset points", xytext=(4, 6),
+                    fontsize=8)
+    if last[2] == "eval_accuracy_after":
+        ax.annotate(f"after RL {last[1]:.3f}", (last[0], last[1]), textcoords="offset points", xytext=(-4, 6),
+                    fontsize=8, ha="right")
 
 
 def panels_of(rows: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
@@ -119,7 +145,9 @@ def plot_metrics(metrics_path: str | os.PathLike[str], out_png: str | os.PathLik
     """Draw the run's curves to a PNG and return its path.
 
     Panels (each only when its metrics are present): reward (raw, faint, and its trailing moving average over
-    `window` steps), accuracy, response length, transition/reflection thought counts. The switch between phases
+    `window` steps), sampled accuracy, held-out accuracy (one line through every measurement: before RL, drawn at
+    step -1, each periodic evaluation and after RL), response length, transition/reflection thought shares, loss,
+    gradient norm, learning rate. The switch between phases
     (`switch_step`, or the first step where the logged `space` changes) is a dashed vertical line, with the two
     phases labelled ("NSR-PreRL (marginal)" / "GRPO (conditional)", named from the logged `space` and `samples`);
     a switch outside (first logged step, last logged step] is not drawn. Without `switch_step` the switch is the
@@ -166,6 +194,9 @@ def plot_metrics(metrics_path: str | os.PathLike[str], out_png: str | os.PathLik
         spare.set_axis_off()
     labels = _phase_labels(rows, switch) if switch is not None else None
     for i, (ax, (ylabel, keys)) in enumerate(zip(axes, panels)):
+        if ylabel == "held-out accuracy":
+            _draw_held_out(ax, rows, _COLORS[0])
+            keys = []
         for color, key in zip(_COLORS, keys):
             steps, values = _series(rows, key)
             sparse = steps.size < 0.5 * len(rows)
@@ -197,7 +228,9 @@ def plot_metrics(metrics_path: str | os.PathLike[str], out_png: str | os.PathLik
             ax.set_xlabel("step")
             ax.xaxis.set_tick_params(labelbottom=True)
         pad = 0.5 if last_step > first_step else 1.0
-        axes[-1].set_xlim(first_step - pad, last_step + pad)
+        held_out = _held_out_points(rows)
+        left = min(first_step, held_out[0][0]) if held_out else first_step
+        axes[-1].set_xlim(left - pad, last_step + pad)
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

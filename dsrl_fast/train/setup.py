@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from dsrl_fast.data import Problem, load_hf_problems, load_problems
+from dsrl_fast.data import EmptyAnswerError, Problem, load_hf_problems, load_problems
 from dsrl_fast.errors import UserError
 from dsrl_fast.packing import default_marginal_prefix
 from dsrl_fast.reward import check_reward_spec
@@ -91,7 +91,12 @@ def check_requirements(cfg: TrainConfig, world_size: int) -> None:
     if cfg.deepspeed.enabled is False and world_size > 1:
         raise UserError(f"deepspeed.enabled must be true or null with WORLD_SIZE={world_size} (data-parallel training "
                         "runs through DeepSpeed), got false")
-    if cfg.deepspeed.enabled or (cfg.deepspeed.enabled is None and world_size > 1):
+    ds = cfg.deepspeed
+    offload = [f"deepspeed.{name}=true" for name in ("offload_optimizer", "offload_params") if getattr(ds, name)]
+    if offload and ds.enabled is None and world_size == 1:
+        raise UserError(f"{' and '.join(offload)} needs DeepSpeed, which one process runs only with "
+                        "deepspeed.enabled=true (null selects the plain updater there), got deepspeed.enabled=null")
+    if ds.enabled or (ds.enabled is None and world_size > 1):
         _require("deepspeed", "DeepSpeed (deepspeed.enabled, or a distributed launch)", "pip install deepspeed")
     if cfg.rollout.engine == "vllm":
         gpu = torch.cuda.is_available()
@@ -121,8 +126,11 @@ def load_train_eval_problems(cfg: TrainConfig) -> tuple[list[Problem], list[Prob
             if path.startswith("hf:"):
                 name, _, split = path[3:].partition(":")
                 return load_hf_problems(name, split or "train", problem_key=problem_key, answer_key=answer_key,
-                                        answer_mode=mode, limit=limit)
-            return load_problems(path, problem_key, answer_key, answer_mode=mode, limit=limit)
+                                        answer_mode=mode, limit=limit, empty_answers=d.empty_answers)
+            return load_problems(path, problem_key, answer_key, answer_mode=mode, limit=limit,
+                                 empty_answers=d.empty_answers)
+        except EmptyAnswerError as exc:
+            raise UserError(f"data.{key}: {exc} or pass data.empty_answers=skip to leave such rows out") from exc
         except (OSError, ValueError, TypeError, UnicodeError) as exc:
             raise UserError(f"data.{key}: {exc}") from exc
 

@@ -40,7 +40,6 @@ from dsrl_fast.train.critic import CriticModule, build_critic_model, load_critic
 from dsrl_fast.train.guard import MarginalGuard, guard_signals
 from dsrl_fast.train.interrupt import StopRequest
 from dsrl_fast.train.metrics_log import MetricsLogger, SampleLog, StepProgress, print0
-from dsrl_fast.train.plot import plot_metrics
 from dsrl_fast.train.rl_step import collect_samples, run_update
 from dsrl_fast.train.update import (
     DeepSpeedUpdater,
@@ -50,7 +49,15 @@ from dsrl_fast.train.update import (
     deepspeed_config,
     lr_factor,
 )
-from dsrl_fast.train.run_dir import SFT_DIR, VLLM_INIT_DIR, prepare_output_dir
+from dsrl_fast.train.resume_check import ResumePlan, check_resume, record_resume
+from dsrl_fast.train.run_report import (
+    end_failed_run,
+    final_eval_record,
+    print_outputs,
+    write_plot,
+    write_run_summary,
+)
+from dsrl_fast.train.run_dir import SFT_DIR, VLLM_INIT_DIR, RunLock, lock_output_dir, prepare_output_dir
 from dsrl_fast.train.setup import (
     build_model,
     build_tokenizer,
@@ -74,7 +81,8 @@ class Dist:
 
 @dataclass
 class TrainSummary:
-    """What a finished run reports (accuracies are None when the run has no held-out problems)."""
+    """What a finished run reports (accuracies are None when the run has no held-out problems); eval_before and
+    eval_after hold every metric of the evaluations before and after RL ("eval/<task>/<metric>")."""
 
     accuracy_before: float | None
     accuracy_after: float | None
@@ -83,6 +91,8 @@ class TrainSummary:
     output_dir: str
     plot_path: str | None
     checkpoint_path: str
+    eval_before: dict[str, float] = dataclasses.field(default_factory=dict)
+    eval_after: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def init_distributed() -> Dist:
@@ -252,20 +262,35 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 101 + rank) % (2**31 - 1)
 
 
-def _prepare_output_dir(cfg: TrainConfig, d: Dist) -> Path | None:
-    """Rank 0 checks (and with overwrite clears) output_dir; every rank gets the checkpoint to resume from."""
-    error = None
+def _prepare_output_dir(cfg: TrainConfig, d: Dist) -> tuple[Path | None, RunLock | None, ResumePlan | None]:
+    """Rank 0 takes output_dir's run lock, checks (and with overwrite clears) the directory and checks what a resume
+    changes; every rank gets the checkpoint to resume from. Returns (checkpoint, rank 0's lock, rank 0's accepted
+    resume); the caller releases the lock when the run ends."""
+    error = lock = plan = None
     if d.rank == 0:
         try:
-            prepare_output_dir(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite)
+            lock = lock_output_dir(cfg.output_dir)
+            resume_from = prepare_output_dir(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite)
+            plan = None if resume_from is None else check_resume(cfg, resume_from, d.world_size)
         except UserError as exc:
+            if lock is not None:
+                lock.release()
             error = exc
     (failed,) = reduce_floats([float(error is not None)])
     if error is not None:
         raise error
     if failed:
         raise UserError(f"output_dir {cfg.output_dir!r} was refused on rank 0 (see its message)")
-    return latest_checkpoint(cfg.output_dir) if cfg.resume else None
+    return (latest_checkpoint(cfg.output_dir) if cfg.resume else None), lock, plan
+
+
+def _load_sampler(sampler: PromptSampler, state: dict[str, Any]) -> None:
+    """Continue the checkpoint's data order; UserError when an allowed config change altered the training set."""
+    if state.get("n") != sampler.n:
+        raise UserError(f"resume=true needs the checkpoint's {state.get('n')} training problems, got {sampler.n}: "
+                        "the data settings changed (resume_changes=allow cannot change the training set); resume "
+                        "with the saved data settings or start a new run in another output_dir")
+    sampler.load_state_dict(state)
 
 
 def _describe_accuracy(name: str, accuracy: float | None) -> str:
@@ -284,19 +309,18 @@ def _skip_reason(metrics: dict[str, Any], samples_filter: str) -> str:
     return f"no {kept}sample has a non-zero advantage"
 
 
-def _write_plot(out: Path, rank: int) -> str | None:
-    """The training plot; dsrl's switch is the logged `switch_step` (the one actually used)."""
-    if rank != 0 or not (out / "metrics.jsonl").is_file():
-        return None
-    return plot_metrics(out / "metrics.jsonl", out / "training.png")
-
-
 def train(cfg: TrainConfig) -> TrainSummary:
     """Run `cfg` end to end and return the before/after accuracy, wall time and where the outputs are.
 
-    Everything checkable is checked before the model loads (UserError): the output directory, the data, optional
-    packages. The first SIGINT/SIGTERM stops the run at the next step boundary with a checkpoint and the plot
-    (RunInterrupted); a second aborts at once (RunAborted).
+    Everything checkable is checked before the model loads (UserError): the output directory (and its run lock, held
+    by rank 0 until the run ends), what a resume changes, the data, optional packages. The first SIGINT/SIGTERM stops
+    the run at the next step boundary with a checkpoint and the plot (RunInterrupted); a second aborts at once
+    (RunAborted). An OSError (a full disk) ends the progress bar and writes the plot and summary if it still can.
+
+    summary.json (rank 0) holds ``status`` ("finished", "interrupted" or "failed" with ``error``),
+    ``accuracy_before`` / ``accuracy_after``, ``eval_before`` / ``eval_after`` (every "eval/<set>/<metric>" of the
+    evaluations before and after RL), ``seconds``, ``checkpoint`` (the newest complete one), ``metrics``, ``plot``,
+    and ``steps`` / ``model`` (finished) or ``steps_done`` (interrupted).
     """
     started = time.perf_counter()
     d = init_distributed()
@@ -307,22 +331,28 @@ def train(cfg: TrainConfig) -> TrainSummary:
     assert cfg.steps is not None
     out = Path(cfg.output_dir)
     check_model(cfg)
-    resume_from = _prepare_output_dir(cfg, d)
-    tokenizer = build_tokenizer(cfg)
-    problems, prompts = encode_problems(cfg, tokenizer, problems, "training")
-    held_out, eval_prompts = encode_problems(cfg, tokenizer, held_out, "held-out")
-    eval_tasks = [EvalTask(HELD_OUT, held_out, eval_prompts)]
-    eval_tasks += [EvalTask(label, *encode_problems(cfg, tokenizer, extra, label)) for label, extra in benchmarks]
-    prefix = resolve_marginal_prefix(cfg, tokenizer)
+    resume_from, lock, resume_plan = _prepare_output_dir(cfg, d)  # rank 0 holds the run lock until the end
+    try:
+        tokenizer = build_tokenizer(cfg)
+        problems, prompts = encode_problems(cfg, tokenizer, problems, "training")
+        held_out, eval_prompts = encode_problems(cfg, tokenizer, held_out, "held-out")
+        eval_tasks = [EvalTask(HELD_OUT, held_out, eval_prompts)]
+        eval_tasks += [EvalTask(label, *encode_problems(cfg, tokenizer, extra, label)) for label, extra in benchmarks]
+        prefix = resolve_marginal_prefix(cfg, tokenizer)
 
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, d.device, tokenizer)
-    reward_fn = get_reward_fn(cfg.reward)
-    engine = None
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg, d.device, tokenizer)
+        reward_fn = get_reward_fn(cfg.reward)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    engine = progress = logger = sample_log = None
+    trainer_state: dict[str, Any] = {}
+    final_eval: dict[str, Any] = {}  # the evaluation after RL, once measured
     with StopRequest() as stop:
         try:
             engine = build_engine(cfg, model, tokenizer)
-            trainer_state: dict[str, Any] = {}
             if resume_from is None and cfg.sft.steps > 0:
                 from dsrl_fast.toy import supervised_warmup
 
@@ -347,7 +377,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
             start_step = 0
             if resume_from is not None:
                 trainer_state = load_checkpoint(resume_from, updater)
-                sampler.load_state_dict(trainer_state["sampler"])
+                _load_sampler(sampler, trainer_state["sampler"])
                 start_step = trainer_state["step"]
                 if ref_model is not None:
                     load_reference(resume_from, ref_model)
@@ -359,11 +389,14 @@ def train(cfg: TrainConfig) -> TrainSummary:
             guard = MarginalGuard(cfg.guard) if cfg.guard.enabled else None
             if guard is not None:
                 guard.load_state_dict(trainer_state.get("guard", {}))
-            if d.rank == 0:  # only now: a refused or failed resume leaves the previous config in place
+            if resume_plan is not None:  # only now: a refused or failed resume leaves the previous config in place
+                record_resume(cfg, resume_plan)
+            elif d.rank == 0:
                 save_config(cfg, out / "config.yaml")
             if resume_from is None:
                 trainer_state["accuracy_before"], before = evaluate(cfg, engine, tokenizer, reward_fn, eval_tasks, d,
                                                                     greedy=cfg.eval_greedy)
+                trainer_state["eval_before"] = before
                 print0(_describe_accuracy("before RL", trainer_state["accuracy_before"]))
                 if len(eval_tasks) > 1 or cfg.eval_n > 1:
                     print0("before RL: " + ", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in before.items()))
@@ -373,6 +406,8 @@ def train(cfg: TrainConfig) -> TrainSummary:
             sample_log = SampleLog(out, resume_step=start_step if resume_from is not None else None)
             if resume_from is not None:
                 logger.truncate_after(start_step)
+            else:
+                logger.log(0, final_eval_record("before", trainer_state["accuracy_before"], before))
             progress = StepProgress(cfg.steps, start_step, enabled=cfg.progress)
             per_rank = cfg.prompts_per_step // d.world_size
             last_checkpoint: Path | None = resume_from
@@ -461,8 +496,10 @@ def train(cfg: TrainConfig) -> TrainSummary:
                         last_checkpoint = checkpoint(done)
                     logger.close()
                     sample_log.close()
-                    plot = _write_plot(out, d.rank)
-                    print0(f"metrics : {out / 'metrics.jsonl'}" + (f"\nplot    : {plot}" if plot else ""))
+                    plot = write_plot(out, d.rank)
+                    summary_path = write_run_summary(out, d.rank, "interrupted", trainer_state,
+                                                     time.perf_counter() - started, steps_done=done, plot=plot)
+                    print_outputs(out, plot, summary_path)
                     raise RunInterrupted(stop.signum or signal.SIGTERM, done, str(last_checkpoint))
                 if done >= cfg.steps:  # the guard stopped the run early
                     break
@@ -471,13 +508,25 @@ def train(cfg: TrainConfig) -> TrainSummary:
             accuracy_after, after = evaluate(cfg, engine, tokenizer, reward_fn, eval_tasks, d, greedy=cfg.eval_greedy)
             if len(eval_tasks) > 1 or cfg.eval_n > 1:
                 print0("after RL: " + ", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in after.items()))
+            final_eval = {"accuracy_after": accuracy_after, "eval_after": after}
+            logger.log(cfg.steps - 1, final_eval_record("after", accuracy_after, after))
             final = checkpoint(cfg.steps)
             logger.close()
             sample_log.close()
-            plot_path = _write_plot(out, d.rank)
-            return TrainSummary(trainer_state["accuracy_before"], accuracy_after, cfg.steps,
-                                time.perf_counter() - started, str(out), plot_path, str(final / "hf"))
+            plot_path = write_plot(out, d.rank)
+            summary = TrainSummary(trainer_state["accuracy_before"], accuracy_after, cfg.steps,
+                                   time.perf_counter() - started, str(out), plot_path, str(final / "hf"),
+                                   trainer_state.get("eval_before", {}), after)
+            write_run_summary(out, d.rank, "finished", trainer_state, summary.seconds, steps=cfg.steps,
+                              plot=plot_path, model=summary.checkpoint_path, **final_eval)
+            return summary
+        except OSError as exc:  # a full disk: end the bar, keep what can still be written, then report
+            end_failed_run(out, d.rank, [progress, logger, sample_log], trainer_state, time.perf_counter() - started,
+                           exc, final_eval)
+            raise
         finally:
+            if progress is not None:  # ends the bar's line before any error message
+                progress.close()
             if engine is not None:
                 engine.close()
             close = getattr(reward_fn, "close", None)
@@ -485,6 +534,8 @@ def train(cfg: TrainConfig) -> TrainSummary:
                 close()
             if d.rank == 0:
                 shutil.rmtree(out / VLLM_INIT_DIR, ignore_errors=True)
+            if lock is not None:
+                lock.release()
 
 
 def _lr_factor(cfg: TrainConfig, step: int) -> float:
