@@ -28,6 +28,8 @@ options (key=value): n, ks, temperature, top_p, max_new_tokens (default 8192, th
   check; math_verify accepts more forms), limit, batch_size, data_dir, problem_key, answer_key, answer_mode, toy_seed,
   toy_train_size, toy_eval_size, gpu_memory_utilization, cpu_kv_cache_gib, max_model_len, progress.
 Every table names its scorer, length cap, n, temperature and top_p: compare tables only where they agree.
+generations/<model>/<benchmark>.jsonl caches each finished batch, keyed by the model files' content: SIGINT/SIGTERM
+  stop the command at once, and the same command continues; new weights at the same path are generated again.
 example: dsrl-fast eval --model base=Qwen/Qwen3-4B --model runs/dsrl/checkpoints/step_000200/hf \\
   --data math500,aime24 --n 32 --k 1,2,4,...,32 --output eval_out data_dir=../shared/data"""
 
