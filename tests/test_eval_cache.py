@@ -9,15 +9,19 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer
 
 from dsrl_fast.cli import main
+from dsrl_fast.data import Problem
 from dsrl_fast.eval.benchmarks import parse_data_specs
-from dsrl_fast.eval.cache import CacheMismatch
+from dsrl_fast.eval.cache import FORMAT, CacheMismatch, GenerationCache
 from dsrl_fast.eval.config import EvalConfig
 from dsrl_fast.eval.fingerprint import model_digest
+from dsrl_fast.eval.generate import encode_prompts
 from dsrl_fast.eval.models import ModelSpec, open_engine
 from dsrl_fast.eval.runner import DIGESTS, load_eval_sets, run_eval
 from tests.test_eval import DATA_DIR, build_text_model, needs_data, parity_reward
@@ -68,37 +72,44 @@ def _lines(out: Path) -> list[str]:
 def _asked(opener: PromptLog, out: Path) -> list[int]:
     """The problem indices the engine was asked for (prompts matched against the cached questions' prompts)."""
     records = [json.loads(line) for line in _lines(out)[1:]]
-    from transformers import AutoTokenizer
-
-    from dsrl_fast.eval.generate import encode_prompts
-    from dsrl_fast.data import Problem
-
     tokenizer = AutoTokenizer.from_pretrained(json.loads(_lines(out)[0])["model"])
     by_prompt = {tuple(p): r["index"] for r, p in zip(records, encode_prompts(
         tokenizer, [Problem(r["problem"], "x") for r in records], "qwen3_non_thinking", False))}
     return sorted(by_prompt[tuple(p)] for p in opener.prompts)
 
 
-@pytest.fixture
-def model_dir(tmp_path) -> Path:
-    return build_text_model(tmp_path / "model", seed=0)
+@pytest.fixture(scope="module")
+def complete(tmp_path_factory) -> tuple[Path, Path]:
+    """(model, output directory) of one complete evaluation, shared: tests work on copies."""
+    root = tmp_path_factory.mktemp("complete")
+    model = build_text_model(root / "model", seed=0)
+    _run(model, root / "out")
+    return model, root / "out"
 
 
 @pytest.fixture
-def done(model_dir, tmp_path) -> tuple[Path, Path, list[str]]:
-    """(model, output directory, its cache lines) after one complete evaluation."""
-    out = tmp_path / "out"
-    _run(model_dir, out)
+def model_dir(complete, tmp_path) -> Path:
+    """A copy of the model this test may rewrite."""
+    return Path(shutil.copytree(complete[0], tmp_path / "model"))
+
+
+@pytest.fixture
+def done(complete, tmp_path) -> tuple[Path, Path, list[str]]:
+    """(model, a copy of the complete output directory, its cache lines)."""
+    out = Path(shutil.copytree(complete[1], tmp_path / "out"))
     lines = _lines(out)
     assert len(lines) == 1 + PROBLEMS
-    return model_dir, out, lines
+    return complete[0], out, lines
 
 
-def test_new_weights_in_the_same_directory_are_generated_again(done, tmp_path, caplog):
-    model, out, before = done
+def test_new_weights_in_the_same_directory_are_generated_again(done, model_dir, tmp_path, caplog):
+    _, out, before = done
+    model = model_dir
     first = json.loads(before[0])["settings"]["model_digest"]
-    build_text_model(model, seed=1)  # a new checkpoint written over the old one, same path, same file sizes
     opener = PromptLog()
+    _run(model, out, opener)  # the same files at another path: the same model, nothing is generated
+    assert opener.opened == 0 and _lines(out) == before
+    build_text_model(model, seed=1)  # a new checkpoint written over the old one, same path, same file sizes
     with caplog.at_level(logging.WARNING, logger="dsrl_fast.eval.cache"):
         again = _run(model, out, opener)
     assert opener.opened == 1 and _asked(opener, out) == list(range(PROBLEMS))  # nothing stale reused
@@ -261,8 +272,6 @@ def _record(index: int, **changes) -> str:
 ])
 def test_every_record_is_checked(tmp_path, caplog, line, reason, fate):
     """GenerationCache alone (no model): each kind of bad line is named with its reason, the others are kept."""
-    from dsrl_fast.eval.cache import FORMAT, GenerationCache
-
     path = tmp_path / "c.jsonl"
     header = json.dumps({"format": FORMAT, "settings": SETTINGS, "model": "m"})
     path.write_text("\n".join([header, _record(0), line, _record(1)]) + "\n")

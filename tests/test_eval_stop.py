@@ -15,8 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from dsrl_fast.errors import RunStopped
+from dsrl_fast.errors import RunAborted, RunStopped
+from dsrl_fast.eval.benchmarks import parse_data_specs
+from dsrl_fast.eval.cache import GenerationCache
+from dsrl_fast.eval.cli import EvalInterrupted
+from dsrl_fast.eval.config import parse_overrides
 from dsrl_fast.eval.models import ModelSpec
+from dsrl_fast.eval.runner import load_eval_sets, run_eval
 from dsrl_fast.train.interrupt import StopRequest
 from tests.test_eval import DATA_DIR, CountingOpen, build_text_model, needs_data, parity_reward
 
@@ -53,8 +58,6 @@ def test_stop_now_raises_at_once_but_never_inside_a_deferred_block(signum):
 
 
 def test_training_behaviour_is_unchanged(capsys):
-    from dsrl_fast.errors import RunAborted
-
     with pytest.raises(RunAborted), StopRequest() as stop:
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.signum == signal.SIGTERM  # the first signal only asks
@@ -103,10 +106,6 @@ def test_a_background_eval_stops_on_sigint_and_a_rerun_continues(tmp_path, caplo
     assert waited < 30, waited  # 200 problems would take minutes; a generation call takes about a second
 
     with caplog.at_level(logging.WARNING, logger="dsrl_fast.eval.cache"):
-        from dsrl_fast.eval.runner import load_eval_sets, run_eval
-        from dsrl_fast.eval.benchmarks import parse_data_specs
-        from dsrl_fast.eval.config import parse_overrides
-
         cached = [json.loads(line)["index"] for line in cache.read_text(encoding="utf-8").splitlines()[1:]]
         assert cached == list(range(len(cached))) and len(cached) >= 2
         cfg = parse_overrides(_options(len(cached) + 2))
@@ -122,12 +121,6 @@ def test_a_background_eval_stops_on_sigint_and_a_rerun_continues(tmp_path, caplo
 def test_sigterm_during_a_cache_write_lets_it_end(tmp_path, monkeypatch):
     """In process: SIGTERM arrives while a batch is being appended; the batch is written whole, then the run stops
     (exit status 143) and the file holds only complete, valid lines."""
-    from dsrl_fast.eval.benchmarks import parse_data_specs
-    from dsrl_fast.eval.cache import GenerationCache
-    from dsrl_fast.eval.cli import EvalInterrupted
-    from dsrl_fast.eval.config import parse_overrides
-    from dsrl_fast.eval.runner import load_eval_sets, run_eval
-
     model = build_text_model(tmp_path / "model", seed=0)
     out = tmp_path / "out"
     append = GenerationCache.append

@@ -2,11 +2,12 @@
 different model.
 
 A local model directory is identified by the SHA-256 of its weight, config and tokenizer files (:data:`MODEL_FILES`,
-the top level of the directory, symbolic links followed). Hashing runs at about 1 GB/s, so each file's digest is
-remembered in a sidecar JSON beside the generations, under the file's resolved path with its size, mtime_ns,
-ctime_ns and inode: a file whose four are unchanged is not read again. Any write into a file moves its mtime and
-ctime, and a file replaced by another (a new checkpoint moved into place) has a new inode, so changed weights are
-always read again. A hub id (not a local directory) is identified by the commit its files resolve to.
+the top level of the directory, symbolic links followed). Hashing reads every byte (0.35 GB/s measured on a busy
+2-core machine: about 25 s for an 8 GB model there), so each file's digest is remembered in a sidecar JSON beside the
+generations, under the file's resolved path with its size, mtime_ns, ctime_ns and inode: a file whose four are
+unchanged is not read again. Any write into a file moves its mtime and ctime, and a file replaced by another (a new
+checkpoint moved into place) has a new inode, so changed weights are always read again. A hub id (not a local
+directory) is identified by the commit its files resolve to.
 """
 
 from __future__ import annotations
