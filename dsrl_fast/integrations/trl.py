@@ -1,19 +1,25 @@
 """TRL: a GRPOTrainer that runs dsrl_fast's loss (GRPO / NSR / PSR / dual clip / DSRL) on our fused log-probs.
 
-One-line swap: ``GRPOTrainer(...)`` → ``DSRLGRPOTrainer(..., dsrl=DSRLOptions(switch_step=19))``.
+One-line swap: ``GRPOTrainer(...)`` → ``DSRLGRPOTrainer(..., dsrl=DSRLOptions(switch_step=19))``, with TRL's
+GRPOConfig defaults (bias-corrected KL included) and any tokenizer that has ``<|im_start|>`` or a BOS token.
 
 - Log-probs: the model's forward is patched (like TRL's own fused LM head) so that ``fused_lm_head=True`` runs the
   backbone, keeps the hidden states of scored positions only and calls `dsrl_fast.linear_logprobs` (Triton on CUDA).
-  Every TRL log-prob pass (policy, old, reference) goes through it. PEFT: the base model is patched, as TRL does.
-  Tied embeddings: the head weight is `get_output_embeddings().weight`, whichever module owns it. ZeRO-3: the head
-  weight is registered as an external parameter of the patched model, so DeepSpeed gathers it for the forward and
-  for the backward (our kernel recomputes logits in the backward).
-- Loss: TRL's epsilon_low/high, beta (k3 KL) and loss_type ("grpo", "bnpo", "dr_grpo", "dapo") become a
-  `PolicyLossConfig`; with `DSRLOptions(samples="all", denominator="peer")` the loss and gradients equal TRL's.
-  vLLM importance-sampling ratios are applied as `weights=`.
+  Every TRL log-prob pass (policy, old, reference) goes through it. PEFT: the base model is patched, as TRL does;
+  the reference model is patched inside whatever TRL wrapped it in. Tied embeddings: the head weight is
+  `get_output_embeddings().weight`, whichever module owns it. ZeRO-3 / FSDP2: the head weight is looked up and
+  gathered at call time, and under ZeRO-3 registered with the patched model for its backward (`gathered_head`), so a
+  model that DeepSpeed partitions after the patch (one built by the user, partitioned by `deepspeed.initialize`)
+  works.
+- Loss: TRL's epsilon_low/high, beta (k3 KL, bias-corrected with ``use_bias_correction_kl``, TRL's default) and
+  loss_type ("grpo", "bnpo", "dr_grpo", "dapo") become a `PolicyLossConfig` (no log-ratio clamp, like TRL); with
+  `DSRLOptions(samples="all", denominator="peer")` the loss and gradients equal TRL's. vLLM importance-sampling
+  ratios (token or sequence modes) weight the conditional policy term, as in TRL.
 - DSRL: while ``state.global_step < switch_step`` the loss is NSR on the marginal log-probs of ``[prefix; y]``
-  (positions from 0) times ``marginal_loss_scale``; from the switch step on, the conditional loss. TRL's advantages
-  are used in both phases: the authors' marginal advantage r − mean needs ``scale_rewards="none"``.
+  (positions from 0) times ``marginal_loss_scale``; from the switch step on, the conditional loss. The vLLM
+  importance ratios are π_old(y|x)/π_vLLM(y|x), ratios of conditional probabilities: the marginal loss does not use
+  them. TRL's advantages are used in both phases: the authors' marginal advantage r − mean needs
+  ``scale_rewards="none"``.
 """
 
 from __future__ import annotations
@@ -32,13 +38,13 @@ from dsrl_fast.integrations.common import (
     PIP_INTEGRATIONS,
     check_prefix,
     marginal_batch,
-    padded_linear_logprobs,
     peer_policy_loss,
     phase_config,
     require,
 )
-from dsrl_fast.model import lm_head_weight, register_lm_head_for_zero3
-from dsrl_fast.packing import DEFAULT_PREFIX
+from dsrl_fast.integrations.gathered_head import gathered_head_logprobs
+from dsrl_fast.model import lm_head_weight
+from dsrl_fast.packing import default_marginal_prefix
 from dsrl_fast.validation import IMPLS
 
 _trl = require("trl", PIP_INTEGRATIONS)
@@ -59,7 +65,8 @@ class DSRLOptions:
     Attributes:
         switch_step: optimizer steps (TRL's state.global_step, from 0) that run the marginal NSR-PreRL loss before
             the conditional loss; 0 = conditional from the start (plain GRPO / NSR / PSR). The authors' run: 19.
-        marginal_prefix: token ids of the marginal context (the authors: Qwen's <|im_start|>, 151644).
+        marginal_prefix: token ids of the marginal context; None = the tokenizer's <|im_start|> (the authors' choice:
+            151644 in Qwen tokenizers), else its BOS token.
         marginal_samples: sample filter of the marginal phase ("negative" = NSR).
         marginal_loss_scale: the marginal loss is multiplied by it (the authors' pretrain_loss_coef 0.01).
         samples: sample filter of the conditional phase ("all" = GRPO, "negative" = NSR, "positive" = PSR).
@@ -70,7 +77,7 @@ class DSRLOptions:
     """
 
     switch_step: int = 0
-    marginal_prefix: tuple[int, ...] = DEFAULT_PREFIX
+    marginal_prefix: tuple[int, ...] | None = None
     marginal_samples: str = "negative"
     marginal_loss_scale: float = 0.01
     samples: str = "all"
@@ -81,7 +88,8 @@ class DSRLOptions:
     def __post_init__(self) -> None:
         if isinstance(self.switch_step, bool) or not isinstance(self.switch_step, int) or self.switch_step < 0:
             raise ValueError(f"switch_step must be an int >= 0, got {self.switch_step!r}")
-        check_prefix("marginal_prefix", self.marginal_prefix)
+        if self.marginal_prefix is not None:
+            check_prefix("marginal_prefix", self.marginal_prefix)
         for name in ("marginal_samples", "samples"):
             if getattr(self, name) not in SAMPLE_FILTERS:
                 raise ValueError(f"{name} must be one of {SAMPLE_FILTERS}, got {getattr(self, name)!r}")
@@ -101,7 +109,8 @@ def loss_config_from_trl(args: Any, options: DSRLOptions) -> PolicyLossConfig:
         clip_low=args.epsilon, clip_high=args.epsilon_high if args.epsilon_high is not None else args.epsilon,
         clip_ratio_c=options.clip_ratio_c, temperature=args.temperature, samples=options.samples, agg=agg,
         max_response_len=args.max_completion_length if agg == "seq-mean-token-sum-norm" else None,
-        kl_coef=args.beta, kl_type="k3")
+        kl_coef=args.beta, kl_type="k3", kl_ratio_weighted=bool(getattr(args, "use_bias_correction_kl", False)),
+        log_ratio_clamp=None)
 
 
 def _unsupported_trl_options(args: Any) -> list[str]:
@@ -110,7 +119,6 @@ def _unsupported_trl_options(args: Any) -> list[str]:
         "top_entropy_quantile": (args.top_entropy_quantile, 1.0),
         "off_policy_mask_threshold": (getattr(args, "off_policy_mask_threshold", None), None),
         "delta": (args.delta, None),
-        "use_bias_correction_kl": (args.beta != 0 and getattr(args, "use_bias_correction_kl", False), False),
         "entropy_coef": (getattr(args, "entropy_coef", 0.0) or 0.0, 0.0),
     }
     return [f"{name}={value!r} (supported: {want!r})" for name, (value, want) in checks.items() if value != want]
@@ -120,10 +128,10 @@ def add_dsrl_lm_head(model: torch.nn.Module, *, temperature: float = 1.0, impl: 
     """Patch `model.forward` so that ``model(..., labels=labels, fused_lm_head=True)`` returns TRL's
     FusedCausalLMOutput with log_probs and entropy (B, L-1) fp32 from dsrl_fast's fused log-probs (zero where the
     shifted label is -100). Without ``fused_lm_head`` the original forward runs, so generation is unchanged.
-    Under DeepSpeed ZeRO-3 the head weight is registered as an external parameter of `model`.
+    `model` is the bare causal LM (not a DeepSpeed/DDP wrapper); its head weight is looked up and, when sharded
+    (ZeRO-3, FSDP2), gathered on each call, so it may be partitioned or wrapped after the patch.
     """
     original_forward = model.forward
-    register_lm_head_for_zero3(model, model)
 
     @functools.wraps(type(model).forward)
     def forward(self: torch.nn.Module, *args: Any, fused_lm_head: bool = False, labels: torch.Tensor | None = None,
@@ -139,8 +147,8 @@ def add_dsrl_lm_head(model: torch.nn.Module, *, temperature: float = 1.0, impl: 
         autocast = torch.autocast(hidden.device.type, enabled=False) if torch.is_autocast_enabled(
             hidden.device.type) else nullcontext()
         with autocast:
-            log_probs, entropy = padded_linear_logprobs(hidden, weight, targets, mask, temperature=temperature,
-                                                        with_entropy=True, impl=impl)
+            log_probs, entropy = gathered_head_logprobs(hidden, weight, targets, mask, module=self,
+                                                        temperature=temperature, with_entropy=True, impl=impl)
         loss = -log_probs.sum() / mask.sum().clamp_min(1)
         return _trl_utils.FusedCausalLMOutput(loss=loss, log_probs=log_probs, entropy=entropy, label_mask=mask)
 
@@ -168,14 +176,22 @@ class DSRLGRPOTrainer(GRPOTrainer):
         self.marginal_config = phase_config(self.loss_config, samples=dsrl.marginal_samples,
                                             loss_scale=dsrl.marginal_loss_scale)
         base = self.model.get_base_model() if is_peft_model(self.model) else self.model
-        vocab = base.get_input_embeddings().num_embeddings
-        if dsrl.switch_step > 0 and max(dsrl.marginal_prefix) >= vocab:
-            raise ValueError(f"DSRLOptions.marginal_prefix must hold token ids below the model's vocabulary size "
-                             f"{vocab} (the default is Qwen's <|im_start|>; pass the id of your tokenizer's "
-                             f"context token), got {dsrl.marginal_prefix}")
+        self.marginal_prefix = self._resolve_marginal_prefix(base) if dsrl.switch_step > 0 else None
         add_dsrl_lm_head(base, temperature=self.temperature, impl=dsrl.impl)
-        if self.ref_model is not None:
-            add_dsrl_lm_head(self.ref_model, temperature=self.temperature, impl=dsrl.impl)
+        if self.ref_model is not None:  # TRL has wrapped it already (DeepSpeed engine under ZeRO-3): patch the model
+            add_dsrl_lm_head(self.accelerator.unwrap_model(self.ref_model), temperature=self.temperature,
+                             impl=dsrl.impl)
+
+    def _resolve_marginal_prefix(self, model: torch.nn.Module) -> tuple[int, ...]:
+        """DSRLOptions.marginal_prefix, or the tokenizer's default; checked against the model's vocabulary."""
+        prefix = self.dsrl.marginal_prefix
+        if prefix is None:
+            prefix = default_marginal_prefix(getattr(self.processing_class, "tokenizer", self.processing_class))
+        vocab = model.get_input_embeddings().num_embeddings
+        if max(prefix) >= vocab:
+            raise ValueError(f"DSRLOptions.marginal_prefix must hold token ids below the model's vocabulary size "
+                             f"{vocab} (pass the id of your tokenizer's context token), got {prefix}")
+        return prefix
 
     def in_marginal_phase(self) -> bool:
         """True while the DSRL warmup (NSR-PreRL on the marginal space) runs."""
@@ -184,7 +200,7 @@ class DSRLGRPOTrainer(GRPOTrainer):
     def _marginal_logps(self, model: torch.nn.Module, inputs: dict[str, Any],
                         batch_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
-        input_ids, attention_mask, _ = marginal_batch(completion_ids, completion_mask, self.dsrl.marginal_prefix)
+        input_ids, attention_mask, _ = marginal_batch(completion_ids, completion_mask, self.marginal_prefix)
         logps, entropies, _ = self._get_per_token_logps_and_entropies(
             model, input_ids, attention_mask, completion_ids.size(1), batch_size=batch_size, compute_entropy=True)
         return logps, entropies
@@ -216,13 +232,15 @@ class DSRLGRPOTrainer(GRPOTrainer):
         mask = inputs["completion_mask"].bool()
         advantages = inputs["advantages"]
         advantages = advantages[:, None] if advantages.dim() == 1 else advantages
-        weights = inputs.get("importance_sampling_ratio") if self.use_vllm and getattr(
-            self, "vllm_importance_sampling_correction", False) else None
         mode = "train" if self.model.training else "eval"
+        weights = None
         if self.in_marginal_phase():
             logps, entropies = self._marginal_logps(model, inputs)
             old, ref, config = inputs.get("old_marginal_logps"), None, self.marginal_config
         else:
+            if self.use_vllm and getattr(self, "vllm_importance_sampling_correction", False):
+                # (B, T) in TRL's token modes, (B, 1) in its sequence modes
+                weights = inputs["importance_sampling_ratio"].expand_as(mask)
             prompt_ids, completion_ids = inputs["prompt_ids"], inputs["completion_ids"]
             logps, entropies, _ = self._get_per_token_logps_and_entropies(
                 model, torch.cat([prompt_ids, completion_ids], dim=1),
