@@ -1,8 +1,7 @@
 """dsrl_fast's losses inside verl: register them, then select one by name as verl's actor does.
 
-In a verl run the swap is a config override (see dsrl_fast/integrations/verl.py):
-    actor_rollout_ref.model.external_lib=dsrl_fast.integrations.verl_plugin
-    actor_rollout_ref.actor.policy_loss.loss_mode=nsr
+In a verl run, launch verl through dsrl_fast's launcher and pick the loss by name (see dsrl_fast/integrations/verl.py):
+    python -m dsrl_fast.integrations.verl_launch actor_rollout_ref.actor.policy_loss.loss_mode=nsr ...
 This script calls the registered losses on a random verl-shaped micro-batch and builds the marginal rows.
 Run: python examples/verl_policy_loss.py
 """

@@ -1,14 +1,21 @@
-"""verl integration against the real verl 0.9.1 package on CPU.
+"""verl integration against the real verl 0.9.1 package, in an environment built from verl's own requirements.
 
-Covered here: the registered "dsrl" loss and its gradient equal verl's own "vanilla" loss (dual clip, clip-higher,
-rollout IS weights) for every loss_agg_mode, with and without verl's global batch normalizers (GRPO / DAPO-style
-token-mean / Dr.GRPO's seq-mean-token-sum-norm); "nsr"/"psr" drop the other sequences from numerator and
-denominator; the losses, trainer and worker hook load through verl's external-lib loader; the "dsrl" fused-kernel
-backend, installed through verl's own `apply_monkey_patch`, gives verl's torch backend's log-probs, entropy and
-gradients on a tiny Qwen3; `marginal_batch` builds the PreRL rows; the marginal phase of
-`dsrl_fast.integrations.verl_marginal` at the data/loss level (see the section below).
-Not covered (verl's trainer needs Ray workers, the TransferQueue service, FSDP on GPUs and a vLLM/SGLang rollout
-server): a PPO step of verl's own trainer, a marginal update through verl's FSDP engine, DSRLPPOTrainer.fit.
+`make test` runs this file in .venv-verl (dsrl_fast[verl]: verl[verl-core] 0.9.1 with transformers <5.11,
+tensordict 0.10, trl 0.27.0 as verl[fsdp] pins it, and torch 2.13.0 CPU); in .venv (trl 1.16) it skips. Nothing of
+verl is patched. Run here on CPU: the registered "dsrl" loss and its gradient equal verl's own "vanilla" loss (dual
+clip, clip-higher, rollout IS weights) for every loss_agg_mode, with and without verl's global batch normalizers;
+"nsr"/"psr" are verl's vanilla loss with the other sequences' loss weight zeroed; through verl's own per-micro-batch
+actor loss (`verl.workers.utils.losses.ppo_loss`) on micro-batches split by verl's `prepare_micro_batches`, with the
+normalizers that verl's FSDP engine computes, 1 and 4 micro-batches give the same gradient (NSR, PSR, the marginal
+phase); the losses, trainer and worker hook load through verl's external-lib loader; DSRLPPOTrainer built by verl's
+own constructor on verl's composed default config runs in verl's synchronous mode; the "dsrl" fused-kernel backend,
+installed through verl's own `apply_monkey_patch` (with trl 0.27 installed, as in verl's FSDP environment), gives
+verl's torch backend's log-probs, entropy and gradients on a tiny Qwen3; `marginal_batch` builds the PreRL rows; the
+marginal phase's rows, loss and gradients on verl's v1 batch layout against a float64 reference.
+Stand-ins, each said where it is used: a row-by-row Hugging Face forward for verl's engine forward (`model_output`),
+a recorder for the body of `TrainingWorker.train_mini_batch` in the hook's dispatch test.
+Not run here (verl's workers need GPUs for FSDP and a vLLM/SGLang rollout server): a training step through verl's FSDP
+engine and a DSRLPPOTrainer.fit; the launch itself is tested up to worker placement in test_integrations_verl_launch.
 """
 
 from __future__ import annotations
@@ -19,7 +26,8 @@ import sys
 import pytest
 import torch
 
-pytest.importorskip("verl", reason="the verl integration needs verl (pip install --no-deps verl==0.9.1)")
+pytest.importorskip("verl", reason="verl 0.9.1 pins transformers <5.11 and trl 0.27, so its tests run in .venv-verl "
+                    "(make test-verl; pip install 'dsrl_fast[verl]')")
 
 from verl.trainer.ppo import core_algos
 from verl.workers.config import ActorConfig
@@ -71,26 +79,31 @@ def test_dsrl_loss_equals_vanilla(agg: str, info: str) -> None:
     assert got_metrics["actor/pg_clipfrac"] == pytest.approx(want_metrics["actor/pg_clipfrac"], abs=1e-6)
 
 
+@pytest.mark.parametrize("agg", dsrl_verl.AGGREGATIONS)
+@pytest.mark.parametrize("info", list(INFOS))
 @pytest.mark.parametrize(("name", "keep"), [("nsr", lambda a: a < 0), ("psr", lambda a: a > 0)])
-def test_nsr_psr_drop_other_sequences(name: str, keep) -> None:
-    """NSR/PSR equal verl's vanilla loss on the kept rows alone (token-mean over the kept tokens)."""
+def test_nsr_psr_are_vanilla_with_the_other_sequences_zeroed(name: str, keep, agg: str, info: str) -> None:
+    """NSR/PSR equal verl's vanilla loss (value and gradient) with the dropped sequences' advantages set to 0: they
+    add nothing to the numerator and stay in verl's normalizer, local or global; nsr_prerl is nsr x 0.01."""
     batch = verl_batch()
-    got, _ = core_algos.get_policy_loss_fn(name)(**batch, loss_agg_mode="token-mean", config=actor_config())
-    rows = keep(batch["advantages"][:, 0]) & (batch["response_mask"].sum(-1) > 0)
-    sub = {k: v[rows] for k, v in batch.items()}
-    want, _ = core_algos.get_policy_loss_fn("vanilla")(**sub, loss_agg_mode="token-mean", config=actor_config())
+    got, _ = core_algos.get_policy_loss_fn(name)(**batch, loss_agg_mode=agg, config=actor_config(**INFOS[info]))
+    (got_grad,) = torch.autograd.grad(got, batch["log_prob"])
+    zeroed = dict(batch, advantages=torch.where(keep(batch["advantages"]), batch["advantages"], 0.0))
+    want, _ = core_algos.get_policy_loss_fn("vanilla")(**zeroed, loss_agg_mode=agg,
+                                                        config=actor_config(**INFOS[info]))
+    (want_grad,) = torch.autograd.grad(want, batch["log_prob"])
+    assert want.abs() > 1e-3
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
-    scaled, _ = core_algos.get_policy_loss_fn("nsr_prerl")(**batch, loss_agg_mode="token-mean",
-                                                            config=actor_config())
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-7)
     if name == "nsr":
+        scaled, _ = core_algos.get_policy_loss_fn("nsr_prerl")(**batch, loss_agg_mode=agg,
+                                                                config=actor_config(**INFOS[info]))
         torch.testing.assert_close(scaled, 0.01 * got, rtol=1e-5, atol=1e-9)
 
 
 def test_loaded_by_verl_external_lib_option(monkeypatch: pytest.MonkeyPatch) -> None:
     """verl's own loader (import_external_libs: what `external_lib` and VERL_USE_EXTERNAL_MODULES call) registers the
     losses, the "dsrl" v1 trainer and the worker hook, here in-process on emptied registries."""
-    pytest.importorskip("transfer_queue", reason="the plugin's v1 trainer needs transferqueue (pip install --no-deps "
-                        "transferqueue==0.1.11)")
     from verl.trainer.ppo.v1 import trainer_base
     from verl.utils.import_utils import import_external_libs
     from verl.workers.engine_workers import TrainingWorker
@@ -107,14 +120,14 @@ def test_loaded_by_verl_external_lib_option(monkeypatch: pytest.MonkeyPatch) -> 
     assert getattr(TrainingWorker.train_mini_batch, "_dsrl_fast", False)
 
 
-def test_fused_backend_equals_verl_torch_backend(monkeypatch: pytest.MonkeyPatch) -> None:
-    transformers = pytest.importorskip("transformers")
-    from verl.models.transformers import monkey_patch
+def test_fused_backend_equals_verl_torch_backend() -> None:
+    """verl's apply_monkey_patch as its FSDP engine calls it at every model build: with trl installed (verl[fsdp]
+    pins 0.27.0) it also patches trl's value-head model, which is why verl cannot run beside trl 1.16."""
+    import transformers
+    from verl.models.transformers.monkey_patch import apply_monkey_patch
+    from verl.utils.import_utils import is_trl_available
 
-    # verl 0.9.1's apply_monkey_patch imports trl's PPO value-head model whenever trl is installed, and trl 1.16 no
-    # longer has it (ImportError): with both peers in one environment, hide trl from that check.
-    monkeypatch.setattr(monkey_patch, "is_trl_available", lambda: False)
-    apply_monkey_patch = monkey_patch.apply_monkey_patch
+    assert is_trl_available()
 
     cfg = transformers.Qwen3Config(vocab_size=257, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -162,6 +175,93 @@ def test_rejects_token_sum_and_bad_options() -> None:
         dsrl_verl.make_policy_loss("neg")
 
 
+# ---- micro-batch invariance: verl back-propagates each micro-batch unscaled and normalizes globally ----------------
+# The loop below is FSDPEngine.forward_backward_batch's (verl's code needs a CUDA device there, get_device_id): the
+# token count of the mini-batch's loss_mask as `batch_num_tokens` (one rank: its all-reduce is the identity),
+# dp_size and the trainer's global_batch_size as non-tensor data, verl's own `prepare_micro_batches` split, then per
+# micro-batch the actor loss verl's TrainingWorker uses (`ppo_loss`, which looks our loss up by loss_mode) or our
+# marginal loss, and an unscaled backward. The model forward is a stand-in (row by row, `_engine_log_probs`).
+
+MINI_RESPONSES = [[5, 9, 11, 3, 8], [12, 4], [6, 6, 10, 2], [3], [9, 14, 2], [7, 7], [13, 2, 5, 6, 8, 9], [4, 10, 3]]
+MINI_ADVANTAGES = [-0.7, 0.9, -1.3, 0.4, 0.6, -0.2, 1.1, -0.9]  # rows 3-4 form a micro-batch with no negative row
+
+
+def mini_batch(model: torch.nn.Module):
+    """verl's v1 mini-batch of 8 rows with old log-probs from `model` (a perturbed copy: ratios away from 1)."""
+    from verl.utils.tensordict_utils import list_of_dict_to_tensordict
+
+    torch.manual_seed(11)
+    rows = []
+    for response, adv in zip(MINI_RESPONSES, MINI_ADVANTAGES):
+        prompt = torch.randint(1, 60, (int(torch.randint(2, 5, ())),))
+        resp = torch.tensor(response)
+        mask = torch.ones_like(resp)
+        rows.append({"prompts": prompt, "responses": resp, "response_mask": mask, "loss_mask": mask,
+                     "input_ids": torch.cat([prompt, resp]), "position_ids": torch.arange(len(prompt) + len(resp)),
+                     "advantages": torch.full((len(response),), adv)})
+    data = list_of_dict_to_tensordict(rows)
+    with torch.no_grad():
+        logp = _engine_log_probs(model, data["input_ids"], data["position_ids"])
+    old = [row[len(p) - 1:len(p) - 1 + len(r)] + 0.3 * torch.randn(len(r))
+           for row, p, r in zip(logp.unbind(), data["prompts"].unbind(), data["responses"].unbind())]
+    data["old_log_probs"] = torch.nested.as_nested_tensor(old, layout=torch.jagged)
+    return data
+
+
+def accumulated_gradient(model: torch.nn.Module, data, loss_function, micro_batches: int) -> torch.Tensor:
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.engine.utils import prepare_micro_batches
+
+    model.zero_grad()
+    tu.assign_non_tensor(data, batch_num_tokens=int(data["loss_mask"].values().sum()), dp_size=1,
+                         global_batch_size=len(data), use_dynamic_bsz=False,
+                         micro_batch_size_per_gpu=len(data) // micro_batches)
+    parts, _ = prepare_micro_batches(data=data, dp_group=None)
+    assert len(parts) == micro_batches
+    for part in parts:
+        output = {"log_probs": _engine_log_probs(model, part["input_ids"], part["position_ids"])}
+        loss, _ = loss_function(model_output=output, data=part, dp_group=None)
+        loss.backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters()]).clone()
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("loss_mode", ["nsr", "psr"])
+def test_one_and_four_micro_batches_give_one_gradient(marginal, loss_mode: str, agg: str) -> None:
+    import functools
+
+    from verl.workers.config import PolicyLossConfig as VerlPolicyLossConfig
+    from verl.workers.utils.losses import ppo_loss
+
+    model = _tiny_qwen3()
+    old_model = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in old_model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    config = ActorConfig(strategy="fsdp", clip_ratio=0.2, clip_ratio_high=0.28, clip_ratio_c=2.5,
+                         ppo_micro_batch_size_per_gpu=2, ppo_mini_batch_size=8, rollout_n=1, loss_agg_mode=agg,
+                         policy_loss=VerlPolicyLossConfig(loss_mode=loss_mode))
+    loss_function = functools.partial(ppo_loss, config)
+    whole = accumulated_gradient(model, mini_batch(old_model), loss_function, 1)
+    split = accumulated_gradient(model, mini_batch(old_model), loss_function, 4)
+    assert whole.norm() > 0
+    assert ((split - whole).norm() / whole.norm()).item() < 1e-5
+
+
+def test_marginal_phase_one_and_four_micro_batches_give_one_gradient(marginal) -> None:
+    """The marginal rows (NSR on log p(y | prefix)) with verl's global count of the kept tokens: the hook zeroes the
+    dropped rows' loss_mask before verl counts the mini-batch's tokens."""
+    import functools
+
+    model = _tiny_qwen3()
+    loss_function = functools.partial(marginal.marginal_policy_loss,
+                                      config=PolicyLossConfig(samples="negative", loss_scale=0.01))
+    grads = [accumulated_gradient(model, marginal.marginal_rows(mini_batch(model), PREFIX), loss_function, n)
+             for n in (1, 4)]
+    assert grads[0].norm() > 0
+    assert ((grads[1] - grads[0]).norm() / grads[0].norm()).item() < 1e-5
+
+
 # ---- the marginal (PreRL) phase: DSRLPPOTrainer + the TrainingWorker hook ----------------------------------------
 # Run here: the worker-side data transformation and loss on verl's own v1 batch layout (a TensorDict of jagged
 # tensors built with verl's list_of_dict_to_tensordict, as its agent loop writes it to the TransferQueue), the
@@ -174,9 +274,6 @@ def test_rejects_token_sum_and_bad_options() -> None:
 
 @pytest.fixture(scope="module")
 def marginal():
-    pytest.importorskip("transfer_queue", reason="verl's v1 trainer needs transferqueue (pip install --no-deps "
-                        "transferqueue==0.1.11)")
-    pytest.importorskip("torchdata", reason="verl's workers need torchdata (pip install --no-deps torchdata==0.11.0)")
     from dsrl_fast.integrations import verl_marginal
 
     return verl_marginal
@@ -331,3 +428,29 @@ def test_trainer_flags_the_first_switch_step_updates(marginal, monkeypatch) -> N
         marginal.marginal_options({"dsrl": {"switch": 3}})
     with pytest.raises(ValueError, match="switch_step must be an int >= 0"):
         marginal.marginal_options({"dsrl": {"switch_step": -1}})
+
+
+def composed_config(*overrides: str):
+    """verl's own ppo_trainer config, composed by Hydra as `python -m verl.trainer.main_ppo <overrides>` does."""
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module(config_module="verl.trainer.config", version_base=None):
+        return compose(config_name="ppo_trainer", overrides=list(overrides))
+
+
+def test_dsrl_trainer_runs_as_verls_synchronous_trainer(marginal) -> None:
+    """verl's TaskRunnerV1 looks the trainer up by trainer.v1.trainer_mode and verl's constructor branches on the same
+    name: built by verl's own constructor, the "dsrl" trainer takes verl's synchronous replay buffer, where verl's
+    sync trainer given the mode name "dsrl" takes the asynchronous one."""
+    from verl.trainer.ppo.v1 import PPOTrainerSync, get_trainer_cls
+    from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer, ReplayBufferAsync
+
+    marginal.install()
+    overrides = ("trainer.v1.trainer_mode=dsrl", "+dsrl.switch_step=3", "algorithm.adv_estimator=grpo")
+    config = composed_config(*overrides)
+    trainer = get_trainer_cls(config.trainer.v1.trainer_mode)(config=config)
+    assert isinstance(trainer, marginal.DSRLPPOTrainer)
+    assert trainer.trainer_mode == config.trainer.v1.trainer_mode == "sync"
+    assert type(trainer.replay_buffer) is ReplayBuffer
+    assert trainer.dsrl_options["switch_step"] == 3
+    assert type(PPOTrainerSync(config=composed_config(*overrides)).replay_buffer) is ReplayBufferAsync

@@ -16,6 +16,12 @@ DENOMINATORS = ("peer", "kept")
 PIP_INTEGRATIONS = "pip install 'dsrl_fast[integrations]'"
 
 
+def pip_extra(peer: str) -> str:
+    """The pip command that installs dsrl_fast with `peer`'s extra ("trl", "verl" or "openrlhf"): the peer at its
+    own pins, one peer per environment (their pins exclude one another)."""
+    return f"pip install 'dsrl_fast[{peer}]'"
+
+
 def require(module: str, pip: str) -> ModuleType:
     """Import `module` or raise ImportError naming the pip command that installs it."""
     try:

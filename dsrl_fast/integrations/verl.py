@@ -1,19 +1,23 @@
 """verl: dsrl_fast's losses in verl's policy-loss registry and our fused log-probs behind its fused-kernel hook.
 
-One-line swap (verl 0.9 config overrides)::
+Install into the verl environment (`pip install 'dsrl_fast[verl]'`: verl 0.9.1 at its own pins) and launch verl
+through `python -m dsrl_fast.integrations.verl_launch <verl overrides>`, which loads `verl_plugin` (this module's
+`register()` and the marginal phase of `verl_marginal`) in verl's driver, Ray task runner and workers::
 
-    actor_rollout_ref.model.external_lib=dsrl_fast.integrations.verl_plugin
     actor_rollout_ref.actor.policy_loss.loss_mode=nsr            # or dsrl / psr / nsr_prerl
     actor_rollout_ref.model.use_fused_kernels=True actor_rollout_ref.model.fused_kernel_options.impl_backend=dsrl
 
-verl imports `external_lib` in every worker, and `verl_plugin` calls `register()` on import.
-
 Losses (signature of verl's `register_policy_loss`): the clip range, dual clip (verl's clip_ratio_c, always on in
 its "vanilla" loss) and loss_agg_mode come from verl's ActorConfig; rollout IS weights are applied as `weights=`.
-- "dsrl": all samples, normalized like verl (its global token/sequence counts): equals verl's "vanilla".
-- "nsr" / "psr": only sequences with A < 0 / A > 0; dropped sequences leave numerator and denominator (the
-  authors' NSR, per micro-batch like their verl 0.5 fork; with data parallelism verl then averages rank means).
-- "nsr_prerl": "nsr" times 0.01, the authors' pretrain_loss_coef, for the marginal phase.
+Every loss divides by verl's own normalizer: the mini-batch's token count (`batch_num_tokens`, all ranks) for
+token-mean, its sequence count (`global_batch_size`) for the seq-mean modes, times dp_size, as verl's `agg_loss`
+does. verl back-propagates each micro-batch unscaled, so the accumulated gradient does not depend on how the
+mini-batch is split; without global counts (a direct call) the micro-batch's own counts are used, as in verl.
+- "dsrl": all samples: equals verl's "vanilla".
+- "nsr" / "psr": only sequences with A < 0 / A > 0 contribute; the others add zero to the numerator and, like
+  every masked token in verl, still count in verl's denominator. (The marginal phase of `verl_marginal` also drops
+  them from the denominator: it zeroes their loss mask before verl counts the mini-batch's tokens.)
+- "nsr_prerl": "nsr" times 0.01, the authors' pretrain_loss_coef.
 Build others with `make_policy_loss` and `register_policy_loss` under your own name.
 
 The marginal (PreRL) phase needs marginal inputs, which verl's loss function never sees: it scores whatever
@@ -31,26 +35,17 @@ from typing import Any
 import torch
 
 from dsrl_fast.config import SAMPLE_FILTERS, PolicyLossConfig
-from dsrl_fast.integrations.common import (
-    DENOMINATORS,
-    PIP_INTEGRATIONS,
-    kept_rows,
-    marginal_batch,
-    peer_count,
-    peer_policy_loss,
-    require,
-)
+from dsrl_fast.integrations.common import kept_rows, marginal_batch, peer_count, peer_policy_loss, pip_extra, require
 from dsrl_fast.logprobs import linear_logprobs
 from dsrl_fast.model import lm_head_weight
 
-_PIP = PIP_INTEGRATIONS + " && pip install --no-deps verl==0.9.1"
+_PIP = pip_extra("verl")
 _core = require("verl.trainer.ppo.core_algos", _PIP)
 _monkey_patch = require("verl.models.transformers.monkey_patch", _PIP)
 _dense_common = require("verl.models.transformers.dense_common", _PIP)
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-REGISTERED = {"dsrl": ("all", "peer", 1.0), "nsr": ("negative", "kept", 1.0), "psr": ("positive", "kept", 1.0),
-              "nsr_prerl": ("negative", "kept", 0.01)}
+REGISTERED = {"dsrl": ("all", 1.0), "nsr": ("negative", 1.0), "psr": ("positive", 1.0), "nsr_prerl": ("negative", 0.01)}
 BACKEND = "dsrl"
 
 __all__ = ["BACKEND", "REGISTERED", "forward_with_dsrl_backend", "loss_config_from_verl", "make_policy_loss",
@@ -79,17 +74,15 @@ def _verl_count(config: Any, agg: str, mask: torch.Tensor) -> torch.Tensor | flo
                       global_batch_size=info.get("global_batch_size"), dp_size=info.get("dp_size", 1) or 1)
 
 
-def make_policy_loss(samples: str = "all", *, denominator: str = "peer",
+def make_policy_loss(samples: str = "all", *,
                      loss_scale: float = 1.0) -> Callable[..., tuple[torch.Tensor, dict[str, Any]]]:
-    """A verl policy-loss function (register it with verl's `register_policy_loss(name)`).
+    """A verl policy-loss function (register it with verl's `register_policy_loss(name)`), normalized by verl's
+    global counts (see the module docstring).
 
-    samples: "all" | "negative" (NSR) | "positive" (PSR). denominator: "peer" (verl's global normalizers) or "kept"
-    (the kept tokens/sequences of the micro-batch). loss_scale: multiplies the loss.
+    samples: "all" | "negative" (NSR) | "positive" (PSR). loss_scale: multiplies the loss.
     """
     if samples not in SAMPLE_FILTERS:
         raise ValueError(f"samples must be one of {SAMPLE_FILTERS}, got {samples!r}")
-    if denominator not in DENOMINATORS:
-        raise ValueError(f"denominator must be one of {DENOMINATORS}, got {denominator!r}")
 
     def policy_loss(old_log_prob: torch.Tensor, log_prob: torch.Tensor, advantages: torch.Tensor,
                     response_mask: torch.Tensor, loss_agg_mode: str = "token-mean", config: Any = None,
@@ -100,9 +93,9 @@ def make_policy_loss(samples: str = "all", *, denominator: str = "peer",
         mask = response_mask.bool()
         cfg = loss_config_from_verl(config, loss_agg_mode, log_prob.shape[-1], samples=samples,
                                     loss_scale=loss_scale)
-        count = _verl_count(config, cfg.agg, mask) if denominator == "peer" else None
         loss, metrics = peer_policy_loss(log_prob, advantages, mask, old_logprobs=old_log_prob, config=cfg,
-                                         weights=rollout_is_weights, denominator=denominator, peer_count=count)
+                                         weights=rollout_is_weights, denominator="peer",
+                                         peer_count=_verl_count(config, cfg.agg, mask))
         with torch.no_grad():
             kept = kept_rows(advantages, mask, samples)[:, None] & mask
             log_ratio = torch.where(kept, log_prob - old_log_prob, 0.0)
@@ -166,6 +159,6 @@ def _install_backend() -> None:
 
 def register() -> None:
     """Register the losses of `REGISTERED` with verl and the "dsrl" fused-kernel backend (idempotent)."""
-    for name, (samples, denominator, scale) in REGISTERED.items():
-        _core.register_policy_loss(name)(make_policy_loss(samples, denominator=denominator, loss_scale=scale))
+    for name, (samples, scale) in REGISTERED.items():
+        _core.register_policy_loss(name)(make_policy_loss(samples, loss_scale=scale))
     _install_backend()

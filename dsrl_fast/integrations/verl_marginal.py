@@ -1,22 +1,26 @@
 """verl 0.9.1: DSRL's marginal (NSR-PreRL) warm-up inside verl's v1 trainer: one registered trainer, one worker hook.
 
-One-line swap (with the losses of `dsrl_fast.integrations.verl`; verl imports the plugin in every process)::
+Launch (with the losses of `dsrl_fast.integrations.verl`; `verl_launch` loads the plugin in every verl process)::
 
-    VERL_USE_EXTERNAL_MODULES=dsrl_fast.integrations.verl_plugin python -m verl.trainer.main_ppo \\
-        trainer.v1.trainer_mode=dsrl +dsrl.switch_step=19 actor_rollout_ref.actor.policy_loss.loss_mode=dsrl ...
+    python -m dsrl_fast.integrations.verl_launch trainer.v1.trainer_mode=dsrl +dsrl.switch_step=19 \
+        actor_rollout_ref.actor.policy_loss.loss_mode=dsrl algorithm.norm_adv_by_std_in_grpo=False ...
 
-- Driver: `DSRLPPOTrainer`, registered as "dsrl" with verl's `register_trainer` by `install()`, is verl's synchronous trainer
-  whose `_update_actor` adds the non-tensor `dsrl_marginal` ({"prefix": [...], "loss_scale": ...}) to the batch for
-  steps 1..switch_step (verl counts from 1: 19 marginal updates, like the authors' `step < 20`). Options come from
-  the config's `dsrl` block: switch_step (default 19), prefix (default [151644], Qwen's <|im_start|>),
-  loss_scale (default 0.01, the authors' pretrain_loss_coef).
+- Task runner: `DSRLPPOTrainer`, registered as "dsrl" with verl's `register_trainer` by `install()`, is verl's
+  synchronous trainer. verl's TaskRunnerV1 looks the trainer up by `trainer.v1.trainer_mode`, and verl's trainer then
+  branches on that same name (replay buffer, batch refill, checkpointing: anything but "sync" takes the asynchronous
+  paths), so the trainer sets the mode back to "sync" before verl's constructor reads it. Its `_update_actor` adds
+  the non-tensor `dsrl_marginal` ({"prefix": [...], "loss_scale": ...}) to the batch for steps 1..switch_step (verl
+  counts from 1: 19 marginal updates, like the authors' `step < 20`). Options come from the config's `dsrl` block:
+  switch_step (default 19), prefix (default [151644], Qwen's <|im_start|>), loss_scale (default 0.01, the authors'
+  pretrain_loss_coef).
 - Worker: `install_worker_hook()` wraps verl's `TrainingWorker.train_mini_batch`. When `dsrl_marginal` is present
   it rebuilds every row as ``[prefix] + response`` with position ids from 0 (`marginal_rows`; "prompts" becomes the
   prefix, so verl's own `no_padding_2_padding` slices out the response log-probs), zeroes loss_mask/response_mask of
-  rows without a negative advantage (verl's global token count `batch_num_tokens` then counts the kept tokens only),
+  rows without a negative advantage (verl's engine then counts only the kept tokens in its global `batch_num_tokens`),
   and runs the update with `marginal_policy_loss`: the clipped loss on the marginal log-probs, on-policy
-  (old = log-prob detached, ratio 1), NSR, times loss_scale, divided by the global kept-token count; no KL and no
-  entropy term. From step switch_step + 1 the configured loss_mode runs on the normal rows.
+  (old = log-prob detached, ratio 1), NSR, times loss_scale, divided by that global kept-token count, so the
+  gradient does not depend on the micro-batch split; no KL and no entropy term. From step switch_step + 1 the
+  configured loss_mode runs on the normal rows.
 
 Limits: on-policy only (one mini-batch and one epoch per step, the authors' setup; otherwise a ValueError); text-only
 rows with 1-D position ids; the authors' r − mean advantage needs algorithm.norm_adv_by_std_in_grpo=False (which then
@@ -28,21 +32,17 @@ is not re-synced at the switch; verl's legacy trainer (trainer.use_v1=False) is 
 from __future__ import annotations
 
 import functools
+import logging
+import os
 from typing import Any
 
 import torch
 
 from dsrl_fast.config import PolicyLossConfig
-from dsrl_fast.integrations.common import (
-    PIP_INTEGRATIONS,
-    check_prefix,
-    kept_rows,
-    peer_policy_loss,
-    require,
-)
+from dsrl_fast.integrations.common import check_prefix, kept_rows, peer_policy_loss, pip_extra, require
 from dsrl_fast.packing import DEFAULT_PREFIX
 
-_PIP = PIP_INTEGRATIONS + " && pip install --no-deps verl==0.9.1 torchdata==0.11.0 transferqueue==0.1.11"
+_PIP = pip_extra("verl")
 _tu = require("verl.utils.tensordict_utils", _PIP)
 _padding = require("verl.workers.utils.padding", _PIP)
 _metric = require("verl.utils.metric", _PIP)
@@ -52,7 +52,11 @@ _trainer_base = require("verl.trainer.ppo.v1.trainer_base", _PIP)
 
 FLAG = "dsrl_marginal"
 TRAINER_NAME = "dsrl"
+SYNC_MODE = "sync"
 DEFAULTS = {"switch_step": 19, "prefix": DEFAULT_PREFIX, "loss_scale": 0.01}
+
+logger = logging.getLogger(__name__)
+logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "INFO"))  # verl's own convention (its root logger stays at WARNING)
 
 __all__ = ["DEFAULTS", "FLAG", "TRAINER_NAME", "DSRLPPOTrainer", "install", "install_worker_hook", "marginal_options",
            "marginal_policy_loss", "marginal_rows"]
@@ -164,11 +168,21 @@ def marginal_options(config: Any) -> dict[str, Any]:
 
 
 class DSRLPPOTrainer(_trainer_sync.PPOTrainerSync):
-    """verl's synchronous v1 trainer that marks the first `dsrl.switch_step` actor updates as marginal."""
+    """verl's synchronous v1 trainer that marks the first `dsrl.switch_step` actor updates as marginal.
+
+    config: verl's resolved DictConfig, selected with trainer.v1.trainer_mode=dsrl; its trainer_mode is set to
+    "sync" here, before verl's constructor branches on it.
+    """
 
     def __init__(self, config: Any) -> None:
         self.dsrl_options = marginal_options(config)
+        config.trainer.v1.trainer_mode = SYNC_MODE
         super().__init__(config=config)
+        opts = self.dsrl_options
+        logger.info("dsrl: verl trainer %r in mode %r (%s); marginal NSR-PreRL updates for steps 1..%d (prefix %s, "
+                    "loss scale %g), then loss_mode %r", TRAINER_NAME, self.trainer_mode,
+                    type(self.replay_buffer).__name__, opts["switch_step"], list(opts["prefix"]), opts["loss_scale"],
+                    config.actor_rollout_ref.actor.policy_loss.get("loss_mode", "vanilla"))
 
     def in_marginal_phase(self) -> bool:
         """True while the warm-up runs (verl's global_steps count from 1)."""
