@@ -21,8 +21,16 @@ pytest.importorskip("transformers", reason="the trainer runs a transformers mode
 from dsrl_fast.data import PromptSampler
 from dsrl_fast.errors import UserError
 from dsrl_fast.train.checkpoint import checkpoint_dir
-from dsrl_fast.train.config import config_help, load_config
-from dsrl_fast.train.resume_check import FIXED_KEYS, IGNORED_KEYS, SAFE_KEYS, config_history, flat_config
+from dsrl_fast.train.config import config_help, load_config, save_config
+from dsrl_fast.train.resume_check import (
+    FIXED_KEYS,
+    IGNORED_KEYS,
+    SAFE_KEYS,
+    check_resume,
+    config_history,
+    flat_config,
+    record_resume,
+)
 from dsrl_fast.train.run_dir import LOCK_FILE, lock_output_dir
 from dsrl_fast.train.trainer import Dist, _load_sampler, _prepare_output_dir
 from tests.toy_runs import BASE, run
@@ -216,14 +224,36 @@ def test_every_config_key_has_one_resume_kind_and_the_help_names_them() -> None:
 def test_resume_with_deepspeed_null_equals_false_in_one_process(finished_run: Path, tmp_path: Path) -> None:
     """The toy's saved config may say deepspeed.enabled: false (older embedded default) or null: in one process
     both are the plain updater, so a resume does not call it a change."""
-    from dsrl_fast.train.resume_check import check_resume
-
     out = _copy_run(finished_run, tmp_path / "run")
     cfg = load_config(None, [*TINY, f"output_dir={out}", "resume=true", "deepspeed.enabled=false"])
     plan = check_resume(cfg, checkpoint_dir(out, 2), world_size=1)
     assert plan.changes == ()
     with pytest.raises(UserError, match="resume=true cannot change deepspeed.enabled true -> false"):
         check_resume(cfg, checkpoint_dir(out, 2), world_size=2)
+
+
+def test_epochs_may_change_between_numbers_but_not_from_or_to_null(finished_run: Path, tmp_path: Path) -> None:
+    """A number of epochs only sets the run's length; null lets batches run across epoch ends (no drop_last)."""
+    out = _copy_run(finished_run, tmp_path / "run")
+    checkpoint = checkpoint_dir(out, 2)
+    with pytest.raises(UserError, match=r"would change what the run is: epochs null -> 3 "):
+        check_resume(load_config(None, [*TINY, f"output_dir={out}", "resume=true", "epochs=3"]), checkpoint, 1)
+    save_config(load_config(None, [*TINY, f"output_dir={out}", "epochs=2"]), out / "config.yaml")
+    plan = check_resume(load_config(None, [*TINY, f"output_dir={out}", "resume=true", "epochs=3"]), checkpoint, 1)
+    assert [str(c) for c in plan.changes] == ["epochs 2 -> 3"]
+
+
+def test_a_run_without_config_yaml_resumes_and_records_its_config(finished_run: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    out = _copy_run(finished_run, tmp_path / "run")
+    (out / "config.yaml").unlink()
+    cfg = load_config(None, [*TINY, f"output_dir={out}", "resume=true", "optim.lr=1e-3"])
+    plan = check_resume(cfg, checkpoint_dir(out, 2), 1)
+    assert "is missing, so the resumed settings cannot be compared" in capsys.readouterr().out
+    record_resume(cfg, plan)
+    assert not (out / "config.yaml").exists()
+    assert (out / "config.resume-1.yaml").read_text().startswith(
+        "# resume of a run without config.yaml from checkpoints/step_000002; changed: nothing\n")
 
 
 def test_an_allowed_change_of_the_training_set_is_one_line() -> None:

@@ -662,13 +662,14 @@ class TrainConfig(_Section):
         resume: continue from the latest complete checkpoint in output_dir (an empty output_dir starts fresh).
         resume_changes: what resume=true does when a setting that defines the run differs from the run's saved config
             (the model, data, sampling, algorithm, optimizer, precision, critic, guard, warm-up, prompts_per_step,
-            epochs, reward, eval_n, eval_greedy): "refuse" (one line naming each change, nothing written) or "allow"
+            epochs from or to null, reward, eval_n, eval_greedy): "refuse" (one line naming each change, nothing written) or "allow"
             (continue with the new values). steps, log_every, eval_every, eval_benchmarks, checkpoint_every,
             keep_checkpoints, log_samples, tensorboard, wandb_project, progress, model.attention_backend,
             model.gradient_checkpointing, model.use_liger, model.trust_remote_code, rollout.gpu_memory_utilization,
             rollout.vllm_kv_cache_gib, rollout.tensor_parallel_size, rollout.sleep_between_generations,
             optim.max_tokens_per_micro_batch, deepspeed.offload_optimizer and deepspeed.offload_params may always
-            change; seed, deepspeed.enabled and deepspeed.zero_stage never can (the checkpoint is made of them).
+            change, and epochs from one number to another; seed, deepspeed.enabled and deepspeed.zero_stage never
+            can (the checkpoint is made of them).
             config.yaml keeps the original; each resume is recorded in config.resume-<n>.yaml.
         overwrite: delete a previous run's checkpoints, metrics, samples and plot in output_dir and start anew.
         log_samples: completions (prompt, response, reward) written to samples.jsonl per step (0 disables it).

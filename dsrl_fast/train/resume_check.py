@@ -3,7 +3,8 @@
 A run's settings fall in three kinds (each key of :class:`~dsrl_fast.train.config.TrainConfig` is in one):
 
 - :data:`SAFE_KEYS` set how long the run is and how it is logged, evaluated, checkpointed, shown or placed on the
-  hardware; a resume may change them, and the changes are printed and recorded.
+  hardware; a resume may change them, and the changes are printed and recorded. ``epochs`` is safe from one number
+  to another (only the run's length changes); from or to null it changes the data order (drop_last).
 - :data:`FIXED_KEYS` are what the checkpoint itself is made of (the data order, the optimizer state's layout); no
   resume can change them.
 - Every other key defines what the run computes (model, data, sampling, algorithm, optimizer, precision, critic,
@@ -66,9 +67,10 @@ class Change:
 
 @dataclass(frozen=True)
 class ResumePlan:
-    """A resume the check accepted: where its config goes and what it changes."""
+    """A resume the check accepted: the config it was compared with (None: none was found), where its config goes
+    and what it changes."""
 
-    compared_with: Path
+    compared_with: Path | None
     record: Path
     checkpoint: Path
     changes: tuple[Change, ...]
@@ -133,7 +135,7 @@ def check_resume(cfg: TrainConfig, checkpoint: Path, world_size: int) -> ResumeP
     if not history:
         print0(f"resume: {str(out / CONFIG_FILE)!r} is missing, so the resumed settings cannot be compared with the "
                "run's; they are recorded in " + record.name)
-        return ResumePlan(record, record, checkpoint, ())
+        return ResumePlan(None, record, checkpoint, ())
     saved_path = history[-1]
     try:
         saved = load_config(saved_path)
@@ -150,7 +152,7 @@ def check_resume(cfg: TrainConfig, checkpoint: Path, world_size: int) -> ResumeP
         keep = " ".join(f"{c.key}={_show(c.saved)}" for c in fixed)
         raise UserError(f"resume=true cannot change {', '.join(map(str, fixed))} (saved in {str(saved_path)!r}; "
                         f"{why}): resume with {keep}, or start a new run in another output_dir")
-    defining = [c for c in changes if c.key not in SAFE_KEYS]
+    defining = [c for c in changes if not _is_safe(c)]
     if defining and cfg.resume_changes == "refuse":
         raise UserError(f"resume=true would change what the run is: {', '.join(map(str, defining))} (saved in "
                         f"{str(saved_path)!r}): pass resume_changes=allow to continue with the new values, resume "
@@ -158,13 +160,19 @@ def check_resume(cfg: TrainConfig, checkpoint: Path, world_size: int) -> ResumeP
     return ResumePlan(saved_path, record, checkpoint, tuple(changes))
 
 
+def _is_safe(change: Change) -> bool:
+    if change.key == "epochs":
+        return change.saved is not None and change.now is not None
+    return change.key in SAFE_KEYS
+
+
 def record_resume(cfg: TrainConfig, plan: ResumePlan) -> None:
     """Write the resumed config to plan.record (never over config.yaml) and print what the resume changes."""
     changed = ", ".join(map(str, plan.changes)) or "nothing"
-    header = (f"# resume of {plan.compared_with.name} from {plan.checkpoint.parent.name}/{plan.checkpoint.name}; "
-              f"changed: {changed}\n")
+    of = "a run without config.yaml" if plan.compared_with is None else plan.compared_with.name
+    header = f"# resume of {of} from {plan.checkpoint.parent.name}/{plan.checkpoint.name}; changed: {changed}\n"
     plan.record.write_text(header + yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")
     if plan.changes:
-        allowed = [c for c in plan.changes if c.key not in SAFE_KEYS]
+        allowed = [c for c in plan.changes if not _is_safe(c)]
         note = f" ({len(allowed)} allowed by resume_changes=allow)" if allowed else ""
         print0(f"resume changes {changed}{note}; recorded in {plan.record}")

@@ -272,9 +272,11 @@ def _prepare_output_dir(cfg: TrainConfig, d: Dist) -> tuple[Path | None, RunLock
             lock = lock_output_dir(cfg.output_dir)
             resume_from = prepare_output_dir(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite)
             plan = None if resume_from is None else check_resume(cfg, resume_from, d.world_size)
-        except UserError as exc:
+        except BaseException as exc:
             if lock is not None:
                 lock.release()
+            if not isinstance(exc, UserError):
+                raise
             error = exc
     (failed,) = reduce_floats([float(error is not None)])
     if error is not None:
