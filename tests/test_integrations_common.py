@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dsrl_fast import PolicyLossConfig, token_policy_loss
-from dsrl_fast.integrations.common import peer_policy_loss
+from dsrl_fast.integrations.common import peer_policy_loss, pip_extra
 
 
 def test_missing_peer_names_the_pip_command() -> None:
@@ -28,8 +28,9 @@ def test_missing_peer_names_the_pip_command() -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.strip().splitlines()
     assert [line.split(" -> ")[0] for line in lines] == list(modules), out.stdout
+    extras = {"trl": "trl", "verl": "verl", "verl_marginal": "verl", "openrlhf": "openrlhf"}
     for line in lines:
-        assert "pip install 'dsrl_fast[integrations]'" in line, line
+        assert pip_extra(extras[line.split(" -> ")[0]]) in line, line
 
 
 def test_package_imports_without_peers() -> None:

@@ -26,7 +26,8 @@ def test_example_runs(script: str, tmp_path: Path, capsys: pytest.CaptureFixture
                       monkeypatch: pytest.MonkeyPatch) -> None:
     peer, args, expected = EXAMPLES[script]
     if importlib.util.find_spec(peer) is None:
-        pytest.skip(f"{script} needs {peer} (pip install 'dsrl_fast[integrations]')")
+        pytest.skip(f"{script} needs {peer} at its own pins (pip install 'dsrl_fast[{peer}]'); make test runs it in "
+                    f"that peer's environment")
     if script == "trl_dsrl.py":
         args = args + ["--output-dir", str(tmp_path)]
     path = ROOT / "examples" / script
