@@ -89,3 +89,12 @@ def test_launch_runs_the_dsrl_trainer_in_verls_task_runner(tmp_path: Path) -> No
     assert "then loss_mode 'dsrl'" in runner_lines[0], tail
     assert "Total available GPUs 0 is less than total desired GPUs 1" in out, tail
     assert proc.returncode != 0
+
+
+def test_launch_without_verl_is_one_line_and_status_2() -> None:
+    code = ("import sys; sys.modules['verl'] = None\n"
+            "from dsrl_fast.integrations.verl_launch import main\nmain(['trainer.v1.trainer_mode=dsrl'])\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install 'dsrl_fast[verl]'" in lines[0], done.stderr

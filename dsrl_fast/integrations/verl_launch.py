@@ -53,10 +53,15 @@ def launch_arguments(overrides: Sequence[str], env_value: str | None) -> tuple[s
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Run verl's `main_ppo` on `argv` (default: this process's arguments) with the plugin in every process."""
+    """Run verl's `main_ppo` on `argv` (default: this process's arguments) with the plugin in every process; without
+    verl, one line on stderr and exit status 2."""
     value, overrides = launch_arguments(sys.argv[1:] if argv is None else argv, os.environ.get(ENV))
     os.environ[ENV] = value  # before verl is imported: verl imports these modules on import
-    main_ppo = require("verl.trainer.main_ppo", pip_extra("verl"))
+    try:
+        main_ppo = require("verl.trainer.main_ppo", pip_extra("verl"))
+    except ImportError as err:
+        print(f"verl_launch: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     sys.argv = [sys.argv[0], *overrides]  # Hydra reads its overrides from sys.argv
     main_ppo.main()
 
