@@ -31,7 +31,7 @@ from dsrl_fast.train.resume_check import (
     flat_config,
     record_resume,
 )
-from dsrl_fast.train.run_dir import LOCK_FILE, lock_output_dir
+from dsrl_fast.train.run_dir import LOCK_FILE, lock_output_dir, prepare_output_dir
 from dsrl_fast.train.trainer import Dist, _load_sampler, _prepare_output_dir
 from tests.toy_runs import BASE, run
 
@@ -105,10 +105,12 @@ def test_a_stale_lock_of_a_pid_that_does_not_exist_is_taken_over(tmp_path: Path,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     pid = _dead_pid()
     (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "started": "yesterday"}))
-    summary = run(tmp_path, *TINY)
-    assert summary.steps == 2
+    cfg = load_config(None, [*TINY, f"output_dir={tmp_path}"])
+    _, lock, _ = _prepare_output_dir(cfg, Dist(0, 1, "cpu"))  # type: ignore[arg-type]
+    assert lock is not None and json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
     assert f"taking over the lock of a run that is gone (pid {pid} on host {socket.gethostname()}, started " \
            f"yesterday; pid {pid} is not running)" in capsys.readouterr().out
+    lock.release()
     assert not (tmp_path / LOCK_FILE).exists()
 
 
@@ -203,8 +205,8 @@ def test_safe_and_allowed_changes_are_recorded_and_config_yaml_is_kept(finished_
 def test_overwrite_removes_the_resume_history(finished_run: Path, tmp_path: Path) -> None:
     out = _copy_run(finished_run, tmp_path / "run")
     (out / "config.resume-1.yaml").write_text("steps: 3\n")
-    run(out, *TINY, "steps=1", "overwrite=true")
-    assert [p.name for p in config_history(out)] == ["config.yaml"]
+    prepare_output_dir(out, resume=False, overwrite=True)
+    assert config_history(out) == [] and not (out / "summary.json").exists()
 
 
 def test_every_config_key_has_one_resume_kind_and_the_help_names_them() -> None:
