@@ -1,13 +1,23 @@
-"""fp32 master weights for 16-bit models: the plain updater and the DeepSpeed config.
+"""fp32 master weights and fp32 gradient accumulation for 16-bit models: the plain updater and the DeepSpeed config.
 
 At the paper's lr 1e-6 a bf16 weight of magnitude ~1e-2 sits between representable values ~6e-5 apart, so AdamW
 applied to bf16 parameters directly leaves them (nearly) unchanged: the run is silently frozen. With fp32 masters
 each step moves the master by the Adam step, exactly as an fp32 AdamW on the same gradients would.
+
+A paper-sized step is hundreds of micro-batches: summed in bf16 the gradient drifts several bf16 roundings from
+the exact sum of the micro-batches' gradients (64 micro-batches: ~5.8 roundings), summed in fp32 it stays within
+one.
 """
 
 from __future__ import annotations
 
+import copy
 import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -126,3 +136,136 @@ def test_deepspeed_precision_follows_the_model_dtype(dtype: torch.dtype, bf16: b
     config = deepspeed_config(zero_stage=2, offload_optimizer=False, offload_params=False, dtype=dtype, lr=LR,
                               weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, grad_clip=1.0)
     assert (config["bf16"]["enabled"], config["fp16"]["enabled"]) == (bf16, fp16)
+
+
+# --- gradient accumulation over many micro-batches ----------------------------------------------------------------
+
+MICRO_BATCHES = 64
+
+
+def _exact_sum(module: PolicyModule, batches: list, params: list[torch.nn.Parameter], scale: float = 1.0
+               ) -> list[torch.Tensor]:
+    """The float64 sum of each micro-batch's own 16-bit gradient (of the loss times `scale`), one per parameter."""
+    from dsrl_fast.config import PolicyLossConfig
+
+    total = [torch.zeros(p.shape, dtype=torch.float64) for p in params]
+    for batch, advantages in batches:
+        grads = torch.autograd.grad(module(batch, advantages, PolicyLossConfig()).loss * scale, params,
+                                    allow_unused=True)
+        for t, g in zip(total, grads, strict=True):
+            if g is not None:
+                t += g.double()
+    return total
+
+
+def _norm(tensors: list[torch.Tensor]) -> float:
+    return float(torch.stack([t.double().square().sum() for t in tensors]).sum().sqrt())
+
+
+def _rounding(exact: list[torch.Tensor], dtype: torch.dtype) -> float:
+    """The norm of one rounding of the exact final gradient to `dtype`: the error budget."""
+    return _norm([e.to(dtype).double() - e for e in exact])
+
+
+def test_plain_updater_accumulates_64_bf16_micro_batches_in_fp32(one_torch_thread: None) -> None:
+    """The master's fp32 gradient after 64 bf16 micro-batches through forward_backward is within one bf16 rounding
+    of the exact sum of their gradients (measured ~1e-6 of it); the bf16 .grad that autograd accumulates on the same
+    model (what the updater stepped on before) is several roundings away (measured ~5.8)."""
+    from dsrl_fast.config import PolicyLossConfig
+    from tests.precision_worker import micro_batches, tiny_16bit_model
+
+    model = tiny_16bit_model(torch.bfloat16)
+    plain = PolicyModule(copy.deepcopy(model), impl="torch")
+    updater = TorchUpdater(PolicyModule(model, impl="torch"), lr=LR, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8,
+                           grad_clip=0.0)
+    batches = micro_batches(MICRO_BATCHES, seed=1)
+    exact = _exact_sum(updater.module, batches, updater.params)
+    for i, (batch, advantages) in enumerate(batches):
+        updater.forward_backward(batch, advantages, PolicyLossConfig(), last=i == MICRO_BATCHES - 1)
+        plain(batch, advantages, PolicyLossConfig()).loss.backward()
+    assert all(p.grad is None for p in updater.params), "each 16-bit gradient is freed once it is in the master"
+    budget = _rounding(exact, torch.bfloat16)
+    ours = _norm([m.grad.double() - e for m, e in zip(updater.masters, exact, strict=True)])
+    bf16_sum = _norm([(p.grad.double() if p.grad is not None else 0) - e
+                      for p, e in zip(plain.parameters(), exact, strict=True)])
+    print(f"\n{MICRO_BATCHES} bf16 micro-batches: fp32 accumulation error {ours / budget:.1e}, bf16 accumulation "
+          f"{bf16_sum / budget:.2f} bf16 roundings of the final gradient")
+    assert ours <= budget, (ours, budget)
+    assert bf16_sum > 2 * budget, (bf16_sum, budget)
+    norm = updater.step(LR)
+    assert norm == pytest.approx(_norm(exact), rel=1e-6)
+
+
+def test_fp16_loss_scaling_with_fp32_accumulation(one_torch_thread: None) -> None:
+    """fp16: the fp32 sum of the scaled micro-batch gradients is within one fp16 rounding of the exact sum, the step
+    unscales it (its pre-clip norm is the exact sum's over the scale) and the masters move."""
+    from dsrl_fast.config import PolicyLossConfig
+    from tests.precision_worker import micro_batches, tiny_16bit_model
+
+    updater = TorchUpdater(PolicyModule(tiny_16bit_model(torch.float16), impl="torch"), lr=LR, weight_decay=0.0,
+                           betas=(0.9, 0.999), eps=1e-8, grad_clip=0.0)
+    assert updater.scale == TorchUpdater.FP16_INITIAL_SCALE
+    batches = micro_batches(MICRO_BATCHES, seed=2)
+    exact = _exact_sum(updater.module, batches, updater.params, scale=updater.scale)
+    for i, (batch, advantages) in enumerate(batches):
+        updater.forward_backward(batch, advantages, PolicyLossConfig(), last=i == MICRO_BATCHES - 1)
+    ours = _norm([m.grad.double() - e for m, e in zip(updater.masters, exact, strict=True)])
+    assert ours <= _rounding(exact, torch.float16), (ours, _rounding(exact, torch.float16))
+    before = [m.detach().clone() for m in updater.masters]
+    norm = updater.step(LR)
+    assert norm == pytest.approx(_norm(exact) / TorchUpdater.FP16_INITIAL_SCALE, rel=1e-6)
+    assert updater.scale == TorchUpdater.FP16_INITIAL_SCALE, "no overflow, no skipped step"
+    assert all(not torch.equal(m.detach(), b) for m, b in zip(updater.masters, before))
+
+
+@pytest.fixture(scope="module")
+def deepspeed_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, float | str]]:
+    """tests/precision_worker.py in a subprocess (a one-rank process group must not outlive it): ZeRO-1, 2, 3 with
+    the trainer's config, and ZeRO-2 with DeepSpeed's default accumulation dtype."""
+    pytest.importorskip("deepspeed", reason="the DeepSpeed updater needs deepspeed (the train extra)")
+    out = tmp_path_factory.mktemp("precision") / "runs.json"
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    command = [sys.executable, str(root / "tests" / "precision_worker.py"), "--runs", "1,2,3,2-default",
+               "--micro-batches", str(MICRO_BATCHES), "--out", str(out)]
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("run", ["2", "3"])
+def test_deepspeed_zero_accumulates_bf16_micro_batches_in_fp32(deepspeed_runs: dict, run: str) -> None:
+    """ZeRO-2/3 with data_types.grad_accum_dtype=fp32 (deepspeed_config): DeepSpeed's accumulated gradient
+    (safe_get_full_grad, at the boundary) is within one bf16 rounding of the exact sum of 64 micro-batches'."""
+    result = deepspeed_runs[run]
+    assert result["accumulation"] == "torch.float32"
+    assert result["error"] <= result["one_bf16_rounding"], result
+
+
+def test_deepspeed_zero1_rounds_the_fp32_sum_once(deepspeed_runs: dict) -> None:
+    """ZeRO-1 with a bf16 model runs DeepSpeed's BF16_Optimizer, which accumulates in fp32 and rounds the sum once
+    to bf16 for its all-reduce at the boundary (communication_data_type follows the model dtype): the error is
+    that one rounding (equal to it up to the fp32 sum's own ~1e-6 relative error)."""
+    result = deepspeed_runs["1"]
+    assert (result["optimizer"], result["accumulation"]) == ("BF16_Optimizer", "torch.float32")
+    assert result["error"] <= 1.001 * result["one_bf16_rounding"], result
+
+
+def test_deepspeed_default_accumulation_is_bf16_and_fails_the_budget(deepspeed_runs: dict) -> None:
+    """Without the data_types section DeepSpeed sums a bf16 model's micro-batch gradients in bf16: several
+    roundings off (what deepspeed_config now overrides)."""
+    result = deepspeed_runs["2-default"]
+    assert result["accumulation"] == "torch.bfloat16"
+    assert result["error"] > 2 * result["one_bf16_rounding"], result
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_deepspeed_stage_0_is_refused_for_16_bit_models(dtype: torch.dtype) -> None:
+    """DeepSpeed 0.19.8 refuses fp32 accumulation without ZeRO (NotImplementedError at initialize): one line
+    naming the key, before any engine starts."""
+    with pytest.raises(ValueError, match="^deepspeed.zero_stage must be >= 1 for a .*16 model .*, got 0$"):
+        deepspeed_config(zero_stage=0, offload_optimizer=False, offload_params=False, dtype=dtype, lr=LR,
+                         weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, grad_clip=1.0)
+    config = deepspeed_config(zero_stage=0, offload_optimizer=False, offload_params=False, dtype=torch.float32,
+                              lr=LR, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, grad_clip=1.0)
+    assert config["data_types"] == {"grad_accum_dtype": "fp32"}

@@ -100,8 +100,8 @@ def test_extract_boxed(text, expected):
 @pytest.mark.parametrize(
     "text",
     ["no box here", "", "\\boxed{12", "\\boxed{}", "\\boxed{ }", "\\boxedx{3}", "\\boxed{\\}", "\\boxed",
-     "\\boxed12}", "\\boxed12", "\\boxed\\frac12", "\\boxed{1{2}", "\\boxed{12} then \\boxed13}", "\\boxed{12} \\boxed{13",
-     "\\fbox{12}", "\\boxed\n12"],
+     "\\boxed12}", "\\boxed12", "\\boxed\\frac12", "\\boxed{1{2}", "\\boxed{12} then \\boxed13}",
+     "\\boxed{12} \\boxed{13", "\\fbox{12}", "\\boxed\n12"],
 )
 def test_extract_boxed_none(text):
     """No complete last box: unclosed, unbalanced (``\\boxed12}`` read as ``12}`` before), brace-less without a space,
@@ -114,9 +114,9 @@ def test_extract_boxed_none(text):
 AUTHORS_CASES = [
     ("\\boxed12}", "12"), ("\\boxed12", "12"), ("\\boxed{12", "12"), ("\\boxed{1{2}", "12"), ("\\fbox{12}", "12"),
     ("\\boxed{12} so \\boxed13}", "12"), ("\\boxed{12} so \\boxed{13", "12"), ("\\boxed{12}", "12"),
-    ("\\boxed{\\frac{1}{2}}", "\\frac12"), ("\\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{\\sqrt{3}}{2}"), ("so $\\boxed 5$.", "5"),
-    ("\\boxed 12", "12"), ("\\boxed{3} then \\boxed{4}", "4"), ("\\boxed{3} then \\boxed{4}", "3"),
-    ("\\boxed{\\boxed{3}}", "3"), ("\\fbox{4} \\boxed{5}", "5"), ("\\boxed{5} \\fbox{4}", "5"),
+    ("\\boxed{\\frac{1}{2}}", "\\frac12"), ("\\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{\\sqrt{3}}{2}"),
+    ("so $\\boxed 5$.", "5"), ("\\boxed 12", "12"), ("\\boxed{3} then \\boxed{4}", "4"),
+    ("\\boxed{3} then \\boxed{4}", "3"), ("\\boxed{\\boxed{3}}", "3"), ("\\fbox{4} \\boxed{5}", "5"), ("\\boxed{5} \\fbox{4}", "5"),
     ("\\boxed{5} \\fbox{4}", "4"), ("\\boxed{\\{1,2\\}}", "\\{1,2\\}"), ("\\boxed{12}}", "12"), ("\\boxed{}", "1"),
     ("no box", "12"),
 ]

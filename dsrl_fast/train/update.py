@@ -8,6 +8,7 @@ undo DeepSpeed's averaging over data-parallel ranks.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from collections.abc import Iterator
@@ -93,10 +94,15 @@ class TorchUpdater:
     """Single-process AdamW with gradient clipping and fp32 master weights for 16-bit models.
 
     The model computes in its own dtype. For a bf16/fp16 parameter the optimizer holds an fp32 master copy (and
-    fp32 Adam states): each step casts the gradient to fp32, updates the master and copies it back rounded to the
-    model's dtype, so updates far below the 16-bit resolution (lr 1e-6 on weights ~1e-2) accumulate instead of
-    vanishing. fp32 parameters are their own masters. fp16 models also get dynamic loss scaling (the loss is
-    multiplied by `scale` before the backward; a step whose gradients overflow is skipped and the scale halved).
+    fp32 Adam states); each step updates the master and copies it back rounded to the model's dtype, so updates far
+    below the 16-bit resolution (lr 1e-6 on weights ~1e-2) accumulate instead of vanishing. Gradients accumulate in
+    fp32 too: a hook run after each backward has accumulated a parameter's 16-bit gradient adds it to the master's
+    fp32 gradient and frees it, so a step of hundreds of micro-batches is summed without 16-bit rounding (16-bit
+    sums lose the small contributions: 64 bf16 micro-batches drift several bf16 roundings from the exact sum). This
+    holds 4 bytes per parameter of gradient from the first micro-batch on, instead of 2 then 4 at the step.
+    fp32 parameters are their own masters. fp16 models also get dynamic loss scaling (the loss is multiplied by
+    `scale` before the backward, the fp32 sum is divided by it at the step; a step whose gradients overflow is
+    skipped and the scale halved).
     """
 
     FP16_INITIAL_SCALE = 2.0**16
@@ -110,6 +116,9 @@ class TorchUpdater:
         self.masters = [p if p.dtype == torch.float32 else torch.nn.Parameter(p.detach().float().clone())
                         for p in self.params]
         self.optimizer = torch.optim.AdamW(self.masters, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+        for param, master in zip(self.params, self.masters):
+            if master is not param:
+                param.register_post_accumulate_grad_hook(functools.partial(_add_to_master, master))
         fp16 = any(p.dtype == torch.float16 for p in self.params)
         self.scale = self.FP16_INITIAL_SCALE if fp16 else 1.0
         self._good_steps = 0
@@ -122,12 +131,10 @@ class TorchUpdater:
 
     def _masters_take_grads(self) -> None:
         for param, master in zip(self.params, self.masters):
-            if master is param:
-                if param.grad is not None and self.scale != 1.0:
-                    param.grad.div_(self.scale)
-                continue
-            master.grad = None if param.grad is None else param.grad.float().div_(self.scale)
-            param.grad = None
+            if master is not param and param.grad is not None:  # a gradient set outside a backward
+                _add_to_master(master, param)
+            if master.grad is not None and self.scale != 1.0:
+                master.grad.div_(self.scale)
 
     def step(self, lr: float) -> float:
         """Clip, step, zero the gradients; returns the pre-clip gradient norm (an fp16 step whose gradients
@@ -177,10 +184,23 @@ class TorchUpdater:
             yield name, tensor.detach()
 
 
+def _add_to_master(master: torch.nn.Parameter, param: torch.Tensor) -> None:
+    """Move `param`'s 16-bit gradient into `master`'s fp32 gradient (a post-accumulate-grad hook)."""
+    assert param.grad is not None
+    if master.grad is None:
+        master.grad = param.grad.float()
+    else:
+        master.grad.add_(param.grad)  # summed in fp32: the 16-bit operand is promoted exactly
+    param.grad = None
+
+
 def mixed_precision(dtype: torch.dtype) -> dict[str, Any]:
-    """DeepSpeed's precision sections for a model in `dtype`: bf16/fp16 turn on DeepSpeed's fp32 master weights."""
+    """DeepSpeed's precision sections for a model in `dtype`: bf16/fp16 turn on DeepSpeed's fp32 master weights,
+    and gradients accumulate in fp32 across micro-batches (``data_types.grad_accum_dtype``; DeepSpeed's default is
+    the model's dtype)."""
     return {"bf16": {"enabled": dtype == torch.bfloat16},
-            "fp16": {"enabled": dtype == torch.float16, "loss_scale": 0, "initial_scale_power": 16}}
+            "fp16": {"enabled": dtype == torch.float16, "loss_scale": 0, "initial_scale_power": 16},
+            "data_types": {"grad_accum_dtype": "fp32"}}
 
 
 def deepspeed_config(*, zero_stage: int, offload_optimizer: bool, offload_params: bool, dtype: torch.dtype,
@@ -188,9 +208,15 @@ def deepspeed_config(*, zero_stage: int, offload_optimizer: bool, offload_params
                      grad_clip: float) -> dict[str, Any]:
     """The DeepSpeed config dict: one micro-batch per engine call, boundaries and lr managed by the trainer.
 
-    dtype: the model's parameter dtype; bf16/fp16 models train in DeepSpeed's mixed precision (fp32 masters and
-    optimizer states, 16-bit compute), fp32 models in fp32.
+    dtype: the model's parameter dtype; bf16/fp16 models train in DeepSpeed's mixed precision (fp32 masters,
+    optimizer states and gradient accumulation, 16-bit compute), fp32 models in fp32. DeepSpeed 0.19.8 accumulates
+    a 16-bit model's gradients in fp32 only under ZeRO (stage 1: its BF16_Optimizer for bf16; 2 and 3: the ZeRO
+    optimizers); at stage 0 it refuses, so a 16-bit model needs zero_stage >= 1 (ValueError), which on one rank
+    holds the same memory as stage 0.
     """
+    if zero_stage == 0 and dtype in (torch.bfloat16, torch.float16):
+        raise ValueError(f"deepspeed.zero_stage must be >= 1 for a {str(dtype).removeprefix('torch.')} model "
+                         "(DeepSpeed accumulates its gradients in fp32 only under ZeRO), got 0")
     # DeepSpeed allocates its gradient buckets each micro-step: its 5e8-element default costs ~1 s per micro-step
     # on CPU, where the models are small anyway.
     bucket = 500_000_000 if torch.cuda.is_available() else 1 << 20
