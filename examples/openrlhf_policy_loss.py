@@ -1,8 +1,8 @@
 """dsrl_fast's loss as OpenRLHF's PolicyLoss: same constructor and forward, plus samples= for NSR / PSR.
 
-In an OpenRLHF run the swap is one Ray option in the driver (see dsrl_fast/integrations/openrlhf.py):
-    ray.init(runtime_env={"worker_process_setup_hook": "dsrl_fast.integrations.openrlhf.setup_worker",
-                          "env_vars": {"DSRL_FAST_SAMPLES": "negative"}})
+In an OpenRLHF run the swap is the launcher (see dsrl_fast/integrations/openrlhf/launch.py), in place of
+`python -m openrlhf.cli.train_ppo_ray <args>`:
+    python -m dsrl_fast.integrations.openrlhf.launch --dsrl.samples negative <args>
 This script runs the loss on a random OpenRLHF-shaped micro-batch (openrlhf.models itself needs flash_attn).
 Run: python examples/openrlhf_policy_loss.py
 """

@@ -12,7 +12,7 @@ from datasets import Dataset
 from trl import GRPOConfig
 
 from dsrl_fast.integrations.trl import DSRLGRPOTrainer, DSRLOptions
-from dsrl_fast.toy import IM_START, build_tiny_qwen3, build_toy_tokenizer, make_addition_problems
+from dsrl_fast.toy import build_tiny_qwen3, build_toy_tokenizer, make_addition_problems
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
                         use_cpu=True, save_strategy="no", disable_tqdm=True)
     trainer = DSRLGRPOTrainer(
         model=model, reward_funcs=reward, args=config, train_dataset=dataset, processing_class=tokenizer,
-        dsrl=DSRLOptions(switch_step=args.switch_step, marginal_prefix=(tokenizer.convert_tokens_to_ids(IM_START),)),
+        dsrl=DSRLOptions(switch_step=args.switch_step),  # the marginal context: the tokenizer's <|im_start|>
     )
     trainer.train()
     for entry in trainer.state.log_history:

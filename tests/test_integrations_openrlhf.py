@@ -3,21 +3,22 @@
 `openrlhf.models` imports flash_attn at import time (no CPU build exists), so these tests load OpenRLHF's own
 `openrlhf/models/loss.py` through a bare `openrlhf.models` package object that skips that __init__. Covered: the
 DSRLPolicyLoss loss, gradient and metrics equal OpenRLHF's PolicyLoss (token-mean and seq-mean, dual clip,
-clip-higher, local and global normalizers, TIS "clip" and ICEPOP "mask" token-level IS correction); NSR/PSR;
-`patch_policy_loss` rebinds the name PPOActor calls; `patch_actor_forward` (OpenRLHF's real Actor class from
-openrlhf/models/actor.py, imported with flash_attn stand-ins, see below): action log-probs, entropy and parameter
-gradients equal OpenRLHF's own forward and a float64 reference on a tiny Qwen3, padded and packed, tied and untied
-head, temperature 0.7; under DeepSpeed ZeRO-3 on CPU (one process, `slow`: run with -m slow) the registered head
-weight is gathered for the fused forward and backward. Not covered (Ray actors, GPUs, vLLM engines, flash_attn): a
-PPO step of OpenRLHF's own trainer, `setup_worker` running inside a Ray worker, ring attention across ranks, the
-Triton kernel (CPU runs impl=torch).
+clip-higher, local and global normalizers, TIS "clip" and ICEPOP "mask" token-level IS correction, log-ratios beyond
+OpenRLHF's ±20 clamp); NSR/PSR; `patch_policy_loss` rebinds the name PPOActor calls; `patch_actor_forward`
+(OpenRLHF's real Actor class from openrlhf/models/actor.py, imported with the flash_attn stand-ins of
+tests/stand_ins): action log-probs, entropy and parameter gradients equal OpenRLHF's own forward and a float64
+reference on a tiny Qwen3, padded and packed, tied and untied head, temperature 0.7; under DeepSpeed ZeRO-3 on CPU
+(one process, `slow`: run with -m slow) the head weight, gathered at call time and registered with the Actor, serves
+the fused forward and backward. The launcher and the Ray worker hook: tests/test_integrations_openrlhf_launch.py.
+Not covered (GPUs, vLLM engines, flash_attn): a PPO step of OpenRLHF's own trainer, ring attention across ranks,
+the Triton kernel (CPU runs impl=torch).
 """
-
 from __future__ import annotations
 
 import copy
 import dataclasses
 import importlib
+import importlib.util
 import os
 import subprocess
 import sys
@@ -177,58 +178,38 @@ def test_rejects_unsupported_options(dsrl_openrlhf, kwargs: dict, match: str) ->
 
 # ---- fused log-probs in Actor.forward ---------------------------------------------------------------------------
 # openrlhf/models/actor.py imports flash_attn.bert_padding and flash_attn.utils.distributed (through
-# ring_attn_utils.py). flash_attn has no CPU build, so `openrlhf_actor` puts minimal stand-ins for the four padding
-# helpers it uses in sys.modules while importing actor.py (removed again afterwards). They follow flash_attn's
-# documented contract (unpad_input returns (values, indices, cu_seqlens, max_seqlen, seqused)); both the original
-# and the patched forward use them, and the packed results are checked against an unpacked float64 reference.
-
-
-def _flash_attn_stubs() -> dict[str, types.ModuleType]:
-    einops = pytest.importorskip("einops", reason="the flash_attn stand-in needs einops.rearrange")
-
-    def unpad_input(hidden: torch.Tensor, mask: torch.Tensor):
-        lengths = mask.sum(dim=-1, dtype=torch.int32)
-        indices = torch.nonzero(mask.flatten(), as_tuple=False).flatten()
-        cu_seqlens = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-        return hidden.flatten(0, 1)[indices], indices, cu_seqlens, int(lengths.max()), lengths
-
-    def pad_input(values: torch.Tensor, indices: torch.Tensor, batch: int, seqlen: int) -> torch.Tensor:
-        out = values.new_zeros(batch * seqlen, *values.shape[1:]).index_put((indices,), values)
-        return out.view(batch, seqlen, *values.shape[1:])
-
-    def all_gather(*_: object, **__: object) -> torch.Tensor:
-        raise AssertionError("ring attention is not exercised on CPU")
-
-    root, bert, utils, dist = (types.ModuleType(n) for n in ("flash_attn", "flash_attn.bert_padding",
-                                                             "flash_attn.utils", "flash_attn.utils.distributed"))
-    bert.unpad_input, bert.pad_input, bert.rearrange = unpad_input, pad_input, einops.rearrange
-    bert.index_first_axis = lambda x, idx: x[idx]
-    dist.all_gather = all_gather
-    root.__path__, utils.__path__ = [], []
-    return {m.__name__: m for m in (root, bert, utils, dist)}
+# ring_attn_utils.py). flash_attn has no CPU build, so `openrlhf_actor` puts the stand-ins of tests/stand_ins/flash_attn
+# (the four padding helpers actor.py uses, after flash_attn's documented contract: unpad_input returns (values,
+# indices, cu_seqlens, max_seqlen, seqused)) on sys.path while importing actor.py (removed again afterwards). Both the
+# original and the patched forward use them, and the packed results are checked against an unpacked float64 reference.
+FLASH_ATTN_STAND_IN = str(Path(__file__).parent / "stand_ins" / "flash_attn")
+FLASH_ATTN_MODULES = ("flash_attn", "flash_attn.bert_padding", "flash_attn.utils", "flash_attn.utils.distributed")
 
 
 def _import_actor_module() -> types.ModuleType:
-    """openrlhf.models.actor with the flash_attn stand-ins in sys.modules (needs the bare openrlhf.models package
-    of the `openrlhf_loss` fixture, or as `_zero3_check` makes it)."""
+    """openrlhf.models.actor, with the flash_attn stand-ins when flash_attn is not installed (needs the bare
+    openrlhf.models package of the `openrlhf_loss` fixture, or as `_zero3_check` makes it)."""
+    pytest.importorskip("einops", reason="the flash_attn stand-in needs einops.rearrange")
     # what actor.py imports besides flash_attn, imported first: transformers probes for flash_attn by its spec
     for name in ("peft", "peft.tuners.lora", "transformers.modeling_utils", "transformers.integrations.deepspeed",
                  "deepspeed"):
         importlib.import_module(name)
-    sys.modules.update(_flash_attn_stubs())
+    if importlib.util.find_spec("flash_attn") is None:
+        sys.path.append(FLASH_ATTN_STAND_IN)
     return importlib.import_module("openrlhf.models.actor")
 
 
 @pytest.fixture(scope="module")
 def openrlhf_actor(openrlhf_loss):
     """openrlhf/models/actor.py imported with the flash_attn stand-ins; its Actor class restored afterwards."""
-    names = ["flash_attn", "flash_attn.bert_padding", "flash_attn.utils", "flash_attn.utils.distributed",
-             "openrlhf.models.actor", "openrlhf.models.ring_attn_utils", "openrlhf.models.utils"]
+    names = [*FLASH_ATTN_MODULES, "openrlhf.models.actor", "openrlhf.models.ring_attn_utils", "openrlhf.models.utils"]
     saved = {k: sys.modules.get(k) for k in names}
     module = _import_actor_module()
-    init, forward = module.Actor.__init__, module.Actor.forward
+    forward = module.Actor.forward
     yield module
-    module.Actor.__init__, module.Actor.forward = init, forward
+    module.Actor.forward = forward
+    if FLASH_ATTN_STAND_IN in sys.path:
+        sys.path.remove(FLASH_ATTN_STAND_IN)
     for name, mod in saved.items():
         if mod is None:
             sys.modules.pop(name, None)
@@ -292,7 +273,7 @@ def test_patched_actor_forward_equals_openrlhf(openrlhf_actor, dsrl_openrlhf, pa
     _objective(ref_logp, ref_entropy, action).backward()
     ref_grads = torch.cat([p.grad.flatten() for p in ref_model.parameters()])
     results = {}
-    original_init, original_forward = actor_cls.__init__, actor_cls.forward
+    original_forward = actor_cls.forward
     try:
         for name in ("openrlhf", "dsrl"):
             if name == "dsrl":
@@ -306,7 +287,7 @@ def test_patched_actor_forward_equals_openrlhf(openrlhf_actor, dsrl_openrlhf, pa
             grads = torch.cat([p.grad.flatten() for p in actor.model.parameters()])
             results[name] = (logp.detach().double(), entropy.detach().double(), grads.double(), output)
     finally:
-        actor_cls.__init__, actor_cls.forward = original_init, original_forward
+        actor_cls.forward = original_forward
     (want_lp, want_ent, want_g, want_out), (got_lp, got_ent, got_g, got_out) = results["openrlhf"], results["dsrl"]
     assert got_out.logits is None and want_out.logits is not None  # no vocabulary logits on our path
     assert got_lp.shape == want_lp.shape == action.shape
@@ -327,7 +308,7 @@ def test_patched_actor_forward_all_logprobs_and_logits_path(openrlhf_actor, dsrl
     actor_cls = openrlhf_actor.Actor
     base = _tiny_qwen3(True)
     sequences, attention, _ = _actor_batch()
-    original_init, original_forward = actor_cls.__init__, actor_cls.forward
+    original_forward = actor_cls.forward
     try:
         original = actor_cls(copy.deepcopy(base))
         original.packing_samples = False
@@ -341,7 +322,7 @@ def test_patched_actor_forward_all_logprobs_and_logits_path(openrlhf_actor, dsrl
         got = actor(sequences, attention_mask=attention, return_logprobs=True)
         logits_out = actor(sequences, attention_mask=attention, return_output=True)
     finally:
-        actor_cls.__init__, actor_cls.forward = original_init, original_forward
+        actor_cls.forward = original_forward
     assert got.shape == (3, 12)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
     assert logits_out.logits.shape == (3, 13, 263)
@@ -398,9 +379,9 @@ def _zero3_check() -> None:
 
 @pytest.mark.slow
 def test_patched_actor_forward_under_zero3() -> None:
-    """ZeRO-3 on CPU (one process, gloo): the registered head weight is gathered for the fused forward and backward;
-    log-probs equal the unpartitioned forward to 1e-6, gradients to 1e-5 relative. ~35 s (DeepSpeed compiles its
-    shm op on first use), hence `slow`."""
+    """ZeRO-3 on CPU (one process, gloo): the head weight, registered with the Actor by the fused forward, is gathered
+    for the fused forward and backward; log-probs equal the unpartitioned forward to 1e-6, gradients to 1e-5
+    relative. ~35 s (DeepSpeed compiles its shm op on first use), hence `slow`."""
     pytest.importorskip("deepspeed", reason="needs deepspeed")
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
             "import test_integrations_openrlhf as t; t._zero3_check()")
@@ -419,7 +400,6 @@ def test_setup_worker_patches_loss_and_forward(openrlhf_actor, openrlhf_loss, ds
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """The Ray worker hook reads its options from the environment and patches PolicyLoss and Actor.forward."""
     actor_cls = openrlhf_actor.Actor
-    monkeypatch.setattr(actor_cls, "__init__", actor_cls.__init__)
     monkeypatch.setattr(actor_cls, "forward", actor_cls.forward)
     monkeypatch.setattr(openrlhf_loss, "PolicyLoss", openrlhf_loss.PolicyLoss)
     monkeypatch.setattr(sys.modules["openrlhf.models"], "PolicyLoss", openrlhf_loss.PolicyLoss, raising=False)

@@ -75,13 +75,13 @@ class GatherCounter:
         from dsrl_fast.integrations import gathered_head
 
         self.count = 0
-        original = gathered_head._zero3_gathered
+        original = gathered_head.gathered_head_weight
 
         def counting(weight: torch.Tensor, module: torch.nn.Module):  # type: ignore[no-untyped-def]
             self.count += int(is_shard(weight))
             return original(weight, module)
 
-        gathered_head._zero3_gathered = counting
+        gathered_head.gathered_head_weight = counting
 
 
 def direct_zero3_check(model_dir: Path, initial: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,

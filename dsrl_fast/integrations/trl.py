@@ -35,11 +35,11 @@ import torch
 from dsrl_fast.config import SAMPLE_FILTERS, PolicyLossConfig
 from dsrl_fast.integrations.common import (
     DENOMINATORS,
-    PIP_INTEGRATIONS,
     check_prefix,
     marginal_batch,
     peer_policy_loss,
     phase_config,
+    pip_extra,
     require,
 )
 from dsrl_fast.integrations.gathered_head import gathered_head_logprobs
@@ -47,9 +47,9 @@ from dsrl_fast.model import lm_head_weight
 from dsrl_fast.packing import default_marginal_prefix
 from dsrl_fast.validation import IMPLS
 
-_trl = require("trl", PIP_INTEGRATIONS)
-is_peft_model = require("accelerate.utils", PIP_INTEGRATIONS).is_peft_model
-_trl_utils = require("trl.trainer.utils", PIP_INTEGRATIONS)
+_trl = require("trl", pip_extra("trl"))
+is_peft_model = require("accelerate.utils", pip_extra("trl")).is_peft_model
+_trl_utils = require("trl.trainer.utils", pip_extra("trl"))
 
 GRPOTrainer = _trl.GRPOTrainer
 LOSS_TYPE_AGG = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm",

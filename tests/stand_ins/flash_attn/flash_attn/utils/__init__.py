@@ -1,0 +1,1 @@
+"""CPU stand-in for flash_attn.utils (tests only)."""
