@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -193,12 +193,16 @@ def supervised_warmup(
     batch_size: int = 128,
     lr: float = 3e-3,
     seed: int = 0,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[float]:
     """Teacher-forced training on ``prompt + sft_target + EOS`` with the loss on target tokens only.
 
     Each step draws ``batch_size`` problems uniformly (with replacement, seeded) and takes one
-    AdamW step at ``lr``. Returns the per-step mean token cross-entropy (nats). The model's
-    train/eval mode is restored afterwards.
+    AdamW step at ``lr``. Returns the per-step mean token cross-entropy (nats), one per step
+    taken. The model's train/eval mode is restored afterwards and its gradients are cleared.
+    ``should_stop`` is asked before every step; when it returns True the warm-up ends there
+    (fewer losses than ``steps``: the model is part-trained, and the caller decides what to do
+    with it).
     """
     for name, value in (("steps", steps), ("batch_size", batch_size), ("seed", seed)):
         if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "seed" else 1):
@@ -217,6 +221,8 @@ def supervised_warmup(
     losses = []
     try:
         for _ in range(steps):
+            if should_stop is not None and should_stop():
+                break
             rows = torch.randint(len(problems), (batch_size,), generator=generator).to(device)
             logits = model(input_ids=input_ids[rows], use_cache=False).logits
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[rows, 1:].flatten())
@@ -225,6 +231,8 @@ def supervised_warmup(
             optimizer.step()
             losses.append(loss.detach())
     finally:
+        # The last step's gradients would otherwise be added to the caller's first backward (RL step 0).
+        optimizer.zero_grad(set_to_none=True)
         model.train(was_training)
     return torch.stack(losses).tolist() if losses else []
 

@@ -182,6 +182,28 @@ def test_hf_seeded_generation_is_reproducible_and_keeps_global_rng(model, prompt
     assert [r.response_ids for r in first] != [r.response_ids for r in other]
 
 
+def test_hf_should_stop_cuts_the_generation_short(model, prompts):
+    """should_stop is asked after every token: once it says stop, every response ends there (finished=False); while
+    it says go on, the responses are exactly those of an engine without it."""
+    sampling = SamplingConfig(n=3, max_new_tokens=12, seed=3)
+    plain = HFEngine(model).generate(prompts, sampling)
+    watched = HFEngine(model, should_stop=lambda: False).generate(prompts, sampling)
+    assert [(r.response_ids, r.logprobs) for r in watched] == [(r.response_ids, r.logprobs) for r in plain]
+    asked = []
+
+    def after_four_tokens() -> bool:
+        asked.append(True)
+        return len(asked) >= 4
+
+    cut = HFEngine(model, should_stop=after_four_tokens).generate(prompts, sampling)
+    assert len(cut) == len(plain) and all(len(r.response_ids) <= 4 for r in cut)
+    assert all(not r.finished for r in cut if len(r.response_ids) == 4)
+    for short, full in zip(cut, plain, strict=True):  # the same tokens, cut
+        assert full.response_ids[:len(short.response_ids)] == short.response_ids
+    with pytest.raises(TypeError, match="should_stop must be callable or None, got int"):
+        HFEngine(model, should_stop=3)
+
+
 def test_hf_restores_training_mode(model, prompts):
     model.train()
     try:

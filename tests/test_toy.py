@@ -129,6 +129,26 @@ def test_supervised_warmup_lowers_the_loss_and_restores_mode(tokenizer):
     assert again == pytest.approx(losses[:3], rel=1e-5)
     with pytest.raises(ValueError, match="steps"):
         supervised_warmup(model, tokenizer, problems, steps=0)
+    # The last step's gradients were left on the parameters, and RL step 0's backward added to them.
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_supervised_warmup_ends_early_when_asked(tokenizer):
+    """should_stop is asked before every step: the warm-up ends at the first True (the trainer's stop request)."""
+    problems = make_addition_problems(300, seed=0)
+    asked = []
+
+    def should_stop() -> bool:
+        asked.append(len(asked))
+        return len(asked) > 4
+
+    model = _model(tokenizer)
+    losses = supervised_warmup(model, tokenizer, problems, steps=1000, batch_size=8, lr=3e-3, seed=0,
+                               should_stop=should_stop)
+    assert len(losses) == 4 and len(asked) == 5
+    assert losses == pytest.approx(supervised_warmup(_model(tokenizer), tokenizer, problems, steps=4, batch_size=8,
+                                                     lr=3e-3, seed=0), rel=1e-5)
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_saved_model_reloads_with_transformers(tokenizer, tmp_path):

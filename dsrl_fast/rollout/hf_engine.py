@@ -9,7 +9,7 @@ before the temperature and top-p warpers, keeping one ``(rows, V)`` buffer inste
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -52,6 +52,17 @@ class _SampledLogProbs:
         return torch.stack(self.steps, dim=1)
 
 
+class _AskToStop:
+    """A stopping criterion ending every row when ``should_stop()`` turns True (checked once per token)."""
+
+    def __init__(self, should_stop: Callable[[], bool]):
+        self.should_stop = should_stop
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        del scores, kwargs
+        return torch.full((input_ids.shape[0],), bool(self.should_stop()), dtype=torch.bool, device=input_ids.device)
+
+
 class HFEngine:
     """Samples from a ``transformers`` causal LM with ``model.generate``.
 
@@ -59,16 +70,23 @@ class HFEngine:
         model: the causal LM. Pass the trainer's own model object to share its parameters
             (``update_weights`` is then free); a separate copy is kept in sync by copying.
         pad_token_id: id used for left padding; defaults to the model's pad, then EOS, then 0.
+        should_stop: asked after every generated token; when it returns True the call ends there, its
+            responses cut short (``finished=False``): a run that is stopping does not wait for a long
+            generation it will throw away.
 
     Generation stops at ``sampling.stop_token_ids`` and the model's EOS (its generation config).
     Runs under ``torch.no_grad`` in eval mode; the model's training mode is restored afterwards.
     With ``sampling.seed`` set the result is reproducible and the global RNG is left untouched.
     """
 
-    def __init__(self, model: Any, *, pad_token_id: int | None = None):
+    def __init__(self, model: Any, *, pad_token_id: int | None = None,
+                 should_stop: Callable[[], bool] | None = None):
         if not hasattr(model, "generate"):
             raise TypeError(f"model must be a transformers generation model, got {type(model).__name__}")
+        if should_stop is not None and not callable(should_stop):
+            raise TypeError(f"should_stop must be callable or None, got {type(should_stop).__name__}")
         self.model = model
+        self.should_stop = should_stop
         self.eos_token_ids = _token_ids(getattr(model.generation_config, "eos_token_id", None))
         if pad_token_id is None:
             pad_token_id = model.generation_config.pad_token_id
@@ -80,7 +98,13 @@ class HFEngine:
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[Rollout]:
         """``sampling.n`` rollouts per prompt, grouped by prompt in order (see the module contract)."""
-        from transformers import GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+        from transformers import (
+            GenerationConfig,
+            LogitsProcessorList,
+            StoppingCriteriaList,
+            TemperatureLogitsWarper,
+            TopPLogitsWarper,
+        )
 
         check_prompts(prompts, sampling)
         if not prompts:
@@ -124,6 +148,7 @@ class HFEngine:
                     attention_mask=attention_mask.to(device),
                     generation_config=config,
                     logits_processor=LogitsProcessorList(processors),
+                    stopping_criteria=StoppingCriteriaList([_AskToStop(self.should_stop)] if self.should_stop else []),
                 )
                 new_tokens = out.sequences[:, width:]
                 logprobs = recorder.collect(new_tokens)

@@ -14,9 +14,8 @@ import dataclasses
 import math
 import os
 import shutil
-import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ from dsrl_fast.train.collectives import reduce_floats
 from dsrl_fast.train.config import TrainConfig, config_to_dict, save_config
 from dsrl_fast.train.critic import CriticModule, build_critic_model, load_critic
 from dsrl_fast.train.guard import MarginalGuard, guard_signals
-from dsrl_fast.train.interrupt import StopRequest
+from dsrl_fast.train.interrupt import MicroBatchStops, StopRequest, Stopping
 from dsrl_fast.train.metrics_log import MetricsLogger, SampleLog, StepProgress, print0
 from dsrl_fast.train.rl_step import collect_samples, run_update
 from dsrl_fast.train.update import (
@@ -137,17 +136,19 @@ class _SharedModelEngine:
         self.engine.close()
 
 
-def build_engine(cfg: TrainConfig, model: torch.nn.Module, tokenizer: Any) -> RolloutEngine:
+def build_engine(cfg: TrainConfig, model: torch.nn.Module, tokenizer: Any,
+                 should_stop: Callable[[], bool] | None = None) -> RolloutEngine:
     """The rollout engine of rollout.engine: the HF engine on the shared model, or a colocated vLLM per rank (or per
     block of rollout.tensor_parallel_size ranks).
 
     vLLM starts from model.name_or_path itself; the toy model, built in code, is first exported by rank 0 to
-    ``<output_dir>/vllm_init`` (removed when the run ends). Every rank must call this.
+    ``<output_dir>/vllm_init`` (removed when the run ends). Every rank must call this. should_stop: asked by the HF
+    engine after every generated token (a stopping run cuts its generation short); vLLM finishes each call.
     """
     if cfg.rollout.engine == "hf":
         from dsrl_fast.rollout.hf_engine import HFEngine
 
-        return _SharedModelEngine(HFEngine(model), model)
+        return _SharedModelEngine(HFEngine(model, should_stop=should_stop), model)
     from dsrl_fast.rollout.vllm_engine import VLLMEngine
 
     source = cfg.model.name_or_path
@@ -316,8 +317,13 @@ def train(cfg: TrainConfig) -> TrainSummary:
 
     Everything checkable is checked before the model loads (UserError): the output directory (and its run lock, held
     by rank 0 until the run ends), what a resume changes, the data, optional packages. The first SIGINT/SIGTERM stops
-    the run at the next step boundary with a checkpoint and the plot (RunInterrupted); a second aborts at once
-    (RunAborted). An OSError (a full disk) ends the progress bar and writes the plot and summary if it still can.
+    the run at its next check point (RunInterrupted); a second aborts at once (RunAborted). Check points: every
+    warm-up step, every generated token (HF engine; vLLM: each generate call), before every micro-batch until the
+    step's optimizer step, and after each rollout, evaluation, step and checkpoint. Before RL (warm-up, first
+    evaluation) nothing is saved and resume=true starts over; a step cut before its optimizer step is abandoned and
+    the checkpoint holds the steps before it (the resumed run redoes it identically); a cut evaluation is redone by
+    the resumed run before it goes on. An OSError (a full disk) ends the progress bar and writes the plot and summary
+    if it still can.
 
     summary.json (rank 0) holds ``status`` ("finished", "interrupted" or "failed" with ``error``),
     ``accuracy_before`` / ``accuracy_after``, ``eval_before`` / ``eval_after`` (every "eval/<set>/<metric>" of the
@@ -352,14 +358,21 @@ def train(cfg: TrainConfig) -> TrainSummary:
     engine = progress = logger = sample_log = None
     trainer_state: dict[str, Any] = {}
     final_eval: dict[str, Any] = {}  # the evaluation after RL, once measured
+    # What a stop saves: None before RL (nothing), else (finished steps, the sampler state to checkpoint or None for
+    # the current one, whether the evaluation after those steps is still to run).
+    point: tuple[int, dict[str, Any] | None, bool] | None = None
     with StopRequest() as stop:
         try:
-            engine = build_engine(cfg, model, tokenizer)
+            stop.action = "stopping (nothing is saved before RL starts; resume=true starts over)" \
+                if resume_from is None else "stopping at the next check point"
+            engine = build_engine(cfg, model, tokenizer, should_stop=lambda: stop.requested)
             if resume_from is None and cfg.sft.steps > 0:
                 from dsrl_fast.toy import supervised_warmup
 
+                print0(f"supervised warm-up of {cfg.sft.steps} steps (batch {cfg.sft.batch_size}, lr {cfg.sft.lr:g})")
                 losses = supervised_warmup(model, tokenizer, problems, cfg.sft.steps, batch_size=cfg.sft.batch_size,
-                                           lr=cfg.sft.lr, seed=cfg.seed)
+                                           lr=cfg.sft.lr, seed=cfg.seed, should_stop=lambda: stop.requested)
+                stop.check()
                 if d.rank == 0:  # the "before RL" model, for `dsrl-fast eval` comparisons
                     model.save_pretrained(out / SFT_DIR)
                     tokenizer.save_pretrained(out / SFT_DIR)
@@ -374,6 +387,9 @@ def train(cfg: TrainConfig) -> TrainSummary:
             ref_model = _frozen_copy(model) if cfg.algo.kl_coef > 0 or cfg.algo.kl_in_reward_coef > 0 else None
             critic = build_critic(cfg, model, d.world_size)
             updater = build_updater(cfg, module, d.world_size)
+            updater.stops = micro_batch_stops = MicroBatchStops(stop)
+            if critic is not None:
+                critic.updater.stops = micro_batch_stops
             sampler = PromptSampler(len(problems), cfg.prompts_per_step, seed=cfg.seed,
                                     drop_last=cfg.epochs is not None)
             start_step = 0
@@ -399,6 +415,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
                 trainer_state["accuracy_before"], before = evaluate(cfg, engine, tokenizer, reward_fn, eval_tasks, d,
                                                                     greedy=cfg.eval_greedy)
                 trainer_state["eval_before"] = before
+                stop.check()  # a generation cut short makes the figures meaningless
                 print0(_describe_accuracy("before RL", trainer_state["accuracy_before"]))
                 if len(eval_tasks) > 1 or cfg.eval_n > 1:
                     print0("before RL: " + ", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in before.items()))
@@ -408,8 +425,9 @@ def train(cfg: TrainConfig) -> TrainSummary:
             sample_log = SampleLog(out, resume_step=start_step if resume_from is not None else None)
             if resume_from is not None:
                 logger.truncate_after(start_step)
-            else:
-                logger.log(0, final_eval_record("before", trainer_state["accuracy_before"], before))
+            if resume_from is None or start_step == 0:  # a stop in step 0 checkpoints step 0, before this record
+                logger.log(0, final_eval_record("before", trainer_state.get("accuracy_before"),
+                                                trainer_state.get("eval_before", {})))
             progress = StepProgress(cfg.steps, start_step, enabled=cfg.progress)
             per_rank = cfg.prompts_per_step // d.world_size
             last_checkpoint: Path | None = resume_from
@@ -419,8 +437,25 @@ def train(cfg: TrainConfig) -> TrainSummary:
                                        cfg.keep_checkpoints, reference=ref_model,
                                        critic=None if critic is None else critic.updater)
 
+            def periodic_eval(step: int) -> None:
+                acc, results = evaluate(cfg, engine, tokenizer, reward_fn, eval_tasks, d, greedy=cfg.eval_greedy)
+                stop.check()  # a generation cut short: the resumed run evaluates again
+                if acc is not None:
+                    results["eval_accuracy"] = acc
+                if results:
+                    logger.log(step, {"step": step, **results})
+
+            stop.action = "abandoning the current step (or evaluation) and saving a checkpoint of the finished steps"
+            if trainer_state.pop("eval_pending", False):  # a stop cut the evaluation after step start_step - 1
+                point = (start_step, None, True)
+                periodic_eval(start_step - 1)
+                last_checkpoint = checkpoint(start_step)  # without the flag: a later resume must not evaluate again
+            point = (start_step, None, False)
+
             for step in range(start_step, cfg.steps):
                 t0 = time.perf_counter()
+                point = (step, sampler.state_dict(), False)  # until its optimizer step, a step can be abandoned
+                micro_batch_stops.arm()
                 torch.manual_seed(_step_seed(cfg.seed, step, d.rank))
                 phase = _phase(cfg, step, trainer_state["switch_step"])
                 if cfg.algo.algo == "dsrl" and step == trainer_state["switch_step"] and ref_model is not None:
@@ -433,6 +468,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
                 seed = _step_seed(cfg.seed, step, 0) + d.rank * per_rank * cfg.rollout.n
                 t_rollout = time.perf_counter()
                 rollouts = engine.generate(my_prompts, _sampling(cfg, tokenizer, cfg.rollout.n, seed))
+                stop.check()  # the HF engine cuts its generation short when asked to stop
                 t_reward = time.perf_counter()
                 texts = tokenizer.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)
                 rewards = reward_fn(texts, [problems[mine[r.prompt_index]].answer for r in rollouts])
@@ -484,30 +520,19 @@ def train(cfg: TrainConfig) -> TrainSummary:
                 done = step + 1
                 # Evaluation before the checkpoint: a run killed in between redoes both after resuming.
                 if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
-                    acc, results = evaluate(cfg, engine, tokenizer, reward_fn, eval_tasks, d, greedy=cfg.eval_greedy)
-                    if acc is not None:
-                        results["eval_accuracy"] = acc
-                    if results:
-                        logger.log(step, {"step": step, **results})
+                    point = (done, None, True)
+                    periodic_eval(step)
+                point = (done, None, False)
                 if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
                     last_checkpoint = checkpoint(done)
-                (stop_now,) = reduce_floats([float(stop.signum is not None)])
-                if stop_now and done < cfg.steps:
-                    progress.close()
-                    if last_checkpoint is None or last_checkpoint.name != f"step_{done:06d}":
-                        last_checkpoint = checkpoint(done)
-                    logger.close()
-                    sample_log.close()
-                    plot = write_plot(out, d.rank)
-                    summary_path = write_run_summary(out, d.rank, "interrupted", trainer_state,
-                                                     time.perf_counter() - started, steps_done=done, plot=plot)
-                    print_outputs(out, plot, summary_path)
-                    raise RunInterrupted(stop.signum or signal.SIGTERM, done, str(last_checkpoint))
+                if done < cfg.steps:
+                    stop.check()
                 if done >= cfg.steps:  # the guard stopped the run early
                     break
             progress.close()
 
             accuracy_after, after = evaluate(cfg, engine, tokenizer, reward_fn, eval_tasks, d, greedy=cfg.eval_greedy)
+            stop.check()  # a cut evaluation: the resumed run (at the last step) evaluates again
             if len(eval_tasks) > 1 or cfg.eval_n > 1:
                 print0("after RL: " + ", ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in after.items()))
             final_eval = {"accuracy_after": accuracy_after, "eval_after": after}
@@ -522,6 +547,30 @@ def train(cfg: TrainConfig) -> TrainSummary:
             write_run_summary(out, d.rank, "finished", trainer_state, summary.seconds, steps=cfg.steps,
                               plot=plot_path, model=summary.checkpoint_path, **final_eval)
             return summary
+        except Stopping as stopped:
+            if point is None:  # before RL: nothing worth saving, resume=true starts over
+                summary_path = write_run_summary(out, d.rank, "interrupted", trainer_state,
+                                                 time.perf_counter() - started, steps_done=0)
+                if summary_path is not None:
+                    print0(f"summary : {summary_path}")
+                raise RunInterrupted(stopped.signum, 0, None) from None
+            done, sampler_state, eval_pending = point
+            if sampler_state is not None:  # an abandoned step: its prompts are drawn again after resuming
+                sampler.load_state_dict(sampler_state)
+            if eval_pending:
+                trainer_state["eval_pending"] = True
+            if progress is not None:
+                progress.close()
+            if last_checkpoint is None or last_checkpoint.name != f"step_{done:06d}":
+                last_checkpoint = checkpoint(done)
+            for log in (logger, sample_log):
+                if log is not None:
+                    log.close()
+            plot = write_plot(out, d.rank)
+            summary_path = write_run_summary(out, d.rank, "interrupted", trainer_state, time.perf_counter() - started,
+                                             steps_done=done, plot=plot)
+            print_outputs(out, plot, summary_path)
+            raise RunInterrupted(stopped.signum, done, str(last_checkpoint)) from None
         except OSError as exc:  # a full disk: end the bar, keep what can still be written, then report
             end_failed_run(out, d.rank, [progress, logger, sample_log], trainer_state, time.perf_counter() - started,
                            exc, final_eval)

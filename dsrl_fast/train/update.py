@@ -21,6 +21,7 @@ from dsrl_fast.config import PolicyLossConfig
 from dsrl_fast.model import lm_head_weight, packed_hidden_states
 from dsrl_fast.packing import PackedBatch
 from dsrl_fast.policy_loss import PolicyLossOutput, policy_loss
+from dsrl_fast.train.interrupt import MicroBatchStops
 
 
 class PolicyModule(torch.nn.Module):
@@ -69,9 +70,13 @@ def lr_factor(step: int, total_steps: int, schedule: str, warmup_steps: int, min
 
 
 class Updater(Protocol):
-    """Runs micro-batch forwards/backwards and one optimizer step per training step."""
+    """Runs micro-batch forwards/backwards and one optimizer step per training step.
+
+    `stops` (None: no checks): the run's stop checks, called before each micro-batch and after each optimizer step.
+    """
 
     module: PolicyModule
+    stops: MicroBatchStops | None
 
     def forward_backward(self, batch: PackedBatch, advantages: torch.Tensor, config: PolicyLossConfig,
                          last: bool, **kwargs: torch.Tensor | None) -> PolicyLossOutput: ...
@@ -111,6 +116,7 @@ class TorchUpdater:
     def __init__(self, module: PolicyModule, *, lr: float, weight_decay: float, betas: tuple[float, float],
                  eps: float, grad_clip: float):
         self.module = module
+        self.stops: MicroBatchStops | None = None
         self.grad_clip = grad_clip
         self.params = [p for p in module.parameters() if p.requires_grad]
         self.masters = [p if p.dtype == torch.float32 else torch.nn.Parameter(p.detach().float().clone())
@@ -125,6 +131,8 @@ class TorchUpdater:
 
     def forward_backward(self, batch: PackedBatch, advantages: torch.Tensor, config: PolicyLossConfig, last: bool,
                          **kwargs: torch.Tensor | None) -> PolicyLossOutput:
+        if self.stops is not None:
+            self.stops.before_micro_batch()
         out = self.module(batch, advantages, config, **kwargs)
         (out.loss * self.scale if self.scale != 1.0 else out.loss).backward()
         return out
@@ -139,6 +147,8 @@ class TorchUpdater:
     def step(self, lr: float) -> float:
         """Clip, step, zero the gradients; returns the pre-clip gradient norm (an fp16 step whose gradients
         overflowed is skipped and returns the non-finite norm)."""
+        if self.stops is not None:
+            self.stops.after_optimizer_step()
         self._masters_take_grads()
         norm = torch.nn.utils.clip_grad_norm_(self.masters, self.grad_clip if self.grad_clip > 0 else float("inf"))
         if self.scale != 1.0 and not torch.isfinite(norm):
@@ -259,11 +269,14 @@ class DeepSpeedUpdater:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(model=module, model_parameters=params,
                                                                  config=ds_config)
         self.module = module
+        self.stops: MicroBatchStops | None = None
         self.world_size = self.engine.world_size
         self.zero_stage = ds_config["zero_optimization"]["stage"]
 
     def forward_backward(self, batch: PackedBatch, advantages: torch.Tensor, config: PolicyLossConfig, last: bool,
                          **kwargs: torch.Tensor | None) -> PolicyLossOutput:
+        if self.stops is not None:
+            self.stops.before_micro_batch()
         self.engine.set_gradient_accumulation_boundary(last)
         out = self.engine(batch, advantages, config, **kwargs)
         self.engine.backward(out.loss * self.world_size)
@@ -271,6 +284,8 @@ class DeepSpeedUpdater:
 
     def step(self, lr: float) -> float:
         """Clip and step (DeepSpeed does both); returns the global gradient norm."""
+        if self.stops is not None:
+            self.stops.after_optimizer_step()
         _set_lr(self.optimizer, lr)
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
