@@ -51,16 +51,6 @@ def lm_head_weight(model: torch.nn.Module) -> torch.Tensor:
     return head.weight
 
 
-def register_lm_head_for_zero3(module: torch.nn.Module, model: torch.nn.Module) -> None:
-    """Declare `model`'s LM-head weight an external parameter of `module` when DeepSpeed ZeRO-3 has partitioned it,
-    so ZeRO-3 gathers it for `module`'s forward and backward; nothing otherwise (call after deepspeed.initialize)."""
-    weight = lm_head_weight(model)
-    if hasattr(weight, "ds_id"):
-        import deepspeed
-
-        deepspeed.zero.register_external_parameter(module, weight)
-
-
 @contextlib.contextmanager
 def gathered(param: torch.Tensor) -> Iterator[torch.Tensor]:
     """Yield `param` whole: under DeepSpeed ZeRO-3 (a partitioned parameter) it is gathered for the block.
