@@ -13,7 +13,6 @@ from dsrl_fast.logprobs import linear_logprobs
 from dsrl_fast.policy_loss import token_policy_loss
 
 DENOMINATORS = ("peer", "kept")
-PIP_INTEGRATIONS = "pip install 'dsrl_fast[integrations]'"
 
 
 def pip_extra(peer: str) -> str:
