@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -41,21 +42,37 @@ RUN = ("steps=3", "algo.switch_step=1", "prompts_per_step=4", "rollout.n=8", "ch
 _TIMING = ("_s", "seconds", "per_s")
 
 
-def _popen(out: Path, *overrides: str, signal_at: str | None = None) -> subprocess.Popen[str]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env.pop("DSRL_TEST_SIGNAL", None)
+def _popen(out: Path, *overrides: str, signal_at: str | None = None, ranks: int = 1) -> subprocess.Popen[str]:
+    """`dsrl-fast train` of RUN into `out` (under torchrun with `ranks` > 1, where only rank 1 sends the signal)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu")
+    for name in ("DSRL_TEST_SIGNAL", "DSRL_TEST_SIGNAL_RANK"):
+        env.pop(name, None)
     if signal_at is not None:
         env.update(DSRL_TEST_SIGNAL=signal_at, DSRL_TEST_SIGNAL_LOG=str(out.parent / f"{out.name}.signal"))
+        if ranks > 1:
+            env["DSRL_TEST_SIGNAL_RANK"] = "1"
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr", "127.0.0.1",
+                "--master_port", str(_free_port())] if ranks > 1 else []
     with (out.parent / f"{out.name}.stdout").open("w") as log:
-        return subprocess.Popen([sys.executable, "-m", "dsrl_fast.cli", "train", *RUN, *overrides,
+        return subprocess.Popen([sys.executable, *launcher, "-m", "dsrl_fast.cli", "train", *RUN, *overrides,
                                  f"output_dir={out}"], cwd=REPO_ROOT, env=env, text=True, stdout=log,
                                 stderr=subprocess.PIPE)
 
 
-def _resume(out: Path) -> None:
-    proc = _popen(out, "resume=true")
-    _, stderr = proc.communicate(timeout=600)
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _finish(proc: subprocess.Popen[str]) -> None:
+    """Wait for a run that must succeed (reading its stderr as it comes: a full pipe would block it)."""
+    _, stderr = proc.communicate(timeout=900)
     assert proc.returncode == 0, stderr[-3000:]
+
+
+def _resume(out: Path) -> None:
+    _finish(_popen(out, "resume=true"))
 
 
 def _stopped(proc: subprocess.Popen[str], signum: int, sent_at: float | None = None, out: Path | None = None
@@ -165,16 +182,33 @@ def test_sigterm_in_an_evaluation_after_steps_is_redone_by_the_resumed_run(tmp_p
     reference = started_over
     if overrides:
         reference = tmp_path / "reference"
-        proc = _popen(reference, *overrides)
-        assert proc.wait(timeout=600) == 0, proc.communicate()[1][-3000:]
+        _finish(_popen(reference, *overrides))
     out = tmp_path / "evaluation"
     proc = _popen(out, *overrides, signal_at=call)
     lines = _stopped(proc, signal.SIGTERM, out=out)
     done = latest_checkpoint(out)
     assert done is not None and done.name == f"step_{steps_done:06d}", lines
-    proc = _popen(out, *overrides, "resume=true")
-    _, stderr = proc.communicate(timeout=600)
-    assert proc.returncode == 0, stderr[-3000:]
+    _finish(_popen(out, *overrides, "resume=true"))
+    _assert_same_run(out, reference)
+
+
+@pytest.mark.slow
+def test_two_ranks_stop_together_when_only_one_is_signalled(tmp_path: Path) -> None:
+    """torchrun, 2 ranks, DeepSpeed ZeRO-2 (CPU, gloo): only rank 1 receives SIGTERM, while step 1 is scored. Both
+    ranks agree to abandon step 1 (no deadlock in the update's collectives), the checkpoint holds step 0, and the
+    resumed 2-rank run reaches the weights, metrics and samples of a 2-rank run never stopped. (torchrun itself
+    reports the worker's exit status 143 as a failure, with its own traceback: that is the launcher's output.)"""
+    reference = tmp_path / "reference"
+    _finish(_popen(reference, ranks=2))
+    out = tmp_path / "stopped"
+    proc = _popen(out, signal_at="3:SIGTERM", ranks=2)
+    _, stderr = proc.communicate(timeout=900)
+    waited = time.time() - float((tmp_path / "stopped.signal").read_text())
+    assert proc.returncode != 0 and waited <= BOUND_S, (waited, stderr[-3000:])
+    done = latest_checkpoint(out)
+    assert done is not None and done.name == "step_000001", stderr[-3000:]
+    assert stderr.count(f"dsrl-fast train: stopped by SIGTERM after 1 steps; checkpoint {done}") == 2, stderr[-3000:]
+    _finish(_popen(out, "resume=true", ranks=2))
     _assert_same_run(out, reference)
 
 
