@@ -263,8 +263,8 @@ def test_vllm_engine_run_keeps_the_sampler_in_sync(tmp_path: Path, monkeypatch: 
     engines: list[Any] = []
     build_engine = trainer_mod.build_engine
 
-    def keep_engine(*args: Any) -> Any:
-        engine = build_engine(*args)
+    def keep_engine(*args: Any, **kwargs: Any) -> Any:
+        engine = build_engine(*args, **kwargs)
         engines.append(engine)
         monkeypatch.setattr(engine, "close", lambda: None)  # closed below, after the checks
         return engine
