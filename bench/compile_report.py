@@ -61,6 +61,7 @@ class CompileResult:
     shared_bytes: int | None = None
     wgmma_count: int | None = None
     float_atomic_count: int | None = None
+    barrier_count: int | None = None
     compile_s: float | None = None
     error: str | None = None
 
@@ -149,6 +150,15 @@ def float_atomic_count(ptx: str) -> int:
     return len(FLOAT_ATOMIC_RE.findall(ptx))
 
 
+# CTA barriers in PTX: `bar.sync 0;`, `barrier.sync 0;`, `bar.sync.aligned`, `barrier.sync.aligned 0, 256;`.
+BARRIER_RE = re.compile(r"^\s*(?:@!?%p\d+\s+)?(?:bar|barrier)\.sync\b", re.MULTILINE)
+
+
+def barrier_count(ptx: str) -> int:
+    """Static count of CTA barrier instructions (`bar.sync` / `barrier.sync`) in PTX."""
+    return len(BARRIER_RE.findall(ptx))
+
+
 def compile_spec(spec: dict[str, Any], module_name: str) -> CompileResult:
     """Compile one compile_specs() entry for sm_90a and measure it (also usable to try other configs)."""
     import triton
@@ -172,7 +182,7 @@ def compile_spec(spec: dict[str, Any], module_name: str) -> CompileResult:
                                spill_load_bytes=usage.spill_load_bytes, stack_bytes=usage.stack_bytes,
                                shared_bytes=compiled.metadata.shared + usage.static_shared_bytes,
                                wgmma_count=ptx.count("wgmma.mma_async"), float_atomic_count=float_atomic_count(ptx),
-                               compile_s=time.perf_counter() - start)
+                               barrier_count=barrier_count(ptx), compile_s=time.perf_counter() - start)
 
 
 def compile_entry(module_name: str, index: int) -> CompileResult:
@@ -195,16 +205,18 @@ def _cell(value: int | None) -> str:
 
 def format_table(results: Sequence[CompileResult]) -> str:
     headers = ["kernel", "variant", "dtype", "config", "regs", "spill bytes (st/ld)", "stack", "smem bytes", "wgmma",
-               "f32 atomics", "compile s"]
+               "f32 atomics", "bar.sync", "compile s"]
     rows = []
     for r in results:
         if r.error:
-            rows.append([r.kernel, r.variant, r.dtype, r.config, "FAILED", "-", "-", "-", "-", "-", f"{r.compile_s:.1f}"])
+            rows.append([r.kernel, r.variant, r.dtype, r.config, "FAILED", "-", "-", "-", "-", "-", "-",
+                         f"{r.compile_s:.1f}"])
             continue
         spills = f"{r.spill_bytes} ({r.spill_store_bytes}/{r.spill_load_bytes})"
         wgmma = f"yes ({r.wgmma_count})" if r.wgmma_count else "no"
         rows.append([r.kernel, r.variant, r.dtype, r.config, _cell(r.registers), spills, _cell(r.stack_bytes),
-                     _cell(r.shared_bytes), wgmma, _cell(r.float_atomic_count), f"{r.compile_s:.1f}"])
+                     _cell(r.shared_bytes), wgmma, _cell(r.float_atomic_count), _cell(r.barrier_count),
+                     f"{r.compile_s:.1f}"])
     return markdown_table(headers, rows)
 
 

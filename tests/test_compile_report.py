@@ -75,6 +75,23 @@ def test_fused_loss_kernels_have_no_global_float_atomics(report: list[dict[str, 
     assert not atomic, "global float atomics in:\n" + "\n".join(atomic)
 
 
+def test_in_place_row_gradient_waits_for_every_warp(report: list[dict[str, Any]]) -> None:
+    """16-bit dz written over the fp32 logits it is computed from: the PTX holds the CTA barrier that orders every
+    warp's reads before the overlapping stores (kernels/logits_rows.py); the other variants need none and have none."""
+    entries = [e for e in report if e["kernel"] == "_row_grad_kernel"]
+    in_place = [e for e in entries if e["variant"].endswith("in-place")]
+    assert {e["dtype"] for e in in_place} == {"bf16", "fp16"} and len(in_place) == 4
+    assert all(e["barrier_count"] >= 1 for e in in_place), [(_label(e), e["barrier_count"]) for e in in_place]
+    assert all(e["barrier_count"] == 0 for e in entries if e not in in_place)
+
+
+def test_barrier_pattern_matches_both_spellings() -> None:
+    from bench.compile_report import barrier_count
+
+    ptx = "\tbar.sync \t0;\n@%p3 barrier.sync.aligned 0, 256;\n\t// bar.sync in a comment\n\tmembar.gl;\n"
+    assert barrier_count(ptx) == 2
+
+
 ATOMIC_CANARY = """
 import triton
 import triton.language as tl
