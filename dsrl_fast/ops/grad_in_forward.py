@@ -30,12 +30,19 @@ TokenGradFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None],
 class GradInForwardOptions:
     """temperature: logits divisor (> 0). with_entropy: also return the entropy. chunk_rows: rows per chunk (the
     workspace is chunk_rows × V × 4 bytes). weight_grad_fp32: accumulate d_weight over chunks in fp32 (V × H × 4
-    bytes more) instead of the weight's dtype; either way it is handed to autograd in the weight's dtype."""
+    bytes, and V × H × 2 more while it is cast at the end) instead of the weight's dtype (V × H × 2 bytes, one
+    rounding per chunk); either way it is handed to autograd in the weight's dtype.
+
+    Error of a bf16 d_weight against float64 (rms over all elements / rms of the truth, 12 chunks of 256 rows,
+    H = 256, V = 4099, bf16 dz; a CPU run of the same GEMM sequence): 4.4e-3 accumulated in bf16, 2.3e-3 in fp32
+    (the review measured 4.7e-3 / 2.8e-3 on its shape); in fp16 5.7e-4 / 2.9e-4. The bf16 error grows with the
+    number of chunks (1 chunk: 2.3e-3), the fp32 one does not.
+    """
 
     temperature: float = 1.0
     with_entropy: bool = True
     chunk_rows: int = 1024
-    weight_grad_fp32: bool = False
+    weight_grad_fp32: bool = True
 
 
 class ForwardResult(NamedTuple):
@@ -110,6 +117,7 @@ def logprobs_and_grads(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
         rest = keep.nonzero().squeeze(1)
         run(grad_rows, grad_rows.numel(), True)
         run(rest, rest.numel(), False)
+    del buffer
     if d_weight is not None:
         d_weight = d_weight.to(weight.dtype)
     return ForwardResult(logprobs, entropy, d_hidden, d_weight)
