@@ -16,13 +16,13 @@ import triton
 import triton.language as tl
 from dsrl_fast.kernels import linear_logprobs as kl
 from dsrl_fast.kernels import logits_rows as kr
+from dsrl_fast.kernels.fused_tiles import FORWARD_CANDIDATES
 
 GPU_SHAPE = (8192, 2560, 151936)
 DRY_SHAPE = (64, 64, 1007)
-FORWARD_SWEEP = [kl.KernelConfig(128, 128, 64, 8, 3), kl.KernelConfig(128, 256, 64, 8, 3),
-                 kl.KernelConfig(128, 128, 64, 8, 4), kl.KernelConfig(64, 128, 64, 4, 3),
-                 kl.KernelConfig(256, 128, 64, 8, 3)]
-DLOGITS_SWEEP = FORWARD_SWEEP
+FORWARD_SWEEP = list(FORWARD_CANDIDATES)
+DLOGITS_SWEEP = [kl.DLOGITS_CONFIG, kl.KernelConfig(128, 256, 64, 8, 3), kl.KernelConfig(128, 128, 64, 8, 4),
+                 kl.KernelConfig(64, 128, 64, 4, 3)]
 ROW_BLOCKS = (1024, 2048, 4096)
 
 
@@ -59,7 +59,7 @@ def sweep(path: Path, *, dry: bool, budget_s: float) -> int:
                       lambda cfg=cfg: kl.forward_partials(hidden, weight, labels, 1.0, True, cfg)))
     for cfg in ([kl.INTERPRETER_CONFIG] if dry else DLOGITS_SWEEP):
         cases.append(("_dlogits_kernel", str(tuple(cfg)),
-                      lambda cfg=cfg: kl.dlogits_slice(hidden, weight, labels, lse, None, g, None, 1.0, 0, dz, cfg)))
+                      lambda cfg=cfg: kl.dlogits(hidden, weight, labels, lse, None, g, None, 1.0, dz, config=cfg)))
     rows = min(n, 1024)
     z = torch.randn(rows, v, device=device, generator=gen)
     for block in ((kr.INTERPRETER_BLOCK_V,) if dry else ROW_BLOCKS):
