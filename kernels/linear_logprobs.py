@@ -23,9 +23,12 @@ per shape and GPU):
   waves of 132 SMs. The workspace is the dz slice, N_a·S·2 bytes, plus the fp32 accumulator, N_a·H·4 bytes.
 - Vocabulary-tile skipping (dsrl_fast/ops/tile_skip.py, kernels/sparse_grads.py): tiles of (BLOCK_N rows ×
   BLOCK_V columns) whose softmax is below a threshold for every row are left out of all three backward GEMMs.
-- The ceiling of a path that keeps no logits is 6/8 = 75% of the 6·N·H·V cuBLAS rate before skipping; with the
-  Triton kernels' own rate and the waves the prediction is lower (bench/roofline.py), and skipping a share s of
-  the tiles scales the backward's dense work by (1 - s).
+- The ceiling of a path that keeps no logits is 6/8 = 75% of the 6·N·H·V cuBLAS rate if every GEMM ran at the
+  cuBLAS rate. With the Triton kernels at ~60% of peak against cuBLAS's ~75%, their epilogues and waves, the model
+  predicts 60-63% at Qwen3-4B/8B, N = 8k/16k, on H100 and H200 alike (the path is compute-bound); skipping tiles
+  scales the backward's dense work by the kept share k, which beats the dense backward below k ≈ 0.75 and Liger's
+  SM90 backward (4·N·H·V at its reported 657 TFLOP/s) below k ≈ 0.5 (bench/roofline.py; predictions until
+  bench/gpu_run.py has measured them).
 """
 
 from __future__ import annotations
