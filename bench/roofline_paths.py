@@ -60,7 +60,8 @@ class PathModel:
         return self.workspace_bytes / (self.n * self.v * 4.0)
 
 
-def _forward(n: int, h: int, v: int, skipping: bool) -> list[Launch]:
+def forward_kernel(n: int, h: int, v: int, skipping: bool) -> Launch:
+    """The forward kernel with its vetted config and the splits fused_tiles picks (tile logsumexps if skipping)."""
     cfg = tiles.FORWARD_CONFIG
     row_blocks = math.ceil(n / cfg.block_n)
     n_tiles = math.ceil(v / cfg.block_v)
@@ -69,65 +70,81 @@ def _forward(n: int, h: int, v: int, skipping: bool) -> list[Launch]:
     splits = math.ceil(n_tiles / per_split)
     # Grouped raster: GROUP_ROWS row blocks stream each weight tile together (from L2 after the first).
     hbm = v * h * ELEMENT * math.ceil(row_blocks / tiles.GROUP_ROWS) + n * h * ELEMENT + 12.0 * splits * n
-    launches = [
-        triton("forward kernel", row_blocks * splits, per_split, 2.0 * cfg.block_n * cfg.block_v * h,
-               cfg.block_n * cfg.block_v, cfg.resident_per_sm, hbm + (4.0 * n_tiles * n if skipping else 0.0)),
-        stream("label-logit gather", 2.0 * n * h * ELEMENT),
-        stream("merge split statistics", 24.0 * splits * n, count=8),
-    ]
+    return triton("forward kernel", row_blocks * splits, per_split, 2.0 * cfg.block_n * cfg.block_v * h,
+                  cfg.block_n * cfg.block_v, cfg.resident_per_sm, hbm + (4.0 * n_tiles * n if skipping else 0.0))
+
+
+def _forward(n: int, h: int, v: int, skipping: bool) -> list[Launch]:
+    launches = [forward_kernel(n, h, v, skipping), stream("label-logit gather", 2.0 * n * h * ELEMENT),
+                stream("merge split statistics", 24.0 * 3 * n, count=8)]
     if skipping:
-        launches.append(stream("tile masses", n_tiles * n * (4.0 + 2.0), count=4))
+        launches.append(stream("tile masses", math.ceil(v / tiles.FORWARD_CONFIG.block_v) * n * 6.0, count=4))
     return launches
 
 
+def dz_kernel(n: int, h: int, cols: int, count: int = 1) -> Launch:
+    """The dense dz kernel over one slice of `cols` columns of n rows."""
+    cfg = tiles.DLOGITS_CONFIG
+    programs = math.ceil(n / cfg.block_n) * math.ceil(cols / cfg.block_v)
+    return triton(f"dz kernel ({cols} columns)", programs, 1, 2.0 * cfg.block_n * cfg.block_v * h,
+                  cfg.block_n * cfg.block_v, cfg.resident_per_sm,
+                  n * h * ELEMENT + cols * h * ELEMENT + n * cols * ELEMENT, count)
+
+
+def dhidden_gemm(n: int, h: int, cols: int, count: int = 1) -> Launch:
+    """cuBLAS d_hidden (n, h) fp32 += dz (n, cols) · W_slice (cols, h)."""
+    return cublas_launch(f"cuBLAS d_hidden += dz·W ({cols})", n, h, cols,
+                         n * cols * ELEMENT + cols * h * ELEMENT + n * h * 8.0, count)
+
+
+def dweight_gemm(n: int, h: int, cols: int, count: int = 1) -> Launch:
+    """cuBLAS d_weight slice (cols, h) = dzᵀ (cols, n) · hidden (n, h)."""
+    return cublas_launch(f"cuBLAS d_weight = dzᵀ·h ({cols})", cols, h, n,
+                         n * cols * ELEMENT + n * h * ELEMENT + cols * h * ELEMENT, count)
+
 
 def _dense_backward(n: int, h: int, v: int, width: int) -> list[Launch]:
-    cfg = tiles.DLOGITS_CONFIG
     launches = [stream("compact rows", 2.0 * n * h * ELEMENT, count=6)]
     full, tail = divmod(v, width)
     for cols, count in ((width, full), (tail, 1 if tail else 0)):
-        if not count:
-            continue
-        programs = math.ceil(n / cfg.block_n) * math.ceil(cols / cfg.block_v)
-        launches += [
-            triton(f"dz kernel ({cols} columns)", programs, 1, 2.0 * cfg.block_n * cfg.block_v * h,
-                   cfg.block_n * cfg.block_v, cfg.resident_per_sm,
-                   n * h * ELEMENT + cols * h * ELEMENT + n * cols * ELEMENT, count),
-            cublas_launch(f"cuBLAS d_hidden += dz·W ({cols})", n, h, cols,
-                          n * cols * ELEMENT + cols * h * ELEMENT + n * h * 8.0, count),
-            cublas_launch(f"cuBLAS d_weight = dzᵀ·h ({cols})", cols, h, n,
-                          n * cols * ELEMENT + n * h * ELEMENT + cols * h * ELEMENT, count),
-        ]
+        if count:
+            launches += [dz_kernel(n, h, cols, count), dhidden_gemm(n, h, cols, count),
+                         dweight_gemm(n, h, cols, count)]
     launches.append(stream("cast d_hidden", n * h * (4.0 + ELEMENT) + n * h * ELEMENT))
     return launches
 
 
-def _sparse_backward(n: int, h: int, v: int, width: int, kept: float) -> list[Launch]:
+def sparse_kernels(n: int, h: int, pairs: int, tiles_in_slice: int, count: int = 1) -> list[Launch]:
+    """The sparse dz, d_hidden and d_weight kernels of one slice holding `pairs` kept pairs over `tiles_in_slice`
+    vocabulary tiles of n rows (pairs spread evenly over row blocks and tiles)."""
     cfg = tiles.DLOGITS_CONFIG
     block_h = sparse_grads.GPU_CONFIG.block_h
     row_blocks = math.ceil(n / cfg.block_n)
+    h_tiles = math.ceil(h / block_h)
+    tile_bytes = cfg.block_n * cfg.block_v * ELEMENT
+    w_slice = tiles_in_slice * cfg.block_v * h * ELEMENT
+    return [
+        triton("sparse dz kernel", pairs, 1, 2.0 * cfg.block_n * cfg.block_v * h, cfg.block_n * cfg.block_v,
+               cfg.resident_per_sm, pairs * tile_bytes + n * h * ELEMENT + w_slice, count),
+        triton("sparse d_hidden", row_blocks * h_tiles, max(1, round(pairs / row_blocks)),
+               2.0 * cfg.block_n * cfg.block_v * block_h, 0.0, 1, pairs * tile_bytes + w_slice + n * h * 8.0, count),
+        triton("sparse d_weight", tiles_in_slice * h_tiles, max(1, round(pairs / tiles_in_slice)),
+               2.0 * cfg.block_v * cfg.block_n * block_h, 0.0, 1, pairs * tile_bytes + n * h * ELEMENT + w_slice,
+               count),
+    ]
+
+
+def _sparse_backward(n: int, h: int, v: int, width: int, kept: float) -> list[Launch]:
+    cfg = tiles.DLOGITS_CONFIG
+    row_blocks = math.ceil(n / cfg.block_n)
     n_tiles = math.ceil(v / cfg.block_v)
-    per_rb = max(1, width // cfg.block_v)
-    capacity = row_blocks * per_rb
+    capacity = row_blocks * max(1, width // cfg.block_v)
     pairs = max(1, round(kept * row_blocks * n_tiles))
     slices = math.ceil(pairs / capacity)
-    tiles_per_slice = math.ceil(n_tiles / slices)
-    tile_bytes = cfg.block_n * cfg.block_v * ELEMENT
-    pairs_per_slice = math.ceil(pairs / slices)
-    kept_rbs_per_tile = max(1, round(pairs_per_slice / tiles_per_slice))
-    w_slice = tiles_per_slice * cfg.block_v * h * ELEMENT
-    h_tiles = math.ceil(h / block_h)
     return [
         stream("compact rows", 2.0 * n * h * ELEMENT, count=6),
         stream("plan kept pairs", 8.0 * n_tiles * n, count=10, host_s=PLAN_HOST_S / 10),
-        triton("sparse dz kernel", pairs_per_slice, 1, 2.0 * cfg.block_n * cfg.block_v * h, cfg.block_n * cfg.block_v,
-               cfg.resident_per_sm, pairs_per_slice * tile_bytes + n * h * ELEMENT + w_slice, slices),
-        triton("sparse d_hidden", row_blocks * h_tiles, max(1, pairs_per_slice // row_blocks),
-               2.0 * cfg.block_n * cfg.block_v * block_h, 0.0, 1,
-               pairs_per_slice * tile_bytes + w_slice + n * h * 8.0, slices),
-        triton("sparse d_weight", tiles_per_slice * h_tiles, kept_rbs_per_tile,
-               2.0 * cfg.block_v * cfg.block_n * block_h, 0.0, 1,
-               pairs_per_slice * tile_bytes + n * h * ELEMENT + w_slice, slices),
+        *sparse_kernels(n, h, math.ceil(pairs / slices), math.ceil(n_tiles / slices), slices),
         stream("cast d_hidden", n * h * (4.0 + ELEMENT) + n * h * ELEMENT),
     ]
 
@@ -144,26 +161,30 @@ def no_logits(shape: str, n: int, kept_share: float | None = None, width: int | 
                      kept_share)
 
 
+def gif_chunk(rows: int, h: int, v: int, weight_grad_fp32: bool = True, count: int = 1) -> list[Launch]:
+    """The launches of one gradient-in-forward chunk of `rows` rows."""
+    acc = 8.0 if weight_grad_fp32 else 2.0 * ELEMENT
+    return [
+        cublas_launch(f"cuBLAS fp32 logits ({rows} rows)", rows, v, h,
+                      rows * v * 4.0 + v * h * ELEMENT + rows * h * ELEMENT, count),
+        stream("row statistics kernel", rows * v * 4.0, count),
+        stream("token gradient (autograd, small ops)", 64.0 * rows, count * TOKEN_GRAD_LAUNCHES),
+        stream("row gradient kernel (dz over the logits)", rows * v * (4.0 + ELEMENT), count),
+        cublas_launch("cuBLAS d_hidden = dz·W", rows, h, v, rows * v * ELEMENT + v * h * ELEMENT
+                      + rows * h * ELEMENT, count),
+        cublas_launch("cuBLAS d_weight += dzᵀ·h", v, h, rows, rows * v * ELEMENT + rows * h * ELEMENT + v * h * acc,
+                      count),
+    ]
+
+
 def grad_in_forward(shape: str, n: int, weight_grad_fp32: bool = True) -> PathModel:
     h, v = SHAPES[shape]
     chunk = min(n, GIF_WORKSPACE // (v * 4))
     full, tail = divmod(n, chunk)
-    acc = 8.0 if weight_grad_fp32 else 2.0 * ELEMENT
     launches: list[Launch] = []
     for rows, count in ((chunk, full), (tail, 1 if tail else 0)):
-        if not count:
-            continue
-        launches += [
-            cublas_launch(f"cuBLAS fp32 logits ({rows} rows)", rows, v, h,
-                          rows * v * 4.0 + v * h * ELEMENT + rows * h * ELEMENT, count),
-            stream("row statistics kernel", rows * v * 4.0, count),
-            stream("token gradient (autograd, small ops)", 64.0 * rows, count * TOKEN_GRAD_LAUNCHES),
-            stream("row gradient kernel (dz over the logits)", rows * v * (4.0 + ELEMENT), count),
-            cublas_launch("cuBLAS d_hidden = dz·W", rows, h, v, rows * v * ELEMENT + v * h * ELEMENT
-                          + rows * h * ELEMENT, count),
-            cublas_launch("cuBLAS d_weight += dzᵀ·h", v, h, rows, rows * v * ELEMENT + rows * h * ELEMENT
-                          + v * h * acc, count),
-        ]
+        if count:
+            launches += gif_chunk(rows, h, v, weight_grad_fp32, count)
     if weight_grad_fp32:
         launches.append(stream("cast d_weight", v * h * (4.0 + ELEMENT)))
     backward = [stream("scale the precomputed gradients", 2.0 * (n * h + v * h) * ELEMENT, count=2)]
