@@ -285,3 +285,32 @@ def test_sparse_backward_is_bitwise_deterministic(monkeypatch: pytest.MonkeyPatc
 def test_threshold_is_two_to_the_minus_twelve() -> None:
     assert tile_skip.DEFAULT_THRESHOLD == 2.0**-12 and op.FusedOptions().skip_threshold == 2.0**-12
     assert math.isclose(math.log2(tile_skip.DEFAULT_THRESHOLD), -12)
+
+
+@pytest.mark.gpu
+def test_sparse_kernels_in_bf16_on_gpu() -> None:
+    """bf16 through wgmma and TMA (the interpreter cannot run bf16): the sparse backward with every pair kept
+    against float64, within the dense path's own bf16 error plus 2e-2 of the largest gradient."""
+    n, h, v = 1000, 256, 32000 + 7
+    hidden = torch.randn(n, h, dtype=torch.float64)
+    weight = torch.randn(v, h, dtype=torch.float64) * (3.0 / h**0.5)
+    labels = torch.randint(0, v, (n,))
+    g_logp = torch.randn(n)
+    hb, wb = hidden.cuda().bfloat16(), weight.cuda().bfloat16()
+    lse = torch.logsumexp(hb.double() @ wb.double().T, dim=1).float()
+    x = op.BackwardInputs(hidden=hb, weight=wb, labels=labels.cuda(), lse=lse, g_logp=g_logp.cuda(), entropy=None,
+                          g_ent=None)
+    from dsrl_fast.kernels.fused_tiles import DLOGITS_CONFIG as cfg
+
+    keep = torch.ones(-(-n // cfg.block_n), -(-v // cfg.block_v), dtype=torch.bool, device="cuda")
+    plan = tile_skip.plan(keep, capacity=keep.shape[0] * 13)
+    sparse_h, sparse_w = torch.zeros(n, h, device="cuda"), torch.empty_like(wb)
+    op.sparse_grads_of(x, op.FusedOptions(), plan, sparse_h, sparse_w)
+    dense_h, dense_w = torch.zeros(n, h, device="cuda"), torch.empty_like(wb)
+    op.dense_grads(x, op.FusedOptions(), dense_h, dense_w)
+    t_dh, t_dw = _truth(hb, wb, labels, g_logp, None)
+    scale = max(t_dh.abs().max().item(), t_dw.abs().max().item())
+    for name, ours, dense, truth in (("d_hidden", sparse_h, dense_h, t_dh), ("d_weight", sparse_w, dense_w, t_dw)):
+        err = (ours.cpu().double() - truth).abs().max().item() / scale
+        dense_err = (dense.cpu().double() - truth).abs().max().item() / scale
+        assert err <= 2 * dense_err + 2e-2, (name, err, dense_err)
