@@ -34,14 +34,19 @@ from typing import Any, NamedTuple
 from bench.harness import markdown_table
 
 # Adding a kernel module to the report is one entry here (the module must export compile_specs()).
-KERNEL_MODULES = ("dsrl_fast.kernels.linear_logprobs", "dsrl_fast.kernels.logits_rows",
+KERNEL_MODULES = ("dsrl_fast.kernels.linear_logprobs", "dsrl_fast.kernels.sparse_grads", "dsrl_fast.kernels.logits_rows",
                   "dsrl_fast.kernels.varlen_attention")
 CAPABILITY = 90
 WARP_SIZE = 32
-# Opt-in dynamic shared memory per block on sm_90 (227 KiB).
+# Opt-in dynamic shared memory per block on sm_90 (227 KiB), shared memory per SM (228 KiB, 1 KiB of it reserved
+# per resident block) and registers per SM.
 MAX_SHARED_BYTES = 232448
+SHARED_PER_SM = 233472
+SHARED_RESERVED_PER_BLOCK = 1024
+REGISTERS_PER_SM = 65536
 SPEC_KEYS = frozenset({"kernel", "variant", "dtype", "signature", "constexprs", "aligned", "num_warps", "num_stages",
                        "expect_wgmma"})
+OPTIONAL_SPEC_KEYS = frozenset({"maxnreg", "resident_per_sm"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +66,9 @@ class CompileResult:
     shared_bytes: int | None = None
     wgmma_count: int | None = None
     float_atomic_count: int | None = None
+    barrier_count: int | None = None
+    num_warps: int = 4
+    resident_claimed: int | None = None
     compile_s: float | None = None
     error: str | None = None
 
@@ -70,11 +78,21 @@ class CompileResult:
             return None
         return self.spill_store_bytes + self.spill_load_bytes
 
+    @property
+    def programs_per_sm(self) -> int | None:
+        """Programs an sm_90 SM holds at once by registers and shared memory (None when it did not compile)."""
+        if self.registers is None or self.shared_bytes is None:
+            return None
+        by_regs = REGISTERS_PER_SM // max(1, -(-self.registers // 8) * 8 * WARP_SIZE * self.num_warps)
+        by_smem = SHARED_PER_SM // max(1, self.shared_bytes + SHARED_RESERVED_PER_BLOCK)
+        return max(0, min(by_regs, by_smem))
+
 
 def config_label(spec: dict[str, Any]) -> str:
     """Tile constexprs (BLOCK_*) joined by "x", then warps and stages: "128x128x64 w8 s3"."""
     blocks = "x".join(str(v) for k, v in spec["constexprs"].items() if k.startswith("BLOCK"))
-    return f"{blocks} w{spec['num_warps']} s{spec['num_stages']}"
+    cap = f" r{spec['maxnreg']}" if spec.get("maxnreg") else ""
+    return f"{blocks} w{spec['num_warps']} s{spec['num_stages']}{cap}"
 
 
 def load_specs(module_name: str) -> list[dict[str, Any]]:
@@ -87,9 +105,9 @@ def load_specs(module_name: str) -> list[dict[str, Any]]:
         raise ValueError(f"{module_name} must export compile_specs() to be in the compile report, found none")
     specs = specs_fn()
     for spec in specs:
-        if set(spec) != SPEC_KEYS:
-            raise ValueError(f"{module_name}.compile_specs() entries must have keys {sorted(SPEC_KEYS)}, "
-                             f"got {sorted(spec)}")
+        if not SPEC_KEYS <= set(spec) <= SPEC_KEYS | OPTIONAL_SPEC_KEYS:
+            raise ValueError(f"{module_name}.compile_specs() entries must have keys {sorted(SPEC_KEYS)} (and "
+                             f"optionally {sorted(OPTIONAL_SPEC_KEYS)}), got {sorted(spec)}")
         if not isinstance(spec["kernel"], JITFunction):
             raise TypeError(f"{module_name}: kernel must be a triton JITFunction, got {type(spec['kernel']).__name__}"
                             " (is TRITON_INTERPRET=1 set? the report must run without it)")
@@ -149,6 +167,15 @@ def float_atomic_count(ptx: str) -> int:
     return len(FLOAT_ATOMIC_RE.findall(ptx))
 
 
+# CTA barriers in PTX: `bar.sync 0;`, `barrier.sync 0;`, `bar.sync.aligned`, `barrier.sync.aligned 0, 256;`.
+BARRIER_RE = re.compile(r"^\s*(?:@!?%p\d+\s+)?(?:bar|barrier)\.sync\b", re.MULTILINE)
+
+
+def barrier_count(ptx: str) -> int:
+    """Static count of CTA barrier instructions (`bar.sync` / `barrier.sync`) in PTX."""
+    return len(BARRIER_RE.findall(ptx))
+
+
 def compile_spec(spec: dict[str, Any], module_name: str) -> CompileResult:
     """Compile one compile_specs() entry for sm_90a and measure it (also usable to try other configs)."""
     import triton
@@ -156,13 +183,16 @@ def compile_spec(spec: dict[str, Any], module_name: str) -> CompileResult:
     from triton.compiler import ASTSource
 
     base = CompileResult(module=module_name, kernel=spec["kernel"].__name__, variant=spec["variant"],
-                         dtype=spec["dtype"], config=config_label(spec), expect_wgmma=spec["expect_wgmma"])
+                         dtype=spec["dtype"], config=config_label(spec), expect_wgmma=spec["expect_wgmma"],
+                         num_warps=spec["num_warps"], resident_claimed=spec.get("resident_per_sm"))
     start = time.perf_counter()
     try:
         signature, attrs = _full_signature(spec)
         src = ASTSource(fn=spec["kernel"], signature=signature, constexprs=spec["constexprs"], attrs=attrs)
-        compiled = triton.compile(src, target=GPUTarget("cuda", CAPABILITY, WARP_SIZE),
-                                  options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]})
+        options = {"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]}
+        if spec.get("maxnreg") is not None:
+            options["maxnreg"] = spec["maxnreg"]
+        compiled = triton.compile(src, target=GPUTarget("cuda", CAPABILITY, WARP_SIZE), options=options)
         ptx = compiled.asm["ptx"]
         usage = ptxas_usage(ptx)
     except Exception as exc:  # noqa: BLE001 - a failed entry is reported in the table, the others still run
@@ -172,7 +202,7 @@ def compile_spec(spec: dict[str, Any], module_name: str) -> CompileResult:
                                spill_load_bytes=usage.spill_load_bytes, stack_bytes=usage.stack_bytes,
                                shared_bytes=compiled.metadata.shared + usage.static_shared_bytes,
                                wgmma_count=ptx.count("wgmma.mma_async"), float_atomic_count=float_atomic_count(ptx),
-                               compile_s=time.perf_counter() - start)
+                               barrier_count=barrier_count(ptx), compile_s=time.perf_counter() - start)
 
 
 def compile_entry(module_name: str, index: int) -> CompileResult:
@@ -195,16 +225,18 @@ def _cell(value: int | None) -> str:
 
 def format_table(results: Sequence[CompileResult]) -> str:
     headers = ["kernel", "variant", "dtype", "config", "regs", "spill bytes (st/ld)", "stack", "smem bytes", "wgmma",
-               "f32 atomics", "compile s"]
+               "f32 atomics", "bar.sync", "programs/SM", "compile s"]
     rows = []
     for r in results:
         if r.error:
-            rows.append([r.kernel, r.variant, r.dtype, r.config, "FAILED", "-", "-", "-", "-", "-", f"{r.compile_s:.1f}"])
+            rows.append([r.kernel, r.variant, r.dtype, r.config, "FAILED", "-", "-", "-", "-", "-", "-", "-",
+                         f"{r.compile_s:.1f}"])
             continue
         spills = f"{r.spill_bytes} ({r.spill_store_bytes}/{r.spill_load_bytes})"
         wgmma = f"yes ({r.wgmma_count})" if r.wgmma_count else "no"
         rows.append([r.kernel, r.variant, r.dtype, r.config, _cell(r.registers), spills, _cell(r.stack_bytes),
-                     _cell(r.shared_bytes), wgmma, _cell(r.float_atomic_count), f"{r.compile_s:.1f}"])
+                     _cell(r.shared_bytes), wgmma, _cell(r.float_atomic_count), _cell(r.barrier_count),
+                     _cell(r.programs_per_sm), f"{r.compile_s:.1f}"])
     return markdown_table(headers, rows)
 
 
@@ -228,7 +260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"\nFAILED {r.kernel} {r.variant} {r.dtype}: {r.error}", file=sys.stderr)
     print(f"\n{len(results)} entries for sm_90a in {wall:.1f} s ({args.jobs} processes)")
     if args.json:
-        payload = [{**dataclasses.asdict(r), "spill_bytes": r.spill_bytes} for r in results]
+        payload = [{**dataclasses.asdict(r), "spill_bytes": r.spill_bytes, "programs_per_sm": r.programs_per_sm}
+                   for r in results]
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
     return 1 if any(r.error for r in results) else 0
 

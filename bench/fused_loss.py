@@ -182,6 +182,22 @@ def _liger_flce(device: torch.device) -> LossFn:
     return lambda x: module(x.weight, x.hidden, x.labels)
 
 
+def _liger_sm90(device: torch.device) -> LossFn:
+    from liger_kernel.ops import LigerFusedLinearScaledCrossEntropyFunction
+
+    def loss(x: Inputs) -> torch.Tensor:
+        nll = LigerFusedLinearScaledCrossEntropyFunction.apply(x.hidden, x.weight, x.labels,
+                                                               LOSS_CONFIG.temperature)
+        return nll.mean()
+    return loss
+
+
+def _hopper_only(shape: Shape, dtype: str, device: torch.device) -> str | None:
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) != (9, 0):
+        return "Liger's SM90 CuTe kernels run on sm_90 (H100/H200) only"
+    return None
+
+
 def _liger_grpo(device: torch.device) -> LossFn:
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
@@ -251,6 +267,9 @@ IMPLS = {
     "triton": Impl("triton", _ours("triton"), _skip(_triton_skip)),
     "grad_in_forward": Impl("grad_in_forward", _ours("grad_in_forward"), _skip(_triton_skip)),
     "liger_flce": Impl("liger_flce", _liger_flce, _skip(_triton_skip, module=("liger_kernel", "liger-kernel"))),
+    "liger_sm90": Impl("liger_sm90", _liger_sm90,
+                       _skip(_hopper_only, module=("liger_kernel.ops.cutedsl.ops.fused_scaled_cross_entropy_sm90",
+                                                   "liger-kernel[cutedsl] (nvidia-cutlass-dsl, apache-tvm-ffi)"))),
     "liger_grpo": Impl("liger_grpo", _liger_grpo, _skip(_grpo_skip, module=("liger_kernel", "liger-kernel"))),
     "cce": Impl("cce", _cce, _skip(module=("cut_cross_entropy", "cut-cross-entropy")),
                 probe_on_cpu=True),

@@ -85,25 +85,55 @@ def test_oom_and_errors_mark_their_rows_and_the_sweep_goes_on(capsys: pytest.Cap
 
 
 def test_gpu_run_dry_run_writes_every_section(tmp_path: Path) -> None:
-    """bench.gpu_run --dry-run: every section runs on CPU (tiny shapes, interpreter) and writes its results."""
+    """bench.gpu_run --dry-run: every section runs on CPU (tiny shapes, interpreter) and leaves results.json,
+    results.md and run.log, three flat files (what a device call can bring back)."""
     out = tmp_path / "run"
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, "-m", "bench.gpu_run", str(out), "--dry-run"], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=600, check=False)
+                          capture_output=True, text=True, timeout=900, check=False)
     assert proc.returncode == 0, f"rc={proc.returncode}\n{proc.stdout}\n{proc.stderr}"
-    summary = json.loads((out / "summary.json").read_text())
-    assert set(summary) == {"tests", "fused_loss", "roofline", "tile_sweep", "l2_atomics"}
-    assert all(v["rc"] == 0 for v in summary.values()), summary
-    meta = json.loads((out / "meta.json").read_text())
-    assert meta["dry_run"] and meta["git_sha"] and meta["versions"]["torch"] and meta["timestamp"]
-    impls = {json.loads(line)["impl"] for line in (out / "fused_loss.jsonl").read_text().splitlines()}
-    assert {"triton", "grad_in_forward", "trl_chunked"} <= impls
-    sweep = [json.loads(line) for line in (out / "tile_sweep.jsonl").read_text().splitlines()]
-    assert {r["kernel"] for r in sweep} == {"_forward_kernel", "_dlogits_kernel", "_row_stats_kernel",
-                                            "_row_grad_kernel"} and all("ms" in r for r in sweep)
-    ops = {json.loads(line)["op"] for line in (out / "l2_atomics.jsonl").read_text().splitlines()}
-    assert ops == {"atomic_add_f32", "store_f32"}
-    assert " passed" in (out / "tests.log").read_text()
+    assert sorted(p.name for p in out.iterdir()) == ["results.json", "results.md", "run.log"]
+    results = json.loads((out / "results.json").read_text())
+    sections = results["run"]["sections"]
+    assert list(sections) == ["environment", "kernels", "paths", "hazards", "peers", "tests", "update_step", "sweep"]
+    assert all(v["status"] == "ok" for v in sections.values()), sections
+    assert results["environment"]["git_sha"] and results["environment"]["versions"]["torch"]
+    launches = {r["launch"]["name"] for r in results["kernels"]["records"]}
+    assert {"forward kernel", "sparse d_hidden", "sparse d_weight", "row gradient kernel (dz over the logits)",
+            "cuBLAS d_weight += dzᵀ·h"} <= launches
+    assert all(r["seconds"] > 0 for r in results["kernels"]["records"])
+    assert set(results["kernels"]["fitted_params"]) >= {"triton_mma_efficiency", "epilogue_cycles"}
+    assert {(r["inputs"], r["impl"]) for r in results["paths"]["records"]} == {
+        (i, m) for i in ("random", "peaked stand-in") for m in ("triton", "grad_in_forward")}
+    hazards = results["hazards"]
+    assert hazards["in_place_mismatches"] == {"float16": 0}
+    assert hazards["triton_bitwise_differing_repeats"] == 0 and hazards["grad_in_forward_bitwise_differing_repeats"] == 0
+    assert hazards["triton_masked_half"]["masked_rows_all_zero"]
+    peers = {r["impl"] for r in results["peers"]["rows"]}
+    assert {"triton", "grad_in_forward", "trl_chunked"} <= peers
+    assert any(s.startswith("liger_sm90 @") and "sm_90" in s for s in results["peers"]["skipped"])
+    assert results["tests"]["returncode"] == 0 and results["tests"]["cases"]
+    assert all(c["outcome"] in ("passed", "skipped") for c in results["tests"]["cases"])
+    assert results["update_step"]["tokens"] > 0 and results["update_step"]["plan_max_tokens"]
+    assert {r["sweep"] for r in results["sweep"]["records"]} == {"forward", "slice", "rows"}
+    assert all("seconds" in r for r in results["sweep"]["records"])
+    report = (out / "results.md").read_text()
+    assert "## Kernels" in report and "## Paths" in report and "## One update step" in report
+
+
+def test_gpu_run_keeps_its_deadline(tmp_path: Path) -> None:
+    """A deadline that runs out: the sections after it are recorded as skipped with the reason, and the files are
+    still written."""
+    out = tmp_path / "run"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu_run", str(out), "--dry-run", "--deadline", "0.5",
+                           "--sections", "environment,hazards,update_step"], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr
+    sections = json.loads((out / "results.json").read_text())["run"]["sections"]
+    assert sections["environment"]["status"] == "ok"
+    assert sections["update_step"]["status"].startswith("skipped: 0 s left of the deadline")
+    assert "update_step" in (out / "results.md").read_text()
 
 
 def test_gpu_run_refuses_without_cuda_or_interpreter(tmp_path: Path) -> None:

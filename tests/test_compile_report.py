@@ -61,10 +61,23 @@ def test_16bit_gemm_loops_use_wgmma(report: list[dict[str, Any]]) -> None:
     missing = [_label(e) for e in report if e["expect_wgmma"] and not e["wgmma_count"]]
     assert not missing, "no wgmma in:\n" + "\n".join(missing)
     bf16_gemms = {e["kernel"] for e in report if e["dtype"] == "bf16" and e["wgmma_count"]}
-    assert {"_forward_kernel", "_dlogits_kernel"} <= bf16_gemms
+    assert {"_forward_kernel", "_dlogits_kernel", "_sparse_dhidden_kernel", "_sparse_dweight_kernel"} <= bf16_gemms
 
 
-FUSED_LOSS_MODULES = ("dsrl_fast.kernels.linear_logprobs", "dsrl_fast.kernels.logits_rows")
+def test_claimed_residency_fits_the_compile(report: list[dict[str, Any]]) -> None:
+    """A config's resident_per_sm sizes the forward's waves (kernels/fused_tiles.py): the sm_90a compile must hold
+    that many programs per SM by registers and shared memory. The bf16 forward claims 2 (128 registers, capped)."""
+    claims = [e for e in report if e["resident_claimed"] is not None]
+    assert claims
+    short = [f"{_label(e)}: claims {e['resident_claimed']}, holds {e['programs_per_sm']}" for e in claims
+             if e["programs_per_sm"] < e["resident_claimed"]]
+    assert not short, "\n".join(short)
+    forward = [e for e in claims if e["kernel"] == "_forward_kernel" and e["dtype"] == "bf16"]
+    assert forward and forward[0]["resident_claimed"] == 2 and forward[0]["registers"] <= 128
+
+
+FUSED_LOSS_MODULES = ("dsrl_fast.kernels.linear_logprobs", "dsrl_fast.kernels.sparse_grads",
+                      "dsrl_fast.kernels.logits_rows")
 
 
 def test_fused_loss_kernels_have_no_global_float_atomics(report: list[dict[str, Any]]) -> None:
@@ -73,6 +86,23 @@ def test_fused_loss_kernels_have_no_global_float_atomics(report: list[dict[str, 
     assert {e["module"] for e in entries} == set(FUSED_LOSS_MODULES)
     atomic = [f"{_label(e)}: {e['float_atomic_count']}" for e in entries if e["float_atomic_count"] != 0]
     assert not atomic, "global float atomics in:\n" + "\n".join(atomic)
+
+
+def test_in_place_row_gradient_waits_for_every_warp(report: list[dict[str, Any]]) -> None:
+    """16-bit dz written over the fp32 logits it is computed from: the PTX holds the CTA barrier that orders every
+    warp's reads before the overlapping stores (kernels/logits_rows.py); the other variants need none and have none."""
+    entries = [e for e in report if e["kernel"] == "_row_grad_kernel"]
+    in_place = [e for e in entries if e["variant"].endswith("in-place")]
+    assert {e["dtype"] for e in in_place} == {"bf16", "fp16"} and len(in_place) == 4
+    assert all(e["barrier_count"] >= 1 for e in in_place), [(_label(e), e["barrier_count"]) for e in in_place]
+    assert all(e["barrier_count"] == 0 for e in entries if e not in in_place)
+
+
+def test_barrier_pattern_matches_both_spellings() -> None:
+    from bench.compile_report import barrier_count
+
+    ptx = "\tbar.sync \t0;\n@%p3 barrier.sync.aligned 0, 256;\n\t// bar.sync in a comment\n\tmembar.gl;\n"
+    assert barrier_count(ptx) == 2
 
 
 ATOMIC_CANARY = """

@@ -207,13 +207,13 @@ def test_entropy_gradient_variant_runs_only_when_used(impl: str, monkeypatch: py
 
     device = KERNEL_DEVICE if impl == "triton" else "cpu"
     seen: list[bool] = []
-    launch = kernels.dlogits_slice
+    launch = kernels.dlogits
 
     def spy(*args, **kwargs):
         seen.append(args[6] is not None)
         return launch(*args, **kwargs)
 
-    monkeypatch.setattr(kernels, "dlogits_slice", spy)
+    monkeypatch.setattr(kernels, "dlogits", spy)
     hidden, weight, labels = make_inputs(9, 32, 300, torch.float32, device)
     out = linear_logprobs(hidden, weight, labels, with_entropy=True, impl=impl)
     d_unused = torch.autograd.grad(out.logprobs.sum(), (hidden, weight), retain_graph=True)
@@ -243,13 +243,13 @@ def test_rows_without_gradient_are_never_launched(monkeypatch: pytest.MonkeyPatc
     from dsrl_fast.ops.linear_logprobs import FusedOptions
 
     launched: list[int] = []
-    launch = kernels.dlogits_slice
+    launch = kernels.dlogits
 
     def spy(*args, **kwargs):
         launched.append(args[0].shape[0])
         return launch(*args, **kwargs)
 
-    monkeypatch.setattr(kernels, "dlogits_slice", spy)
+    monkeypatch.setattr(kernels, "dlogits", spy)
     hidden, weight, labels = make_inputs(27, 48, 301, torch.float32, KERNEL_DEVICE)
     g_logp = torch.randn(27, dtype=torch.float64)
     g_ent = torch.randn(27, dtype=torch.float64)
@@ -262,3 +262,14 @@ def test_rows_without_gradient_are_never_launched(monkeypatch: pytest.MonkeyPatc
     assert launched and set(launched) == {9}, launched
     _assert_matches_float64(hidden, weight, labels, g_logp, g_ent, d_hidden, d_weight)
     assert torch.count_nonzero(d_hidden[~keep.to(d_hidden.device)]) == 0
+
+
+def test_rows_tma_cannot_load_take_the_pointer_path() -> None:
+    """fp16 rows of 36 columns (72 bytes, not a multiple of 16): no TMA descriptor, the kernels fall back to pointer
+    loads; the values and gradients still match the float64 truth (the other fp16 tests take the TMA path)."""
+    from dsrl_fast.kernels.linear_logprobs import tma_ok
+
+    hidden, weight, _ = make_inputs(29, 36, 515, torch.float16, KERNEL_DEVICE)
+    aligned, _, _ = make_inputs(29, 48, 515, torch.float16, KERNEL_DEVICE)
+    assert not tma_ok(hidden.detach(), weight.detach()) and tma_ok(aligned.detach())
+    run_case("triton", torch.float16, (29, 36, 515), temperature=1.0, with_entropy=True, device=KERNEL_DEVICE)
