@@ -3,7 +3,7 @@
 Each kernel of both paths is launched on its own at the real shape and timed with CUDA events (the median of
 `triton.testing.do_bench`, L2 flushed between runs), next to the `Launch` bench/roofline_paths.py models it with,
 so `bench.roofline_model.fit` can calibrate the model from the records. Paths are timed end to end through
-`dsrl_fast.policy_loss` (forward + backward) against the same-run cuBLAS GEMM of the logits' shape. On CPU (the
+`dsrl_fast.loss.policy_loss` (forward + backward) against the same-run cuBLAS GEMM of the logits' shape. On CPU (the
 dry run: Triton interpreter, tiny shapes) the same code runs with `time.perf_counter`; its times mean nothing.
 """
 

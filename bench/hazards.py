@@ -52,7 +52,7 @@ def bitwise_repeats(run: Callable[[], tuple[torch.Tensor, ...]], repeats: int) -
 
 def policy_grads(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, advantages: torch.Tensor,
                  impl: str, workspace_bytes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(d_hidden, d_weight) of dsrl_fast.policy_loss (PolicyLossConfig defaults) through `impl`."""
+    """(d_hidden, d_weight) of dsrl_fast.loss.policy_loss (PolicyLossConfig defaults) through `impl`."""
     from dsrl_fast import PolicyLossConfig, policy_loss
 
     h, w = hidden.detach().requires_grad_(), weight.detach().requires_grad_()

@@ -10,7 +10,7 @@ architecture's fp32 masters, AdamW states and step transient need ~90 GiB: an H2
 recorded and the step is not run.
 
 Written against the package layout of commit ff3d465 (dsrl_fast.planning, dsrl_fast.train.config,
-dsrl_fast.train.update, dsrl_fast.packing, dsrl_fast.model); the package reorganisation may move these imports.
+dsrl_fast.train.updaters, dsrl_fast.data.packing, dsrl_fast.model.packed); the package reorganisation may move these imports.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def _phase_bytes(plan: Any) -> dict[str, int]:
 
 def _batch(tokens: int, vocab: int, device: torch.device, seed: int) -> tuple[Any, torch.Tensor, int]:
     """One packed micro-batch of at most `tokens` tokens: (PackedBatch, advantages per scored token, tokens)."""
-    from dsrl_fast.packing import build_micro_batches
+    from dsrl_fast.data.packing import build_micro_batches
 
     gen = torch.Generator().manual_seed(seed)
     per_seq = PROMPT_LEN + RESPONSE_LEN
@@ -67,9 +67,9 @@ def update_step(model_name: str | None, device: torch.device, gpu_memory: int | 
     (default: the plan's largest). Returns the plan per phase, the measured peaks per phase, tokens and tokens/s.
     """
     from dsrl_fast import PolicyLossConfig
-    from dsrl_fast.model import prepare_packed_model
+    from dsrl_fast.model.packed import prepare_packed_model
     from dsrl_fast.planning.shapes import model_config
-    from dsrl_fast.train.update import PolicyModule, TorchUpdater
+    from dsrl_fast.train.updaters import PolicyModule, TorchUpdater
 
     cuda = device.type == "cuda"
     if gpu_memory is None:

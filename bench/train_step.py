@@ -9,8 +9,8 @@ One step is the forward and backward of the clipped policy loss over `--seqs` re
 [response_len/2, response_len]) after `--prompt-len`-token prompts, in micro-batches of the same token capacity:
 
 - `fused_packed`: sequences packed end to end (`dsrl_fast.build_micro_batches`), the trunk on the packed row with
-  varlen attention (`dsrl_fast.model.packed_hidden_states`), final hidden states of response tokens only, then
-  `dsrl_fast.policy_loss` (no logits stored).
+  varlen attention (`dsrl_fast.model.packed.packed_hidden_states`), final hidden states of response tokens only, then
+  `dsrl_fast.loss.policy_loss` (no logits stored).
 - `materialized_padded`: `--padded-micro-batch` sequences right-padded to the longest, the plain Hugging Face forward
   with an attention mask and `logits_to_keep` covering the response region (as verl slices it), `logits.float()`,
   `log_softmax`, `gather`, then the same `token_policy_loss`.
@@ -47,7 +47,7 @@ from bench.harness import (
     run_metadata,
 )
 from dsrl_fast import PolicyLossConfig, build_micro_batches, policy_loss, token_policy_loss
-from dsrl_fast.model import lm_head_weight, packed_hidden_states, prepare_packed_model
+from dsrl_fast.model.packed import lm_head_weight, packed_hidden_states, prepare_packed_model
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

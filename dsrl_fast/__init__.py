@@ -3,11 +3,11 @@
 Importing the package needs only PyTorch; Triton is imported when a Triton path first runs.
 """
 
-from dsrl_fast.config import PolicyLossConfig
-from dsrl_fast.logprobs import LogProbs, linear_logprobs
-from dsrl_fast.model import response_logprobs
-from dsrl_fast.packing import PackedBatch, build_micro_batches, pack, unpack
-from dsrl_fast.policy_loss import PolicyLossOutput, policy_loss, token_policy_loss
+from dsrl_fast.loss.config import PolicyLossConfig
+from dsrl_fast.loss.logprobs import LogProbs, linear_logprobs
+from dsrl_fast.model.packed import response_logprobs
+from dsrl_fast.data.packing import PackedBatch, build_micro_batches, pack, unpack
+from dsrl_fast.loss.policy_loss import PolicyLossOutput, policy_loss, token_policy_loss
 
 __all__ = [
     "LogProbs",

@@ -24,10 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dsrl_fast.config import PolicyLossConfig
-from dsrl_fast.model import prepare_packed_model
-from dsrl_fast.packing import PackedBatch, pack
-from dsrl_fast.train.update import DeepSpeedUpdater, PolicyModule, deepspeed_config
+from dsrl_fast.loss.config import PolicyLossConfig
+from dsrl_fast.model.packed import prepare_packed_model
+from dsrl_fast.data.packing import PackedBatch, pack
+from dsrl_fast.train.updaters import DeepSpeedUpdater, PolicyModule, deepspeed_config
 
 VOCAB = 37
 

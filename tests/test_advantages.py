@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from dsrl_fast.advantages import ESTIMATORS, broadcast_to_tokens, compute_advantages, gae, sample_filter, whiten
+from dsrl_fast.rl.advantages import ESTIMATORS, broadcast_to_tokens, compute_advantages, gae, sample_filter, whiten
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels module imports triton
 
-from dsrl_fast.attention import (  # noqa: E402
+from dsrl_fast.model.attention import (  # noqa: E402
     TRANSFORMERS_ATTENTION_NAME,
     packed_metadata_from_position_ids,
     register_transformers_attention,

@@ -11,9 +11,9 @@ import torch
 
 pytest.importorskip("transformers", reason="the RL step runs a transformers model (the train extra)")
 
-from dsrl_fast.model import prepare_packed_model  # noqa: E402
+from dsrl_fast.model.packed import prepare_packed_model  # noqa: E402
 from dsrl_fast.rollout.base import Rollout  # noqa: E402
-from dsrl_fast.train.algorithms import phase_for_step  # noqa: E402
+from dsrl_fast.rl.algorithms import phase_for_step  # noqa: E402
 from dsrl_fast.train.batch_update import (  # noqa: E402
     CriticSetup,
     UpdateOptions,
@@ -23,9 +23,9 @@ from dsrl_fast.train.batch_update import (  # noqa: E402
 )
 from dsrl_fast.train.config import GuardConfig  # noqa: E402
 from dsrl_fast.train.critic import CriticModule, ValueLossConfig, build_critic_model, value_loss  # noqa: E402
-from dsrl_fast.train.guard import GuardSignals, MarginalGuard, guard_signals  # noqa: E402
+from dsrl_fast.rl.guard import GuardSignals, MarginalGuard, guard_signals  # noqa: E402
 from dsrl_fast.train.rl_step import StepSamples, run_update  # noqa: E402
-from dsrl_fast.train.update import PolicyModule, TorchUpdater  # noqa: E402
+from dsrl_fast.train.updaters import PolicyModule, TorchUpdater  # noqa: E402
 from tests.test_model import tiny_model  # noqa: E402
 from tests.test_train_step import DEFAULTS, random_samples  # noqa: E402
 
@@ -124,7 +124,7 @@ def test_sampler_old_logprobs_make_the_ratio_off_policy(base: torch.nn.Module) -
 
 
 def _cond_batch(samples: StepSamples, i: int) -> Any:
-    from dsrl_fast.packing import build_micro_batches
+    from dsrl_fast.data.packing import build_micro_batches
 
     ((_, batch),) = build_micro_batches([samples.prompt_ids[i]], [samples.response_ids[i]], "cond", 64)
     return batch
@@ -207,7 +207,7 @@ def test_kl_in_reward(base: torch.nn.Module) -> None:
         if algo == "rloo":
             # each response's reward drops by 0.15 per token: longer responses lose more
             lengths = torch.tensor([len(r) for r in samples.response_ids], dtype=torch.float32)
-            from dsrl_fast.advantages import compute_advantages
+            from dsrl_fast.rl.advantages import compute_advantages
 
             want = compute_advantages(samples.rewards - 0.15 * lengths, "rloo", group_ids=samples.group_ids)
             torch.testing.assert_close(penalized.advantages, want, rtol=1e-4, atol=1e-5)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dsrl_fast.data import Problem, PromptSampler, load_hf_problems, load_problems
+from dsrl_fast.data.problems import Problem, PromptSampler, load_hf_problems, load_problems
 from dsrl_fast.reward import HendrycksMathReward, MathVerifyReward
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "benchmarks"
@@ -82,7 +82,7 @@ def test_empty_answers_skipped_with_a_count(tmp_path, caplog):
         load_problems(fields)
     with pytest.raises(ValueError, match="line 2: field 'answer' is an empty answer"):
         load_problems(lists, answer_mode="list")
-    with caplog.at_level(logging.WARNING, logger="dsrl_fast.data"):
+    with caplog.at_level(logging.WARNING, logger="dsrl_fast.data.problems"):
         assert [p.prompt_text for p in load_problems(fields, empty_answers="skip")] == ["a", "d"]
         assert [p.answer for p in load_problems(lists, answer_mode="list", empty_answers="skip")] == ["1", "3, 4"]
     assert "f.jsonl: skipped 2 rows with an empty answer" in caplog.text
@@ -113,7 +113,7 @@ def test_train_names_a_key_it_accepts_for_empty_answers(tmp_path, caplog):
         "row or pass data.empty_answers=skip to leave such rows out"]
     typed = cli(f"data.train_path={path}", "data.empty_answers=skip", "--print-config")
     assert typed.returncode == 0 and "  empty_answers: skip\n" in typed.stdout, typed.stderr
-    with caplog.at_level(logging.WARNING, logger="dsrl_fast.data"):
+    with caplog.at_level(logging.WARNING, logger="dsrl_fast.data.problems"):
         train, held_out = load_train_eval_problems(load_config(None, [f"data.train_path={path}",
                                                                       "data.empty_answers=skip"]))
     assert [p.answer for p in train] == ["3"] and held_out == []

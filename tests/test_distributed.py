@@ -145,7 +145,7 @@ def test_deepspeed_bf16_trains_through_fp32_masters_like_the_plain_updater(resul
 def test_two_rank_reinforce_pp_equals_one_rank_with_the_same_global_batch(results: dict[str, dict[str, Any]]) -> None:
     """Global whitening: 2 ranks holding 2 prompts each get the 1-process advantages of all 4 prompts, and two
     updates per step (old log-probs, clipped ratios) move the weights alike."""
-    from dsrl_fast.advantages import compute_advantages
+    from dsrl_fast.rl.advantages import compute_advantages
     from tests.dist_worker import shard, step_samples
 
     want, got = results["rpp_torch_1"], results["rpp_zero2_2"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsrl_fast.analysis.thoughts import ThoughtCounts
+from dsrl_fast.eval.thoughts import ThoughtCounts
 from dsrl_fast.eval.benchmarks import BENCHMARKS, load_eval_set, parse_data_specs
 from dsrl_fast.eval.config import EvalConfig, parse_ks, parse_overrides
 from dsrl_fast.eval.cache import CacheMismatch
@@ -166,7 +166,7 @@ def test_eval_end_to_end_tables_counts_and_cache(model_dirs, tmp_path):
 
 
 def test_toy_set_is_the_training_held_out_split():
-    from dsrl_fast.toy import make_addition_problems
+    from dsrl_fast.data.toy import make_addition_problems
 
     (spec,) = parse_data_specs("toy")
     held = load_eval_set(spec)
@@ -285,7 +285,7 @@ def scripted_reward(responses, references):
 
 
 def test_periodic_evaluation_matches_pass_at_k_and_splits_over_ranks():
-    from dsrl_fast.data import Problem
+    from dsrl_fast.data.problems import Problem
     from dsrl_fast.eval.pass_at_k import mean_pass_at_k
     from dsrl_fast.eval.periodic import EvalTask, evaluate_tasks
     from dsrl_fast.rollout.base import SamplingConfig

@@ -16,7 +16,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from dsrl_fast.cli import main
-from dsrl_fast.data import Problem
+from dsrl_fast.data.problems import Problem
 from dsrl_fast.eval.benchmarks import parse_data_specs
 from dsrl_fast.eval.cache import FORMAT, CacheMismatch, GenerationCache
 from dsrl_fast.eval.config import EvalConfig

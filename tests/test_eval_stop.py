@@ -18,7 +18,7 @@ import pytest
 from dsrl_fast.errors import RunAborted, RunStopped
 from dsrl_fast.eval.benchmarks import parse_data_specs
 from dsrl_fast.eval.cache import GenerationCache
-from dsrl_fast.eval.cli import EvalInterrupted
+from dsrl_fast.cli.eval import EvalInterrupted
 from dsrl_fast.eval.config import parse_overrides
 from dsrl_fast.eval.models import ModelSpec
 from dsrl_fast.eval.runner import load_eval_sets, run_eval

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from dsrl_fast import PolicyLossConfig, policy_loss
-from dsrl_fast import grad_in_forward_loss as gif
-from dsrl_fast.policy_loss import _resolve_loss_impl
+from dsrl_fast.loss import grad_in_forward as gif
+from dsrl_fast.loss.policy_loss import _resolve_loss_impl
 from tests.conftest import HAS_CUDA, KERNEL_DEVICE
 from tests.reference import logprobs_entropy_f64, policy_loss_f64
 

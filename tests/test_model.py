@@ -9,8 +9,8 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="model integration needs transformers (the train extra)")
 
-from dsrl_fast.model import lm_head_weight, packed_hidden_states, prepare_packed_model, response_logprobs  # noqa: E402
-from dsrl_fast.packing import pack  # noqa: E402
+from dsrl_fast.model.packed import lm_head_weight, packed_hidden_states, prepare_packed_model, response_logprobs  # noqa: E402
+from dsrl_fast.data.packing import pack  # noqa: E402
 
 VOCAB = 211
 PREFIX = (7,)

@@ -10,8 +10,8 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="model integration needs transformers (the train extra)")
 
-from dsrl_fast.attention import TRANSFORMERS_ATTENTION_NAME
-from dsrl_fast.model import packed_attention, response_logprobs
+from dsrl_fast.model.attention import TRANSFORMERS_ATTENTION_NAME
+from dsrl_fast.model.packed import packed_attention, response_logprobs
 
 VOCAB = 101
 PREFIX = (3,)

@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from dsrl_fast.packing import DEFAULT_PREFIX, PackedBatch, build_micro_batches, pack, split_micro_batches, unpack
+from dsrl_fast.data.packing import DEFAULT_PREFIX, PackedBatch, build_micro_batches, pack, split_micro_batches, unpack
 
 PROMPT_IDS = (0, 1000)  # prompts and responses use disjoint id ranges, so a leaked prompt token is visible
 RESPONSE_IDS = (1000, 2000)

@@ -165,10 +165,10 @@ def test_estimate_matches_the_measured_peak_of_a_training_micro_batch(impl: str,
     the micro-batches, AdamW's states + its square-root temporary for the step."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from dsrl_fast.config import PolicyLossConfig
-    from dsrl_fast.model import prepare_packed_model
-    from dsrl_fast.packing import pack
-    from dsrl_fast.train.update import PolicyModule, TorchUpdater
+    from dsrl_fast.loss.config import PolicyLossConfig
+    from dsrl_fast.model.packed import prepare_packed_model
+    from dsrl_fast.data.packing import pack
+    from dsrl_fast.train.updaters import PolicyModule, TorchUpdater
 
     config = Qwen3Config(vocab_size=1007, hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, head_dim=32, intermediate_size=256, tie_word_embeddings=True,

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsrl_fast.train.update import PolicyModule, TorchUpdater, deepspeed_config
+from dsrl_fast.train.updaters import PolicyModule, TorchUpdater, deepspeed_config
 
 LR = 1e-6
 STEPS = 5
@@ -30,7 +30,7 @@ STEPS = 5
 
 def _tiny_model(dtype: torch.dtype) -> torch.nn.Module:
     pytest.importorskip("transformers", reason="the policy module wraps a transformers model (the train extra)")
-    from dsrl_fast.toy import build_tiny_qwen3
+    from dsrl_fast.data.toy import build_tiny_qwen3
 
     return build_tiny_qwen3(32, seed=3).to(dtype)
 
@@ -146,7 +146,7 @@ MICRO_BATCHES = 64
 def _exact_sum(module: PolicyModule, batches: list, params: list[torch.nn.Parameter], scale: float = 1.0
                ) -> list[torch.Tensor]:
     """The float64 sum of each micro-batch's own 16-bit gradient (of the loss times `scale`), one per parameter."""
-    from dsrl_fast.config import PolicyLossConfig
+    from dsrl_fast.loss.config import PolicyLossConfig
 
     total = [torch.zeros(p.shape, dtype=torch.float64) for p in params]
     for batch, advantages in batches:
@@ -171,7 +171,7 @@ def test_plain_updater_accumulates_64_bf16_micro_batches_in_fp32(one_torch_threa
     """The master's fp32 gradient after 64 bf16 micro-batches through forward_backward is within one bf16 rounding
     of the exact sum of their gradients (measured ~1e-6 of it); the bf16 .grad that autograd accumulates on the same
     model (what the updater stepped on before) is several roundings away (measured ~5.8)."""
-    from dsrl_fast.config import PolicyLossConfig
+    from dsrl_fast.loss.config import PolicyLossConfig
     from tests.precision_worker import micro_batches, tiny_16bit_model
 
     model = tiny_16bit_model(torch.bfloat16)
@@ -199,7 +199,7 @@ def test_plain_updater_accumulates_64_bf16_micro_batches_in_fp32(one_torch_threa
 def test_fp16_loss_scaling_with_fp32_accumulation(one_torch_thread: None) -> None:
     """fp16: the fp32 sum of the scaled micro-batch gradients is within one fp16 rounding of the exact sum, the step
     unscales it (its pre-clip norm is the exact sum's over the scale) and the masters move."""
-    from dsrl_fast.config import PolicyLossConfig
+    from dsrl_fast.loss.config import PolicyLossConfig
     from tests.precision_worker import micro_batches, tiny_16bit_model
 
     updater = TorchUpdater(PolicyModule(tiny_16bit_model(torch.float16), impl="torch"), lr=LR, weight_decay=0.0,

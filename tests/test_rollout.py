@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dsrl_fast.rollout import HFEngine, Rollout, RolloutEngine, SamplingConfig
-from dsrl_fast.toy import (
+from dsrl_fast.data.toy import (
     build_tiny_qwen3,
     build_toy_tokenizer,
     make_addition_problems,

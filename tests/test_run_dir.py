@@ -18,7 +18,7 @@ import pytest
 
 pytest.importorskip("transformers", reason="the trainer runs a transformers model (the train extra)")
 
-from dsrl_fast.data import PromptSampler
+from dsrl_fast.data.problems import PromptSampler
 from dsrl_fast.errors import UserError
 from dsrl_fast.train.checkpoint import checkpoint_dir
 from dsrl_fast.train.config import config_help, load_config, save_config

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dsrl_fast.templates import render_prompt
+from dsrl_fast.data.templates import render_prompt
 
 PROBLEM = "Find $x$ if $\\frac{x}{2} = \\{3\\}$."
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dsrl_fast.analysis.thoughts import (
+from dsrl_fast.eval.thoughts import (
     PAPER_RULES,
     ThoughtCounts,
     ThoughtRules,

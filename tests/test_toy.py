@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsrl_fast.data import Problem
+from dsrl_fast.data.problems import Problem
 from dsrl_fast.reward import exact_match_reward
 from dsrl_fast.rollout import Rollout, SamplingConfig
-from dsrl_fast.toy import (
+from dsrl_fast.data.toy import (
     EOS,
     IM_START,
     TOY_VOCAB,

@@ -9,10 +9,10 @@ import torch
 
 pytest.importorskip("transformers", reason="the RL step runs a transformers model (the train extra)")
 
-from dsrl_fast.model import prepare_packed_model  # noqa: E402
-from dsrl_fast.train.algorithms import ALGORITHMS, phase_for_step  # noqa: E402
+from dsrl_fast.model.packed import prepare_packed_model  # noqa: E402
+from dsrl_fast.rl.algorithms import ALGORITHMS, phase_for_step  # noqa: E402
 from dsrl_fast.train.rl_step import StepSamples, run_update, sample_advantages, selected_samples  # noqa: E402
-from dsrl_fast.train.update import PolicyModule, TorchUpdater, lr_factor  # noqa: E402
+from dsrl_fast.train.updaters import PolicyModule, TorchUpdater, lr_factor  # noqa: E402
 from tests.test_model import tiny_model  # noqa: E402
 
 DEFAULTS = dict(switch_step=3, lr=1e-4, marginal_lr=1e-5, clip_low=0.2, clip_high=None, clip_ratio_c=10.0, agg=None,

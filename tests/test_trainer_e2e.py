@@ -27,8 +27,8 @@ pytest.importorskip("transformers", reason="the trainer runs a transformers mode
 
 import dsrl_fast.train.trainer as trainer_mod
 from dsrl_fast.errors import UserError
-from dsrl_fast.logprobs import linear_logprobs
-from dsrl_fast.model import lm_head_weight, packed_hidden_states
+from dsrl_fast.loss.logprobs import linear_logprobs
+from dsrl_fast.model.packed import lm_head_weight, packed_hidden_states
 from dsrl_fast.rollout.base import SamplingConfig
 from dsrl_fast.train.checkpoint import REFERENCE_FILE, STATE_FILE, checkpoint_dir
 from dsrl_fast.train.config import load_config

@@ -19,14 +19,14 @@ pytest.importorskip("transformers", reason="the trainer runs a transformers mode
 
 import dsrl_fast.train.trainer as trainer_mod
 from dsrl_fast import cli
-from dsrl_fast.data import Problem, PromptSampler
+from dsrl_fast.data.problems import Problem, PromptSampler
 from dsrl_fast.errors import CheckpointWriteError, RunAborted, UserError
 from dsrl_fast.train import checkpoint as checkpoint_mod
 from dsrl_fast.train.checkpoint import STATE_FILE, checkpoint_dir, latest_checkpoint, save_checkpoint
 from dsrl_fast.train.config import load_config
 from dsrl_fast.train.metrics_log import read_metrics
 from dsrl_fast.train.setup import encode_problems, load_train_eval_problems, resolve_run_length
-from dsrl_fast.train.update import PolicyModule, TorchUpdater
+from dsrl_fast.train.updaters import PolicyModule, TorchUpdater
 from tests.toy_runs import BASE, run
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -148,7 +148,7 @@ def test_an_unwritable_output_dir_fails_before_the_model_loads(tmp_path: Path, b
 
 
 def _toy_updater() -> tuple[TorchUpdater, Any]:
-    from dsrl_fast.toy import build_tiny_qwen3, build_toy_tokenizer
+    from dsrl_fast.data.toy import build_tiny_qwen3, build_toy_tokenizer
 
     tokenizer = build_toy_tokenizer()
     model = build_tiny_qwen3(len(tokenizer))
@@ -305,7 +305,7 @@ def test_toy_training_evaluates_on_data_eval_path_when_given(tmp_path: Path) -> 
 @pytest.mark.parametrize("overflow", ["truncate_left", "drop"])
 def test_long_prompts_are_truncated_from_the_left_or_dropped_and_counted(overflow: str,
                                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    from dsrl_fast.toy import build_toy_tokenizer
+    from dsrl_fast.data.toy import build_toy_tokenizer
 
     tokenizer = build_toy_tokenizer()
     cfg = load_config(None, ["data.max_prompt_len=8", f"data.prompt_overflow={overflow}"])

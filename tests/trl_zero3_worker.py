@@ -164,7 +164,7 @@ def main() -> None:
     from trl import GRPOConfig
 
     from dsrl_fast.integrations.trl import DSRLGRPOTrainer, DSRLOptions
-    from dsrl_fast.toy import make_addition_problems
+    from dsrl_fast.data.toy import make_addition_problems
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)

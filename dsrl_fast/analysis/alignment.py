@@ -1,7 +1,7 @@
 """Gradient alignment of the two spaces (the paper's Fig. 2): ∇θ log P(y) against ∇θ log P(y|x), per rollout.
 
 For one rollout the conditional sequence ``[x; y]`` and the marginal sequence ``[prefix; y]`` are packed into one
-row and scored by one forward pass with the fused log-probs (:func:`dsrl_fast.model.response_logprobs`); the two
+row and scored by one forward pass with the fused log-probs (:func:`dsrl_fast.model.packed.response_logprobs`); the two
 sums are then differentiated separately (two backward passes over the shared graph). Dot product, norms and cosine
 are accumulated in float64 over every trainable parameter (a tied embedding counts once). The per-token
 ``log P(y_t | x, y_<t) − log P(y_t | y_<t)`` comes from the same forward.
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from dsrl_fast.model import response_logprobs
-from dsrl_fast.packing import default_marginal_prefix
+from dsrl_fast.model.packed import response_logprobs
+from dsrl_fast.data.packing import default_marginal_prefix
 
 __all__ = ["AlignmentResult", "default_marginal_prefix", "gradient_alignment"]
 

@@ -21,7 +21,7 @@ from dsrl_fast.eval.config import EvalConfig
 from dsrl_fast.eval.models import ModelSpec, load_tokenizer, model_positions, open_engine, resolve_engine
 from dsrl_fast.eval.runner import progress_bar
 from dsrl_fast.rollout.base import RolloutEngine, SamplingConfig
-from dsrl_fast.templates import render_prompt
+from dsrl_fast.data.templates import render_prompt
 
 __all__ = ["BehaviourOutputs", "find_generations", "run_behaviours"]
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dsrl_fast.data import AnswerMode, Problem, load_hf_problems, load_problems
+from dsrl_fast.data.problems import AnswerMode, Problem, load_hf_problems, load_problems
 
 __all__ = ["ALIASES", "BENCHMARKS", "BenchmarkFormat", "EvalSet", "default_data_dir", "load_eval_set",
            "parse_data_specs", "plain_answer"]
@@ -35,7 +35,7 @@ __all__ = ["ALIASES", "BENCHMARKS", "BenchmarkFormat", "EvalSet", "default_data_
 @dataclass(frozen=True)
 class BenchmarkFormat:
     """Where a benchmark keeps its question and reference answer, and how the answer is read
-    (:mod:`dsrl_fast.data`'s answer modes)."""
+    (:mod:`dsrl_fast.data.problems`'s answer modes)."""
 
     problem_key: str
     answer_key: str
@@ -165,7 +165,7 @@ def load_eval_set(spec: DataSpec, *, data_dir: str | os.PathLike[str] | None = N
     Raises FileNotFoundError naming the expected path when a benchmark file is missing.
     """
     if spec.benchmark == TOY:
-        from dsrl_fast.toy import make_addition_problems
+        from dsrl_fast.data.toy import make_addition_problems
 
         drawn = make_addition_problems(toy_train_size + toy_eval_size, seed=toy_seed)
         held_out = drawn[toy_train_size:]

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from dsrl_fast.data import Problem
+from dsrl_fast.data.problems import Problem
 
 __all__ = ["FORMAT", "CacheMismatch", "GenerationCache", "ProblemSamples"]
 

@@ -37,7 +37,7 @@ class EvalConfig:
         seed: sampling seed (each batch of problems draws from (seed, its first problem's index)).
         engine: "vllm", "hf" (transformers generate) or "auto" (vLLM on CUDA when installed, else hf).
         dtype: model dtype: "auto" (bf16 on CUDA, fp32 on CPU), "float32", "bfloat16" or "float16".
-        template: prompt template (dsrl_fast.templates); null: "plain" for the toy task, else "qwen3_non_thinking",
+        template: prompt template (dsrl_fast.data.templates); null: "plain" for the toy task, else "qwen3_non_thinking",
             the training default.
         add_special_tokens: let the tokenizer add its special tokens (BOS) to the prompt; null: only for the toy task
             (as in training).

@@ -11,12 +11,12 @@ from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Any
 
-from dsrl_fast.data import Problem
+from dsrl_fast.data.problems import Problem
 from dsrl_fast.eval.benchmarks import EvalSet
 from dsrl_fast.eval.cache import GenerationCache, ProblemSamples
 from dsrl_fast.eval.config import EvalConfig
 from dsrl_fast.rollout.base import RolloutEngine, SamplingConfig
-from dsrl_fast.templates import render_prompt
+from dsrl_fast.data.templates import render_prompt
 from dsrl_fast.train.interrupt import StopRequest
 
 __all__ = ["encode_prompts", "generate_samples", "prompt_options"]
@@ -32,7 +32,7 @@ def prompt_options(cfg: EvalConfig, eval_set: EvalSet) -> tuple[str, bool]:
 
 def encode_prompts(tokenizer: Any, problems: Sequence[Problem], template: str,
                    add_special_tokens: bool) -> list[list[int]]:
-    """Prompt token ids of each problem: its text rendered with `template` (dsrl_fast.templates), then tokenized."""
+    """Prompt token ids of each problem: its text rendered with `template` (dsrl_fast.data.templates), then tokenized."""
     texts = [render_prompt(p.prompt_text, template, tokenizer) for p in problems]
     return [list(tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"]) for t in texts]
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from dsrl_fast.data import Problem
+from dsrl_fast.data.problems import Problem
 from dsrl_fast.errors import UserError
 from dsrl_fast.eval.benchmarks import load_eval_set, parse_data_specs
 from dsrl_fast.eval.pass_at_k import pass_at_k

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from dsrl_fast.analysis.thoughts import ThoughtCounts, count_thoughts
-from dsrl_fast.data import Problem
+from dsrl_fast.eval.thoughts import ThoughtCounts, count_thoughts
+from dsrl_fast.data.problems import Problem
 from dsrl_fast.eval.cache import ProblemSamples
 from dsrl_fast.eval.pass_at_k import avg_at_k, majority_at_k, pass_at_k_curve
 from dsrl_fast.reward import RewardFn, extract_boxed, normalize_answer

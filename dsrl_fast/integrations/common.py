@@ -8,9 +8,9 @@ from types import ModuleType
 
 import torch
 
-from dsrl_fast.config import PolicyLossConfig
-from dsrl_fast.logprobs import linear_logprobs
-from dsrl_fast.policy_loss import token_policy_loss
+from dsrl_fast.loss.config import PolicyLossConfig
+from dsrl_fast.loss.logprobs import linear_logprobs
+from dsrl_fast.loss.policy_loss import token_policy_loss
 
 DENOMINATORS = ("peer", "kept")
 

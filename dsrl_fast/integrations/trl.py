@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from dsrl_fast.config import SAMPLE_FILTERS, PolicyLossConfig
+from dsrl_fast.loss.config import SAMPLE_FILTERS, PolicyLossConfig
 from dsrl_fast.integrations.common import (
     DENOMINATORS,
     check_prefix,
@@ -43,9 +43,9 @@ from dsrl_fast.integrations.common import (
     require,
 )
 from dsrl_fast.integrations.gathered_head import gathered_head_logprobs
-from dsrl_fast.model import lm_head_weight
-from dsrl_fast.packing import default_marginal_prefix
-from dsrl_fast.validation import IMPLS
+from dsrl_fast.model.packed import lm_head_weight
+from dsrl_fast.data.packing import default_marginal_prefix
+from dsrl_fast.ops.validation import IMPLS
 
 _trl = require("trl", pip_extra("trl"))
 is_peft_model = require("accelerate.utils", pip_extra("trl")).is_peft_model

@@ -34,10 +34,10 @@ from typing import Any
 
 import torch
 
-from dsrl_fast.config import SAMPLE_FILTERS, PolicyLossConfig
+from dsrl_fast.loss.config import SAMPLE_FILTERS, PolicyLossConfig
 from dsrl_fast.integrations.common import kept_rows, marginal_batch, peer_count, peer_policy_loss, pip_extra, require
-from dsrl_fast.logprobs import linear_logprobs
-from dsrl_fast.model import lm_head_weight
+from dsrl_fast.loss.logprobs import linear_logprobs
+from dsrl_fast.model.packed import lm_head_weight
 
 _PIP = pip_extra("verl")
 _core = require("verl.trainer.ppo.core_algos", _PIP)

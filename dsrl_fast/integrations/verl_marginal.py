@@ -38,9 +38,9 @@ from typing import Any
 
 import torch
 
-from dsrl_fast.config import PolicyLossConfig
+from dsrl_fast.loss.config import PolicyLossConfig
 from dsrl_fast.integrations.common import check_prefix, kept_rows, peer_policy_loss, pip_extra, require
-from dsrl_fast.packing import DEFAULT_PREFIX
+from dsrl_fast.data.packing import DEFAULT_PREFIX
 
 _PIP = pip_extra("verl")
 _tu = require("verl.utils.tensordict_utils", _PIP)

@@ -18,7 +18,7 @@ from dsrl_fast.kernels import linear_logprobs as kernels
 from dsrl_fast.kernels import sparse_grads
 from dsrl_fast.ops import tile_skip
 from dsrl_fast.ops.gemm import matmul_into
-from dsrl_fast.torch_logprobs import active_rows
+from dsrl_fast.ops.torch_logprobs import active_rows
 
 
 @dataclass(frozen=True)

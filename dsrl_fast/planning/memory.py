@@ -9,7 +9,7 @@ in the model dtype, n GPUs (data-parallel ranks). What the model charges per GPU
   fp32 m and v, 8Ψ; both divided by n from ZeRO-1 on, and on the CPU with offload_optimizer.
 - gradients in the model dtype, Ψ·d (ZeRO-2/3: Ψ·d/n; on the CPU with offload_optimizer from ZeRO-2 on), held from
   the first micro-batch to the optimizer step; DeepSpeed adds its reduce bucket (5e8 elements on CUDA, as
-  dsrl_fast.train.update.deepspeed_config sets it).
+  dsrl_fast.train.updaters.deepspeed_config sets it).
 - one micro-batch: the trunk's activations and the fused loss's workspace, from a meta-device run of the real model
   (dsrl_fast.planning.simulate) with every packed token scored (the marginal phase's worst case).
 - the optimizer step, after the activations are freed: an fp32 copy of the gradient shard for the masters (16-bit

@@ -6,7 +6,7 @@ autograd saves, the recomputation of gradient checkpointing and the transient te
 the installed transformers version lays them out. Two pieces cannot run on meta tensors and are replaced by stand-ins
 that allocate what the real ones allocate:
 
-- the packed varlen attention (dsrl_fast.attention): the Triton and flash-attn kernels save q, k, v, out and an fp32
+- the packed varlen attention (dsrl_fast.model.attention): the Triton and flash-attn kernels save q, k, v, out and an fp32
   logsumexp (Hq, T), and their backward allocates an fp32 delta (Hq, T) and dq, dk, dv;
 - the fused log-prob op, by `LossWorkspace.kind` (see there).
 
@@ -26,13 +26,13 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from dsrl_fast.torch_logprobs import ChunkedLinearLogprobs, backward_rows
+from dsrl_fast.ops.torch_logprobs import ChunkedLinearLogprobs, backward_rows
 
 LOSS_KINDS = ("no_logits", "grad_in_forward", "torch")
 META_ATTENTION_NAME = "dsrl_plan_meta"
 # Streaming multiprocessors of an H100/H200 (the fused forward sizes its vocabulary splits by them).
 GPU_SMS = 132
-# The gradient-in-forward path's default budget for its chunk of fp32 logits (dsrl_fast.policy_loss).
+# The gradient-in-forward path's default budget for its chunk of fp32 logits (dsrl_fast.loss.policy_loss).
 GRAD_IN_FORWARD_WORKSPACE = 1 << 30
 
 
@@ -48,7 +48,7 @@ class LossWorkspace:
         "grad_in_forward": the gradient computed in the forward (6·N·H·V): a chunk of fp32 logits of
             `workspace_bytes` (whole rows of V), d_hidden (N, H) in the model dtype and d_weight (V, H) in the model
             dtype (fp32 with `weight_grad_fp32`), the two gradients held from the forward until the backward.
-        "torch": the PyTorch path (dsrl_fast/torch_logprobs.py), run for real in the forward; its backward is
+        "torch": the PyTorch path (dsrl_fast/ops/torch_logprobs.py), run for real in the forward; its backward is
             replayed with every row active.
     slice_share: "no_logits" dz slice as a share of the fp32 logits, in (0, 1]; None takes the kernel's default.
     workspace_bytes: "grad_in_forward" budget of the fp32 logits chunk, >= 1 (at least one row is used).
@@ -135,7 +135,7 @@ class _AttentionStandIn(torch.autograd.Function):
 def _meta_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                     **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """transformers attention function with dsrl_fast.attention's layout: (B, H, L, D) -> ((B, L, Hq, D), None)."""
+    """transformers attention function with dsrl_fast.model.attention's layout: (B, H, L, D) -> ((B, L, Hq, D), None)."""
     batch, hq, seq_len, head_dim = query.shape
     q, k, v = (t.transpose(1, 2).reshape(-1, t.shape[1], head_dim) for t in (query, key, value))
     return _AttentionStandIn.apply(q, k, v).view(batch, seq_len, hq, head_dim), None
@@ -300,7 +300,7 @@ def micro_batch_peak(config: Any, *, dtype: torch.dtype, tokens: int, scored: in
     masked_idx = torch.zeros(scored, dtype=torch.long, device="meta")
     labels = torch.zeros(scored, dtype=torch.long, device="meta")
     head = model.get_output_embeddings().weight
-    # A dict of masks is taken as already prepared: the packed attention needs none (as in dsrl_fast.model).
+    # A dict of masks is taken as already prepared: the packed attention needs none (as in dsrl_fast.model.packed).
     masks = {kind: None for kind in set(model.config.layer_types)} if hasattr(model.config, "layer_types") else None
     inputs = [input_ids, position_ids, masked_idx, labels]
     grads = [] if first_micro_batch else [p.grad for p in params]

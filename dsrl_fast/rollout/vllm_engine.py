@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from dsrl_fast.rollout.base import Rollout, SamplingConfig, check_prompts
-from dsrl_fast.train.collectives import is_distributed
+from dsrl_fast.distributed import is_distributed
 
 __all__ = ["VLLMEngine"]
 

@@ -1,7 +1,7 @@
 """What one rollout batch becomes: advantages, old log-probs, `mini_batches × epochs` policy updates, critic updates.
 
 Advantages (every batch statistic is global over the data-parallel ranks):
-- the phase's outcome estimator (dsrl_fast.advantages) on the rewards;
+- the phase's outcome estimator (dsrl_fast.rl.advantages) on the rewards;
 - with a k1 KL penalty in the reward (`kl_in_reward` β > 0, conditional steps only, as verl's `use_kl_in_reward`):
   each response token t gets the reward -β·(log π_old(y_t) - log π_ref(y_t)) and the last token also the outcome
   reward. Sample estimators (grpo, rloo, reinforce_pp_baseline, ...) take each response's summed reward;
@@ -31,16 +31,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from dsrl_fast.advantages import gae, whiten
-from dsrl_fast.logprobs import linear_logprobs
-from dsrl_fast.model import gathered, lm_head_weight, packed_hidden_states
-from dsrl_fast.packing import PackedBatch, build_micro_batches
-from dsrl_fast.train.algorithms import Phase
-from dsrl_fast.train.collectives import reduce_floats, reduce_tensor
+from dsrl_fast.rl.advantages import gae, whiten
+from dsrl_fast.loss.logprobs import linear_logprobs
+from dsrl_fast.model.packed import gathered, lm_head_weight, packed_hidden_states
+from dsrl_fast.data.packing import PackedBatch, build_micro_batches
+from dsrl_fast.rl.algorithms import Phase
+from dsrl_fast.distributed import reduce_floats, reduce_tensor
 from dsrl_fast.train.config import OLD_LOGPROBS
 from dsrl_fast.train.critic import ValueLossConfig, filler_config
 from dsrl_fast.train.rl_step import PACK_SPACE, StepSamples, UpdateResult, sample_advantages, update_samples
-from dsrl_fast.train.update import Updater
+from dsrl_fast.train.updaters import Updater
 
 __all__ = ["OLD_LOGPROBS", "BatchResult", "CriticSetup", "UpdateOptions", "mini_batch_groups", "policy_logprob_fn",
            "run_batch"]

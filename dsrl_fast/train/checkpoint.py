@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from dsrl_fast.errors import CheckpointWriteError
 from dsrl_fast.train.critic import save_critic
-from dsrl_fast.train.update import DeepSpeedUpdater, Updater
+from dsrl_fast.train.updaters import DeepSpeedUpdater, Updater
 
 STATE_FILE = "trainer_state.json"
 REFERENCE_FILE = "reference.pt"

@@ -22,10 +22,10 @@ from typing import Any, ClassVar, TypeGuard, Union
 
 import yaml
 
-from dsrl_fast.config import AGGREGATIONS, KL_TYPES
+from dsrl_fast.loss.config import AGGREGATIONS, KL_TYPES
 from dsrl_fast.reward import check_reward_spec
-from dsrl_fast.templates import TEMPLATES
-from dsrl_fast.train.algorithms import ALGORITHMS, CONDITIONAL_ALGORITHMS
+from dsrl_fast.data.templates import TEMPLATES
+from dsrl_fast.rl.algorithms import ALGORITHMS, CONDITIONAL_ALGORITHMS
 
 ANSWER_MODES = ("field", "boxed", "list")
 
@@ -265,7 +265,7 @@ class DataConfig(_Section):
         eval_path: held-out problems in the same formats; null holds out toy problems (toy data) or skips
             evaluation.
         eval_size: number of evaluation problems (the first eval_size of eval_path).
-        template: prompt template (dsrl_fast.templates): "qwen3_non_thinking" (the paper's Qwen3 prompt with an
+        template: prompt template (dsrl_fast.data.templates): "qwen3_non_thinking" (the paper's Qwen3 prompt with an
             empty think block; "qwen3" is accepted for it), "chat" (the tokenizer's chat template), "plain" (the
             problem text), or any string containing "{problem}". Toy data always uses "plain".
         max_prompt_len: longest prompt in tokens; longer ones are handled by prompt_overflow.
@@ -378,7 +378,7 @@ class RolloutConfig(_Section):
 
 @dataclass
 class AlgoConfig(_Section):
-    """The update rule (see dsrl_fast.train.algorithms for what each algo does).
+    """The update rule (see dsrl_fast.rl.algorithms for what each algo does).
 
     Attributes:
         algo: "grpo", "dr_grpo", "dapo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "ppo" (with a critic, see
@@ -397,7 +397,7 @@ class AlgoConfig(_Section):
         clip_low: PPO clip ε_low, in [0, 1).
         clip_high: PPO clip ε_high; null takes the algo default (0.28 for dapo, else 0.2).
         clip_ratio_c: dual-clip constant (> 1); null disables dual clipping.
-        agg: loss aggregation (see dsrl_fast.config.AGGREGATIONS); null takes the algo default
+        agg: loss aggregation (see dsrl_fast.loss.config.AGGREGATIONS); null takes the algo default
             ("seq-mean-token-sum-norm" for dr_grpo, else "token-mean").
         kl_coef: weight of the KL penalty to the reference policy (0 disables it and the reference model).
         kl_type: KL estimator: "k1", "k2" or "k3".
@@ -577,7 +577,7 @@ class CriticConfig(_Section):
 
 @dataclass
 class GuardConfig(_Section):
-    """A guard of the marginal phase (dsrl_fast.train.guard): when a limit is crossed on `patience` consecutive
+    """A guard of the marginal phase (dsrl_fast.rl.guard): when a limit is crossed on `patience` consecutive
     marginal steps, dsrl switches to the conditional phase from the next step, or the run stops (every limit null:
     off, the paper's run).
 

@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dsrl_fast.model import packed_hidden_states
-from dsrl_fast.packing import PackedBatch
+from dsrl_fast.model.packed import packed_hidden_states
+from dsrl_fast.data.packing import PackedBatch
 
 __all__ = ["CriticModule", "ValueHeadModel", "ValueLossConfig", "ValueLossOutput", "build_critic_model",
            "load_critic", "save_critic", "value_loss"]
@@ -131,7 +131,7 @@ def build_critic_model(policy: torch.nn.Module, path: str | None = None, *, trus
                        attention_backend: str = "auto") -> ValueHeadModel:
     """The critic: a deep copy of `policy` (already prepared for packed batches), or the causal LM at `path` in the
     policy's dtype and device (then prepared here), under a zero-initialized value head."""
-    from dsrl_fast.model import prepare_packed_model
+    from dsrl_fast.model.packed import prepare_packed_model
 
     param = next(policy.parameters())
     if path is None:
@@ -160,7 +160,7 @@ def save_critic(directory: str | os.PathLike[str], updater: Any) -> None:
 
     A plain updater is written by rank 0 to ``critic.pt``; a DeepSpeed one as its engine checkpoint in
     ``critic_deepspeed/``."""
-    from dsrl_fast.train.update import DeepSpeedUpdater
+    from dsrl_fast.train.updaters import DeepSpeedUpdater
 
     target = Path(directory)
     if isinstance(updater, DeepSpeedUpdater):
@@ -172,7 +172,7 @@ def save_critic(directory: str | os.PathLike[str], updater: Any) -> None:
 
 def load_critic(directory: str | os.PathLike[str], updater: Any) -> None:
     """Restore what :func:`save_critic` wrote; FileNotFoundError when the checkpoint has no critic."""
-    from dsrl_fast.train.update import DeepSpeedUpdater
+    from dsrl_fast.train.updaters import DeepSpeedUpdater
 
     source = Path(directory)
     path = source / (CRITIC_DEEPSPEED if isinstance(updater, DeepSpeedUpdater) else CRITIC_STATE)

@@ -26,7 +26,7 @@ from typing import Any, Self
 import torch.distributed as dist
 
 from dsrl_fast.errors import RunAborted, RunStopped
-from dsrl_fast.train.collectives import is_distributed, reduce_floats
+from dsrl_fast.distributed import is_distributed, reduce_floats
 
 __all__ = ["VOTE_EVERY_S", "MicroBatchStops", "StopRequest", "Stopping"]
 

@@ -16,7 +16,7 @@ accepts any str -> int/float/str mapping):
 - ``fully_solved_total`` / ``fully_unsolved_total``: running counts of such prompt groups since step 0 (the paper's
   Fig. 6; a question drawn again in a later epoch counts again).
 - ``transition_share`` / ``reflection_share`` / ``execution_share``: share of the step's reasoning steps (responses
-  split on blank lines) in each class of the paper's thought taxonomy (:mod:`dsrl_fast.analysis.thoughts`).
+  split on blank lines) in each class of the paper's thought taxonomy (:mod:`dsrl_fast.eval.thoughts`).
 - ``lr``: learning rate of the step.
 - ``eval_accuracy`` and ``eval/<set>/avg@n``, ``eval/<set>/pass@k``: a periodic evaluation (``eval_every``), in a
   separate record of the step after which it was measured.

@@ -18,13 +18,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from dsrl_fast.advantages import BATCH_ESTIMATORS, compute_advantages
-from dsrl_fast.packing import PackedBatch, build_micro_batches
-from dsrl_fast.policy_loss import PolicyLossOutput
+from dsrl_fast.rl.advantages import BATCH_ESTIMATORS, compute_advantages
+from dsrl_fast.data.packing import PackedBatch, build_micro_batches
+from dsrl_fast.loss.policy_loss import PolicyLossOutput
 from dsrl_fast.rollout.base import Rollout
-from dsrl_fast.train.collectives import reduce_floats, reduce_tensor
-from dsrl_fast.train.algorithms import Phase
-from dsrl_fast.train.update import Updater
+from dsrl_fast.distributed import reduce_floats, reduce_tensor
+from dsrl_fast.rl.algorithms import Phase
+from dsrl_fast.train.updaters import Updater
 
 PACK_SPACE = {"marginal": "marg", "conditional": "cond"}
 

@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
-from dsrl_fast.data import EmptyAnswerError, Problem, load_hf_problems, load_problems
+from dsrl_fast.data.problems import EmptyAnswerError, Problem, load_hf_problems, load_problems
 from dsrl_fast.errors import UserError
-from dsrl_fast.packing import default_marginal_prefix
+from dsrl_fast.data.packing import default_marginal_prefix
 from dsrl_fast.reward import check_reward_spec
-from dsrl_fast.templates import render_prompt
+from dsrl_fast.data.templates import render_prompt
 from dsrl_fast.train.config import TrainConfig
 from dsrl_fast.train.metrics_log import print0
 
@@ -136,7 +136,7 @@ def load_train_eval_problems(cfg: TrainConfig) -> tuple[list[Problem], list[Prob
 
     held_out: list[Problem] = []
     if d.train_path is None:
-        from dsrl_fast.toy import make_addition_problems
+        from dsrl_fast.data.toy import make_addition_problems
 
         # One draw of distinct pairs, sliced, so held-out problems never appear in training.
         toy_eval = 0 if d.eval_path else d.eval_size
@@ -165,7 +165,7 @@ def resolve_run_length(cfg: TrainConfig, num_problems: int) -> TrainConfig:
 def build_tokenizer(cfg: TrainConfig) -> Any:
     """The embedded toy tokenizer (model.name_or_path null) or the model's Hugging Face tokenizer."""
     if cfg.model.name_or_path is None:
-        from dsrl_fast.toy import build_toy_tokenizer
+        from dsrl_fast.data.toy import build_toy_tokenizer
 
         return build_toy_tokenizer()
     from transformers import AutoTokenizer
@@ -177,7 +177,7 @@ def build_model(cfg: TrainConfig, device: torch.device, tokenizer: Any) -> torch
     """The embedded toy Qwen3 or a pretrained Hugging Face causal LM, in model.dtype on `device`."""
     dtype = model_dtype(cfg.model.dtype, device)
     if cfg.model.name_or_path is None:
-        from dsrl_fast.toy import build_tiny_qwen3
+        from dsrl_fast.data.toy import build_tiny_qwen3
 
         model = build_tiny_qwen3(len(tokenizer), seed=cfg.seed, bos_token_id=tokenizer.bos_token_id,
                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)

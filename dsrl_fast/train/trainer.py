@@ -23,24 +23,24 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from dsrl_fast.analysis.thoughts import count_thoughts
-from dsrl_fast.data import PromptSampler
+from dsrl_fast.eval.thoughts import count_thoughts
+from dsrl_fast.data.problems import PromptSampler
 from dsrl_fast.errors import RunInterrupted, UserError
 from dsrl_fast.eval.periodic import HELD_OUT, EvalTask, evaluate_tasks, load_benchmarks
-from dsrl_fast.model import prepare_packed_model
+from dsrl_fast.model.packed import prepare_packed_model
 from dsrl_fast.reward import RewardFn, get_reward_fn, reward_stats
 from dsrl_fast.rollout.base import RolloutEngine, SamplingConfig
-from dsrl_fast.train.algorithms import Phase, phase_for_step, uses_critic
+from dsrl_fast.rl.algorithms import Phase, phase_for_step, uses_critic
 from dsrl_fast.train.batch_update import CriticSetup, UpdateOptions, policy_logprob_fn, run_batch
 from dsrl_fast.train.checkpoint import latest_checkpoint, load_checkpoint, load_reference, save_checkpoint
-from dsrl_fast.train.collectives import reduce_floats
+from dsrl_fast.distributed import reduce_floats
 from dsrl_fast.train.config import TrainConfig, config_to_dict, save_config
 from dsrl_fast.train.critic import CriticModule, build_critic_model, load_critic
-from dsrl_fast.train.guard import MarginalGuard, guard_signals
+from dsrl_fast.rl.guard import MarginalGuard, guard_signals
 from dsrl_fast.train.interrupt import MicroBatchStops, StopRequest, Stopping
 from dsrl_fast.train.metrics_log import MetricsLogger, SampleLog, StepProgress, print0
 from dsrl_fast.train.rl_step import collect_samples, run_update
-from dsrl_fast.train.update import (
+from dsrl_fast.train.updaters import (
     DeepSpeedUpdater,
     PolicyModule,
     TorchUpdater,
@@ -367,7 +367,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
                 if resume_from is None else "stopping at the next check point"
             engine = build_engine(cfg, model, tokenizer, should_stop=lambda: stop.requested)
             if resume_from is None and cfg.sft.steps > 0:
-                from dsrl_fast.toy import supervised_warmup
+                from dsrl_fast.data.toy import supervised_warmup
 
                 print0(f"supervised warm-up of {cfg.sft.steps} steps (batch {cfg.sft.batch_size}, lr {cfg.sft.lr:g})")
                 losses = supervised_warmup(model, tokenizer, problems, cfg.sft.steps, batch_size=cfg.sft.batch_size,

@@ -24,9 +24,9 @@ import torch
 from dsrl_fast.integrations.common import padded_linear_logprobs, pip_extra, require
 from dsrl_fast.integrations.gathered_head import gathered_head_weight
 from dsrl_fast.integrations.openrlhf.loss import OPENRLHF_GPU_ENV
-from dsrl_fast.logprobs import linear_logprobs
-from dsrl_fast.model import lm_head_weight
-from dsrl_fast.validation import IMPLS
+from dsrl_fast.loss.logprobs import linear_logprobs
+from dsrl_fast.model.packed import lm_head_weight
+from dsrl_fast.ops.validation import IMPLS
 
 _modeling_outputs = require("transformers.modeling_outputs", pip_extra("openrlhf"))
 

@@ -21,7 +21,7 @@ import runpy
 import sys
 from typing import NoReturn
 
-from dsrl_fast.config import SAMPLE_FILTERS
+from dsrl_fast.loss.config import SAMPLE_FILTERS
 from dsrl_fast.integrations.common import DENOMINATORS
 from dsrl_fast.integrations.openrlhf.worker import RUNTIME_ENV_HOOK, WorkerOptions
 

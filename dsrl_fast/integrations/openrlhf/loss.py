@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from dsrl_fast.config import PolicyLossConfig
+from dsrl_fast.loss.config import PolicyLossConfig
 from dsrl_fast.integrations.common import DENOMINATORS, peer_count, peer_policy_loss, pip_extra, require
 
 OPENRLHF_GPU_ENV = "OpenRLHF's GPU environment (openrlhf.models imports flash_attn)"

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import Any
 
-from dsrl_fast.config import SAMPLE_FILTERS
+from dsrl_fast.loss.config import SAMPLE_FILTERS
 from dsrl_fast.integrations.common import DENOMINATORS
 
 __all__ = ["WorkerOptions", "runtime_env_hook", "setup_worker"]

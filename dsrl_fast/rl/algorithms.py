@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dsrl_fast.config import PolicyLossConfig
+from dsrl_fast.loss.config import PolicyLossConfig
 
 ALGORITHMS = ("grpo", "dr_grpo", "dapo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "ppo", "prerl", "nsr_prerl",
               "psr_prerl", "nsr_rl", "psr_rl", "dsrl")
@@ -51,7 +51,7 @@ class Phase:
     """The update rule of one step.
 
     algo: the rule in force (dsrl resolves to nsr_prerl or grpo). space: "marginal" or "conditional".
-    samples: "all", "negative" or "positive". estimator: advantage estimator name (dsrl_fast.advantages), or "gae"
+    samples: "all", "negative" or "positive". estimator: advantage estimator name (dsrl_fast.rl.advantages), or "gae"
     (PPO: per-token GAE from the critic's values).
     loss: the policy-loss options. lr: learning rate before the schedule factor.
     """

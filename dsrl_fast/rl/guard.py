@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dsrl_fast.rollout.base import Rollout
-from dsrl_fast.train.collectives import reduce_floats
+from dsrl_fast.distributed import reduce_floats
 from dsrl_fast.train.config import GuardConfig
 
 __all__ = ["GuardDecision", "GuardSignals", "MarginalGuard", "guard_signals"]

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from dsrl_fast.data import Problem
+from dsrl_fast.data.problems import Problem
 from dsrl_fast.reward import exact_match_reward
 from dsrl_fast.rollout.base import RolloutEngine, SamplingConfig
 

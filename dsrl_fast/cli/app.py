@@ -1,4 +1,4 @@
-"""The `dsrl-fast` command line.
+"""The `dsrl-fast` command line: the parser and the dispatcher of its subcommands.
 
 Subcommands: `train` (the DSRL trainer), `eval` (Avg@n / Pass@k tables and plots), `analyze` (the paper's analyses),
 `plan` (will a run fit in GPU memory?), `presets` (the shipped run presets), `loss-demo` (the fused loss on CPU).
@@ -14,10 +14,10 @@ from collections.abc import Callable
 from typing import NoReturn
 from importlib.metadata import PackageNotFoundError, version
 
-from dsrl_fast.analysis.cli import add_analyze_parser
+from dsrl_fast.cli.analyze import add_analyze_parser
 from dsrl_fast.errors import CheckpointWriteError, RunStopped, UserError
-from dsrl_fast.eval.cli import add_eval_parser
-from dsrl_fast.planning.cli import add_plan_parser
+from dsrl_fast.cli.eval import add_eval_parser
+from dsrl_fast.cli.plan import add_plan_parser
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -106,7 +106,7 @@ def _presets(args: argparse.Namespace) -> int:
 
 
 def _loss_demo(args: argparse.Namespace) -> int:
-    from dsrl_fast.loss_demo import run_loss_demo
+    from dsrl_fast.cli.loss_demo import run_loss_demo
 
     run_loss_demo(n=args.tokens, hidden_size=args.hidden, vocab=args.vocab)
     return 0
@@ -193,6 +193,3 @@ def _stop_in_chain(exc: BaseException | None) -> RunStopped | None:
         exc = exc.__cause__ or exc.__context__
     return None
 
-
-if __name__ == "__main__":
-    sys.exit(main())

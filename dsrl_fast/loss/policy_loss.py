@@ -11,9 +11,9 @@ from typing import NamedTuple
 
 import torch
 
-from dsrl_fast.config import PolicyLossConfig
-from dsrl_fast.logprobs import raw_linear_logprobs, validate_linear_inputs
-from dsrl_fast.validation import check_rows, check_same_device, check_tensor, resolve_impl
+from dsrl_fast.loss.config import PolicyLossConfig
+from dsrl_fast.loss.logprobs import raw_linear_logprobs, validate_linear_inputs
+from dsrl_fast.ops.validation import check_rows, check_same_device, check_tensor, resolve_impl
 
 
 class PolicyLossOutput(NamedTuple):
@@ -242,7 +242,7 @@ LOSS_IMPLS = ("auto", "triton", "grad_in_forward", "torch")
 def _resolve_loss_impl(impl: str, hidden: torch.Tensor, weight: torch.Tensor, workspace_bytes: int | None,
                        weight_grad_fp32: bool) -> str:
     """Check the path options and map impl to "triton", "grad_in_forward" or "torch" (see policy_loss)."""
-    from dsrl_fast import grad_in_forward_loss as gif
+    from dsrl_fast.loss import grad_in_forward as gif
 
     if workspace_bytes is not None and (isinstance(workspace_bytes, bool) or not isinstance(workspace_bytes, int)
                                         or workspace_bytes <= 0):
@@ -302,7 +302,7 @@ def policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
     _validate_loss_inputs(n, hidden, advantages, mask, old_logprobs, ref_logprobs, seq_ids, config)
     chosen = _resolve_loss_impl(impl, hidden, weight, workspace_bytes, weight_grad_fp32)
     if chosen == "grad_in_forward":
-        from dsrl_fast import grad_in_forward_loss as gif
+        from dsrl_fast.loss import grad_in_forward as gif
 
         return gif.grad_in_forward_policy_loss(
             hidden, weight, labels, advantages, mask=mask, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,

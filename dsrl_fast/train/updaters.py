@@ -17,10 +17,10 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 
-from dsrl_fast.config import PolicyLossConfig
-from dsrl_fast.model import lm_head_weight, packed_hidden_states
-from dsrl_fast.packing import PackedBatch
-from dsrl_fast.policy_loss import PolicyLossOutput, policy_loss
+from dsrl_fast.loss.config import PolicyLossConfig
+from dsrl_fast.model.packed import lm_head_weight, packed_hidden_states
+from dsrl_fast.data.packing import PackedBatch
+from dsrl_fast.loss.policy_loss import PolicyLossOutput, policy_loss
 from dsrl_fast.train.interrupt import MicroBatchStops
 
 

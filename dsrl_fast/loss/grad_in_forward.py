@@ -14,13 +14,13 @@ import dataclasses
 
 import torch
 
-from dsrl_fast.config import PolicyLossConfig
+from dsrl_fast.loss.config import PolicyLossConfig
 from dsrl_fast.ops.grad_in_forward import (
     GradInForwardOptions,
     PrecomputedGradients,
     logprobs_and_grads,
 )
-from dsrl_fast.policy_loss import (
+from dsrl_fast.loss.policy_loss import (
     PolicyLossOutput,
     _kept_tokens,
     _sequence_index,

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from dsrl_fast.validation import check_same_device, check_tensor, resolve_impl
+from dsrl_fast.ops.validation import check_same_device, check_tensor, resolve_impl
 
 BACKENDS = ("auto", "triton", "flash_attn", "torch")
 TRANSFORMERS_ATTENTION_NAME = "dsrl_varlen"

@@ -11,9 +11,9 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from dsrl_fast.attention import TRANSFORMERS_ATTENTION_NAME, register_transformers_attention
-from dsrl_fast.logprobs import linear_logprobs
-from dsrl_fast.packing import DEFAULT_PREFIX, PackedBatch, TokenIds, build_micro_batches, unpack
+from dsrl_fast.model.attention import TRANSFORMERS_ATTENTION_NAME, register_transformers_attention
+from dsrl_fast.loss.logprobs import linear_logprobs
+from dsrl_fast.data.packing import DEFAULT_PREFIX, PackedBatch, TokenIds, build_micro_batches, unpack
 
 SPACE_CHOICES = ("cond", "marg", "both")
 
@@ -22,7 +22,7 @@ def prepare_packed_model(model: torch.nn.Module, *, attention_backend: str = "au
                          use_liger: bool = False) -> torch.nn.Module:
     """Switch `model` (a transformers causal LM) to the packed varlen attention, in place; returns it.
 
-    attention_backend: "auto" | "triton" | "flash_attn" | "torch" (see dsrl_fast.attention.varlen_attention).
+    attention_backend: "auto" | "triton" | "flash_attn" | "torch" (see dsrl_fast.model.attention.varlen_attention).
     use_liger: on CUDA with liger-kernel installed, also apply its RMSNorm / SwiGLU / RoPE kernels to the model.
     """
     name = register_transformers_attention(attention_backend)
@@ -143,7 +143,7 @@ def response_logprobs(model: torch.nn.Module, prompts: Sequence[TokenIds], respo
     if getattr(model.config, "_attn_implementation", None) != TRANSFORMERS_ATTENTION_NAME \
             and _needs_backward_in_block(model):
         raise ValueError("response_logprobs with gradient checkpointing and grad enabled must run inside "
-                         "`with dsrl_fast.model.packed_attention(model):` together with the backward, got a model "
+                         "`with dsrl_fast.model.packed.packed_attention(model):` together with the backward, got a model "
                          f"using attention {model.config._attn_implementation!r}")
     device = next(model.parameters()).device
     spaces = ("cond", "marg") if space == "both" else (space,)

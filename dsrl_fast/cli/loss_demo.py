@@ -7,9 +7,9 @@ import time
 
 import torch
 
-from dsrl_fast.config import PolicyLossConfig
-from dsrl_fast.policy_loss import policy_loss
-from dsrl_fast.torch_logprobs import CHUNK_ELEMENTS
+from dsrl_fast.loss.config import PolicyLossConfig
+from dsrl_fast.loss.policy_loss import policy_loss
+from dsrl_fast.ops.torch_logprobs import CHUNK_ELEMENTS
 
 
 def _max_rss_bytes() -> int:

@@ -7,8 +7,8 @@ from typing import NamedTuple
 
 import torch
 
-from dsrl_fast.torch_logprobs import ChunkedLinearLogprobs
-from dsrl_fast.validation import (
+from dsrl_fast.ops.torch_logprobs import ChunkedLinearLogprobs
+from dsrl_fast.ops.validation import (
     FLOAT_DTYPES,
     check_labels_in_range,
     check_rows,

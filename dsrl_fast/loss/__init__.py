@@ -1,0 +1,1 @@
+"""The policy loss: log-prob API, token loss, gradient-in-forward path and the loss config."""

@@ -1,0 +1,1 @@
+"""Packed model preparation, the transformers attention hook and the tiny model builder."""

@@ -1,0 +1,1 @@
+"""RL logic: advantages, the algorithms' phases, the marginal guard, step samples."""
