@@ -25,7 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import dsrl_fast.data.toy  # noqa: E402
+import dsrl_fast.train.warmup  # noqa: E402
 from dsrl_fast.train.config import load_config  # noqa: E402
 from dsrl_fast.train.metrics_log import read_metrics  # noqa: E402
 from dsrl_fast.train.trainer import train  # noqa: E402
@@ -39,10 +39,10 @@ EXTRA = {
 
 
 class _WarmupOnce:
-    """Stands in for dsrl_fast.data.toy.supervised_warmup: the first call trains, later ones load the trained weights."""
+    """Stands in for dsrl_fast.train.warmup.supervised_warmup: the first call trains, later ones load the trained weights."""
 
     def __init__(self) -> None:
-        self.train = dsrl_fast.data.toy.supervised_warmup
+        self.train = dsrl_fast.train.warmup.supervised_warmup
         self.done: tuple[dict[str, Any], Any] | None = None
 
     def __call__(self, model: Any, *args: Any, **kwargs: Any) -> Any:
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--steps must be >= 1, got {args.steps}")
     out = args.out or Path(tempfile.mkdtemp(prefix="algorithms_toy_"))
     rows = []
-    dsrl_fast.data.toy.supervised_warmup = _WarmupOnce()  # type: ignore[assignment]
+    dsrl_fast.train.warmup.supervised_warmup = _WarmupOnce()  # type: ignore[assignment]
     for algo in algos:
         started = time.perf_counter()
         summary = train(load_config(None, _overrides(args, algo, out)))

@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from bench.harness import REPO_ROOT, markdown_table, run_metadata
+from bench.harness import REPO_ROOT, run_metadata
 
 DEFAULT_DEADLINE_S = 420
 GPU_SHAPES = (("qwen3-4b", 8192), ("qwen3-8b", 8192), ("qwen3-4b", 16384), ("qwen3-8b", 16384))

@@ -7,7 +7,8 @@ from dsrl_fast.loss.config import PolicyLossConfig
 from dsrl_fast.loss.logprobs import LogProbs, linear_logprobs
 from dsrl_fast.model.packed import response_logprobs
 from dsrl_fast.data.packing import PackedBatch, build_micro_batches, pack, unpack
-from dsrl_fast.loss.policy_loss import PolicyLossOutput, policy_loss, token_policy_loss
+from dsrl_fast.loss.policy_loss import policy_loss
+from dsrl_fast.loss.token_loss import PolicyLossOutput, token_policy_loss
 
 __all__ = [
     "LogProbs",

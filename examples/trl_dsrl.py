@@ -12,7 +12,8 @@ from datasets import Dataset
 from trl import GRPOConfig
 
 from dsrl_fast.integrations.trl import DSRLGRPOTrainer, DSRLOptions
-from dsrl_fast.data.toy import build_tiny_qwen3, build_toy_tokenizer, make_addition_problems
+from dsrl_fast.data.toy import build_toy_tokenizer, make_addition_problems
+from dsrl_fast.model.tiny import build_tiny_qwen3
 
 
 def main() -> None:

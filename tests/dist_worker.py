@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dsrl_fast.loss.config import PolicyLossConfig
 from dsrl_fast.model.packed import prepare_packed_model
 from dsrl_fast.data.packing import PackedBatch
-from dsrl_fast.loss.policy_loss import PolicyLossOutput
+from dsrl_fast.loss.token_loss import PolicyLossOutput
 from dsrl_fast.rl.algorithms import Phase, phase_for_step
 from dsrl_fast.train.batch_update import UpdateOptions, run_batch
 from dsrl_fast.train.rl_step import StepSamples, run_update

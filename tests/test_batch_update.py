@@ -21,7 +21,7 @@ from dsrl_fast.train.batch_update import (  # noqa: E402
     policy_logprob_fn,
     run_batch,
 )
-from dsrl_fast.train.config import GuardConfig  # noqa: E402
+from dsrl_fast.rl.config import GuardConfig  # noqa: E402
 from dsrl_fast.train.critic import CriticModule, ValueLossConfig, build_critic_model, value_loss  # noqa: E402
 from dsrl_fast.rl.guard import GuardSignals, MarginalGuard, guard_signals  # noqa: E402
 from dsrl_fast.train.rl_step import StepSamples, run_update  # noqa: E402

@@ -220,7 +220,7 @@ def test_ks_and_options():
     cfg = parse_overrides(["ks=1,2,4,...,16", "template=null", "limit=3", "top_p=0.9"], {"n": 16})
     assert (cfg.ks, cfg.template, cfg.limit, cfg.top_p, cfg.n) == ((1, 2, 4, 8, 16), None, 3, 0.9, 16)
     assert parse_overrides(["template=123"]).template == "123"
-    with pytest.raises(TypeError, match="n must be a int"):
+    with pytest.raises(TypeError, match="n must be int, got float 2.5"):
         parse_overrides(["n=2.5"])
     with pytest.raises(ValueError, match="top_p must be in"):
         parse_overrides(["top_p=0"])

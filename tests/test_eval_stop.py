@@ -22,7 +22,7 @@ from dsrl_fast.cli.eval import EvalInterrupted
 from dsrl_fast.eval.config import parse_overrides
 from dsrl_fast.eval.models import ModelSpec
 from dsrl_fast.eval.runner import load_eval_sets, run_eval
-from dsrl_fast.train.interrupt import StopRequest
+from dsrl_fast.interrupt import StopRequest
 from tests.test_eval import DATA_DIR, CountingOpen, build_text_model, needs_data, parity_reward
 
 

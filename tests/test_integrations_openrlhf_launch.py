@@ -29,7 +29,8 @@ pytest.importorskip("openrlhf", reason="runs in the OpenRLHF environment (make t
 ray = pytest.importorskip("ray", reason="OpenRLHF's Ray launch needs ray (OpenRLHF's own dependency)")
 
 from dsrl_fast.integrations.openrlhf import launch, worker  # noqa: E402
-from dsrl_fast.data.toy import build_tiny_qwen3, build_toy_tokenizer, make_addition_problems, save_tiny_model  # noqa: E402
+from dsrl_fast.data.toy import build_toy_tokenizer, make_addition_problems  # noqa: E402
+from dsrl_fast.model.tiny import build_tiny_qwen3, save_tiny_model
 
 STAND_INS = Path(__file__).parent / "stand_ins"
 DRIVER_TIMEOUT_S = 600

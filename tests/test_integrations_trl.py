@@ -31,7 +31,8 @@ datasets = pytest.importorskip("datasets", reason="TRL's trainer needs datasets"
 from trl import GRPOConfig, GRPOTrainer
 
 from dsrl_fast.integrations.trl import DSRLGRPOTrainer, DSRLOptions
-from dsrl_fast.data.toy import IM_START, build_tiny_qwen3, build_toy_tokenizer, make_addition_problems, save_tiny_model
+from dsrl_fast.data.toy import IM_START, build_toy_tokenizer, make_addition_problems
+from dsrl_fast.model.tiny import build_tiny_qwen3, save_tiny_model
 
 MAX_COMPLETION = 7
 ROOT = Path(__file__).resolve().parents[1]

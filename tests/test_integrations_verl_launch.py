@@ -43,7 +43,8 @@ def _tiny_run_files(directory: Path) -> None:
     """A tiny Qwen3 with the toy tokenizer (and a chat template) and a 4-prompt parquet data set, as verl reads them."""
     import pandas as pd
 
-    from dsrl_fast.data.toy import build_tiny_qwen3, build_toy_tokenizer, save_tiny_model
+    from dsrl_fast.data.toy import build_toy_tokenizer
+    from dsrl_fast.model.tiny import build_tiny_qwen3, save_tiny_model
 
     tokenizer = build_toy_tokenizer()
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"

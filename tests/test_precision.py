@@ -30,7 +30,7 @@ STEPS = 5
 
 def _tiny_model(dtype: torch.dtype) -> torch.nn.Module:
     pytest.importorskip("transformers", reason="the policy module wraps a transformers model (the train extra)")
-    from dsrl_fast.data.toy import build_tiny_qwen3
+    from dsrl_fast.model.tiny import build_tiny_qwen3
 
     return build_tiny_qwen3(32, seed=3).to(dtype)
 

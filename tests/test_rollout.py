@@ -10,13 +10,9 @@ import pytest
 import torch
 
 from dsrl_fast.rollout import HFEngine, Rollout, RolloutEngine, SamplingConfig
-from dsrl_fast.data.toy import (
-    build_tiny_qwen3,
-    build_toy_tokenizer,
-    make_addition_problems,
-    save_tiny_model,
-    supervised_warmup,
-)
+from dsrl_fast.data.toy import build_toy_tokenizer, make_addition_problems
+from dsrl_fast.model.tiny import build_tiny_qwen3, save_tiny_model
+from dsrl_fast.train.warmup import supervised_warmup
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from bench.standin_lm import BENCHMARKS, LmRows, math500_texts, trained_lm, zipf_logits
-from dsrl_fast.kernels import sparse_grads
 from dsrl_fast.kernels.linear_logprobs import KernelConfig
 from dsrl_fast.ops import linear_logprobs as op
 from dsrl_fast.ops import tile_skip

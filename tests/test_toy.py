@@ -1,4 +1,4 @@
-"""The embedded toy task: tokenizer, problems, tiny Qwen3, supervised warm-up, save/load, accuracy helpers."""
+"""The embedded toy task: tokenizer, problems, tiny Qwen3, supervised warm-up, save/load."""
 
 from __future__ import annotations
 
@@ -7,21 +7,17 @@ import torch
 
 from dsrl_fast.data.problems import Problem
 from dsrl_fast.reward import exact_match_reward
-from dsrl_fast.rollout import Rollout, SamplingConfig
 from dsrl_fast.data.toy import (
     EOS,
     IM_START,
     TOY_VOCAB,
-    build_tiny_qwen3,
     build_toy_tokenizer,
     encode_prompts,
-    greedy_accuracy,
     make_addition_problems,
-    sampled_accuracy,
-    save_tiny_model,
     sft_target,
-    supervised_warmup,
 )
+from dsrl_fast.model.tiny import build_tiny_qwen3, save_tiny_model
+from dsrl_fast.train.warmup import supervised_warmup
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -167,48 +163,6 @@ def test_saved_model_reloads_with_transformers(tokenizer, tmp_path):
         torch.testing.assert_close(
             loaded(torch.tensor([ids])).logits, model(torch.tensor([ids])).logits, rtol=0, atol=0
         )
-
-
-class _ScriptedEngine:
-    """Answers each prompt with a fixed response function; records the sampling it was asked for."""
-
-    def __init__(self, tokenizer, respond):
-        self.tokenizer, self.respond, self.calls = tokenizer, respond, []
-
-    def generate(self, prompts, sampling):
-        self.calls.append(sampling)
-        out = []
-        for i, ids in enumerate(prompts):
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            response = self.tokenizer(self.respond(text), add_special_tokens=False)["input_ids"] + [
-                self.tokenizer.eos_token_id
-            ]
-            out += [Rollout(i, response, [0.0] * len(response), True) for _ in range(sampling.n)]
-        return out
-
-    def update_weights(self, named_tensors):
-        pass
-
-    def close(self):
-        pass
-
-
-def _solve(text: str) -> str:
-    a, b = text.removeprefix("Compute ").removesuffix(".").split("+")
-    return f"{a}+{b}={int(a) + int(b)} \\boxed{{{int(a) + int(b)}}}"
-
-
-def test_accuracy_helpers_score_with_the_reward(tokenizer):
-    problems = make_addition_problems(40, seed=2)
-    right = _ScriptedEngine(tokenizer, _solve)
-    assert sampled_accuracy(right, tokenizer, problems, n=3, temperature=0.9, seed=4) == 1.0
-    assert right.calls[-1] == SamplingConfig(
-        temperature=0.9, n=3, max_new_tokens=32, stop_token_ids=(tokenizer.eos_token_id,), seed=4
-    )
-    assert greedy_accuracy(right, tokenizer, problems) == 1.0 and right.calls[-1].greedy
-    first_half = {p.prompt_text for p in problems[:20]}
-    half = _ScriptedEngine(tokenizer, lambda t: _solve(t) if t in first_half else "1+1=2 \\boxed{3}")
-    assert greedy_accuracy(half, tokenizer, problems) == 0.5
 
 
 def test_encode_prompts_prepends_bos(tokenizer):

@@ -8,12 +8,12 @@ from dataclasses import fields
 import pytest
 import yaml
 
+from dsrl_fast.rl.config import GuardConfig
 from dsrl_fast.train.config import (
     AlgoConfig,
     CriticConfig,
     DataConfig,
     DeepSpeedConfig,
-    GuardConfig,
     ModelConfig,
     OptimConfig,
     RolloutConfig,

@@ -29,7 +29,7 @@ import torch
 
 from dsrl_fast.errors import RunAborted
 from dsrl_fast.train.checkpoint import latest_checkpoint
-from dsrl_fast.train.interrupt import MicroBatchStops, StopRequest, Stopping
+from dsrl_fast.interrupt import MicroBatchStops, StopRequest, Stopping
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BOUND_S = 30.0
@@ -238,7 +238,7 @@ def _rank_main(rank: int, init_file: str, result_dir: str) -> None:
     at which Stopping was raised and how many votes ran."""
     import torch.distributed as dist
 
-    import dsrl_fast.train.interrupt as interrupt
+    import dsrl_fast.interrupt as interrupt
 
     interrupt.VOTE_EVERY_S = 0.2
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)

@@ -148,7 +148,8 @@ def test_an_unwritable_output_dir_fails_before_the_model_loads(tmp_path: Path, b
 
 
 def _toy_updater() -> tuple[TorchUpdater, Any]:
-    from dsrl_fast.data.toy import build_tiny_qwen3, build_toy_tokenizer
+    from dsrl_fast.data.toy import build_toy_tokenizer
+    from dsrl_fast.model.tiny import build_tiny_qwen3
 
     tokenizer = build_toy_tokenizer()
     model = build_tiny_qwen3(len(tokenizer))

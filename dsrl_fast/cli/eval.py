@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dsrl_fast.errors import RunStopped, UserError
-from dsrl_fast.train.interrupt import StopRequest
+from dsrl_fast.interrupt import StopRequest
 
 __all__ = ["EvalInterrupted", "add_eval_parser"]
 

@@ -40,9 +40,9 @@ __all__ = ["MAX_NUMBER_DIGITS", "AnswerMode", "EmptyAnswerError", "EmptyAnswers"
 logger = logging.getLogger(__name__)
 
 AnswerMode = Literal["field", "boxed", "list"]
-_ANSWER_MODES = ("field", "boxed", "list")
+ANSWER_MODES = ("field", "boxed", "list")
 EmptyAnswers = Literal["error", "skip"]
-_EMPTY_ANSWERS = ("error", "skip")
+EMPTY_ANSWERS = ("error", "skip")
 MAX_NUMBER_DIGITS = 1000
 
 
@@ -143,10 +143,10 @@ def _to_problems(
     answer_mode: AnswerMode,
     empty_answers: EmptyAnswers = "error",
 ) -> list[Problem]:
-    if answer_mode not in _ANSWER_MODES:
-        raise ValueError(f"answer_mode must be one of {_ANSWER_MODES}, got {answer_mode!r}")
-    if empty_answers not in _EMPTY_ANSWERS:
-        raise ValueError(f"empty_answers must be one of {_EMPTY_ANSWERS}, got {empty_answers!r}")
+    if answer_mode not in ANSWER_MODES:
+        raise ValueError(f"answer_mode must be one of {ANSWER_MODES}, got {answer_mode!r}")
+    if empty_answers not in EMPTY_ANSWERS:
+        raise ValueError(f"empty_answers must be one of {EMPTY_ANSWERS}, got {empty_answers!r}")
     problems = []
     skipped = 0
     for where, row in rows:

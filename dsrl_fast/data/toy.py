@@ -3,27 +3,20 @@
 Prompt ``"Compute a+b."``, reference answer ``"S"``; the supervised target is
 ``"a+b=S \\boxed{S}"`` followed by EOS, so the reward reads the last ``\\boxed{}`` like on real math
 data. The tokenizer is word level (each digit is a token) and the model a 2-layer Qwen3 that both
-transformers and vLLM load, so the whole DSRL loop runs on a laptop CPU:
-:func:`supervised_warmup` gives a weak starting policy, RL then improves its accuracy.
+transformers and vLLM load (dsrl_fast/model/tiny.py), so the whole DSRL loop runs on a laptop CPU: the supervised
+warm-up (dsrl_fast/train/warmup.py) gives a weak starting policy, RL then improves its accuracy.
 """
 
 from __future__ import annotations
 
-import os
 import random
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.nn.functional as F
-
 from dsrl_fast.data.problems import Problem
-from dsrl_fast.reward import exact_match_reward
-from dsrl_fast.rollout.base import RolloutEngine, SamplingConfig
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerFast, Qwen3ForCausalLM
+    from transformers import PreTrainedTokenizerFast
 
 __all__ = [
     "BOS",
@@ -31,16 +24,10 @@ __all__ = [
     "IM_START",
     "PAD",
     "TOY_VOCAB",
-    "build_tiny_qwen3",
     "build_toy_tokenizer",
     "encode_prompts",
-    "greedy_accuracy",
     "make_addition_problems",
-    "rollout_accuracy",
-    "sampled_accuracy",
-    "save_tiny_model",
     "sft_target",
-    "supervised_warmup",
 ]
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
@@ -115,161 +102,3 @@ def sft_target(problem: Problem) -> str:
 def encode_prompts(tokenizer: Any, problems: Sequence[Problem]) -> list[list[int]]:
     """Prompt token ids (``<bos>`` first) of each problem's text."""
     return [tokenizer(p.prompt_text)["input_ids"] for p in problems]
-
-
-def build_tiny_qwen3(
-    vocab_size: int,
-    seed: int = 0,
-    *,
-    bos_token_id: int | None = None,
-    eos_token_id: int | None = None,
-    pad_token_id: int | None = None,
-) -> Qwen3ForCausalLM:
-    """A freshly initialized fp32 Qwen3: 2 layers, hidden 128, 4 heads (2 KV, head_dim 32), MLP 512,
-    tied embeddings, 64 positions. The global RNG is left untouched."""
-    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
-
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:
-        raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}")
-    ids = {"bos_token_id": bos_token_id, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
-    for name, value in ids.items():
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab_size):
-            raise ValueError(f"{name} must be None or an int in [0, {vocab_size}), got {value!r}")
-    config = Qwen3Config(
-        vocab_size=vocab_size,
-        hidden_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        intermediate_size=512,
-        tie_word_embeddings=True,
-        max_position_embeddings=64,
-        dtype="float32",
-        bos_token_id=bos_token_id,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen3ForCausalLM(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id
-    )
-    return model
-
-
-def save_tiny_model(model: Any, tokenizer: Any, directory: str | os.PathLike[str]) -> Path:
-    """Write a Hugging Face model directory (config, safetensors, generation config, tokenizer) that
-    ``transformers.AutoModelForCausalLM``/``AutoTokenizer`` and ``vllm.LLM`` load. Returns the path."""
-    path = Path(directory)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def _sft_tensors(tokenizer: Any, problems: Sequence[Problem]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ``input_ids`` and ``labels`` (-100 on prompt and padding): both (P, L) int64."""
-    prompts = encode_prompts(tokenizer, problems)
-    targets = [
-        tokenizer(sft_target(p), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for p in problems
-    ]
-    length = max(len(p) + len(t) for p, t in zip(prompts, targets))
-    input_ids = torch.full((len(problems), length), tokenizer.pad_token_id, dtype=torch.long)
-    labels = torch.full((len(problems), length), -100, dtype=torch.long)
-    for i, (prompt, target) in enumerate(zip(prompts, targets)):
-        end = len(prompt) + len(target)
-        input_ids[i, :end] = torch.tensor(prompt + target)
-        labels[i, len(prompt) : end] = torch.tensor(target)
-    return input_ids, labels
-
-
-def supervised_warmup(
-    model: torch.nn.Module,
-    tokenizer: Any,
-    problems: Sequence[Problem],
-    steps: int,
-    batch_size: int = 128,
-    lr: float = 3e-3,
-    seed: int = 0,
-    should_stop: Callable[[], bool] | None = None,
-) -> list[float]:
-    """Teacher-forced training on ``prompt + sft_target + EOS`` with the loss on target tokens only.
-
-    Each step draws ``batch_size`` problems uniformly (with replacement, seeded) and takes one
-    AdamW step at ``lr``. Returns the per-step mean token cross-entropy (nats), one per step
-    taken. The model's train/eval mode is restored afterwards and its gradients are cleared.
-    ``should_stop`` is asked before every step; when it returns True the warm-up ends there
-    (fewer losses than ``steps``: the model is part-trained, and the caller decides what to do
-    with it).
-    """
-    for name, value in (("steps", steps), ("batch_size", batch_size), ("seed", seed)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "seed" else 1):
-            raise ValueError(f"{name} must be a {'non-negative' if name == 'seed' else 'positive'} int, got {value!r}")
-    if not problems:
-        raise ValueError("problems must be non-empty, got 0 problems")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr!r}")
-    device = next(model.parameters()).device
-    input_ids, labels = _sft_tensors(tokenizer, problems)
-    input_ids, labels = input_ids.to(device), labels.to(device)
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    was_training = model.training
-    model.train()
-    losses = []
-    try:
-        for _ in range(steps):
-            if should_stop is not None and should_stop():
-                break
-            rows = torch.randint(len(problems), (batch_size,), generator=generator).to(device)
-            logits = model(input_ids=input_ids[rows], use_cache=False).logits
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[rows, 1:].flatten())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.detach())
-    finally:
-        # The last step's gradients would otherwise be added to the caller's first backward (RL step 0).
-        optimizer.zero_grad(set_to_none=True)
-        model.train(was_training)
-    return torch.stack(losses).tolist() if losses else []
-
-
-def rollout_accuracy(
-    engine: RolloutEngine, tokenizer: Any, problems: Sequence[Problem], sampling: SamplingConfig
-) -> float:
-    """Fraction of sampled responses whose last ``\\boxed{}`` equals the reference
-    (:func:`dsrl_fast.reward.exact_match_reward`), over ``sampling.n`` responses per problem."""
-    if not problems:
-        raise ValueError("problems must be non-empty, got 0 problems")
-    rollouts = engine.generate(encode_prompts(tokenizer, problems), sampling)
-    texts = tokenizer.batch_decode([r.response_ids for r in rollouts], skip_special_tokens=True)
-    scores = exact_match_reward(texts, [problems[r.prompt_index].answer for r in rollouts])
-    return sum(scores) / len(scores)
-
-
-def sampled_accuracy(
-    engine: RolloutEngine,
-    tokenizer: Any,
-    problems: Sequence[Problem],
-    *,
-    n: int = 1,
-    temperature: float = 1.0,
-    max_new_tokens: int = 32,
-    seed: int = 0,
-) -> float:
-    """Accuracy of ``n`` samples per problem at ``temperature`` (seeded), stopping at EOS."""
-    sampling = SamplingConfig(
-        temperature=temperature, n=n, max_new_tokens=max_new_tokens, stop_token_ids=(tokenizer.eos_token_id,), seed=seed
-    )
-    return rollout_accuracy(engine, tokenizer, problems, sampling)
-
-
-def greedy_accuracy(
-    engine: RolloutEngine, tokenizer: Any, problems: Sequence[Problem], *, max_new_tokens: int = 32
-) -> float:
-    """Accuracy of greedy decoding, stopping at EOS."""
-    sampling = SamplingConfig(temperature=0.0, max_new_tokens=max_new_tokens, stop_token_ids=(tokenizer.eos_token_id,))
-    return rollout_accuracy(engine, tokenizer, problems, sampling)

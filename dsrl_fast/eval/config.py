@@ -1,13 +1,13 @@
 """Options of `dsrl-fast eval`: one typed dataclass, set from `key=value` arguments.
 
-Values are parsed as YAML (``limit=20``, ``template=null``, ``top_p=0.95``) and checked when the dataclass is built;
-errors name the key, the expected and the received value.
+Values are parsed as YAML (``limit=20``, ``template=null``, ``top_p=0.95``) and coerced and checked when the dataclass
+is built, by the typed-config engine train uses (dsrl_fast/typed_config.py); errors name the key, the expected and the
+received value.
 """
 
 from __future__ import annotations
 
 import math
-import types
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
@@ -15,7 +15,9 @@ from typing import Any
 
 import yaml
 
-from dsrl_fast.train.config import ANSWER_MODES, DTYPES
+from dsrl_fast.data.problems import ANSWER_MODES
+from dsrl_fast.model.dtypes import DTYPES
+from dsrl_fast.typed_config import Section, check_choice, check_not_empty
 
 __all__ = ["DEFAULT_KS", "ENGINES", "EvalConfig", "parse_ks", "parse_overrides"]
 
@@ -24,7 +26,7 @@ DEFAULT_KS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Section):
     """How models are sampled and scored.
 
     Attributes:
@@ -84,16 +86,14 @@ class EvalConfig:
     max_model_len: int | None = None
     progress: bool = True
 
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            _check_type(f.name, getattr(self, f.name), _hint(f.name))
-        for name in ("n", "max_new_tokens", "batch_size", "toy_train_size", "toy_eval_size", "cpu_kv_cache_gib"):
-            _check_min(name, getattr(self, name), 1)
-        for name in ("limit", "max_model_len"):
-            if getattr(self, name) is not None:
-                _check_min(name, getattr(self, name), 1)
-        _check_min("seed", self.seed, 0)
-        _check_min("toy_seed", self.toy_seed, 0)
+    def _check(self) -> None:
+        for name in ("n", "max_new_tokens", "batch_size", "toy_train_size", "toy_eval_size", "cpu_kv_cache_gib",
+                     "limit", "max_model_len"):
+            self._min(name, 1)
+        self._min("seed", 0)
+        self._min("toy_seed", 0)
+        for name in ("template", "reward", "data_dir", "problem_key", "answer_key"):
+            check_not_empty(name, getattr(self, name))
         if not self.ks or any(k < 1 for k in self.ks):
             raise ValueError(f"ks must be a non-empty list of ints >= 1, got {list(self.ks)}")
         self.ks = tuple(sorted(set(self.ks)))
@@ -103,46 +103,15 @@ class EvalConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
-        for name, choices in (("engine", ENGINES), ("dtype", DTYPES)):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
-        if self.answer_mode is not None and self.answer_mode not in ANSWER_MODES:
-            raise ValueError(f"answer_mode must be one of {ANSWER_MODES}, got {self.answer_mode!r}")
+        check_choice("engine", self.engine, ENGINES)
+        check_choice("dtype", self.dtype, DTYPES)
+        if self.answer_mode is not None:
+            check_choice("answer_mode", self.answer_mode, ANSWER_MODES)
 
     def sampling_settings(self) -> dict[str, Any]:
         """The options that decide the generations (a cache made with other values is not reused)."""
         keys = ("n", "temperature", "top_p", "max_new_tokens", "seed", "template", "add_special_tokens")
         return {k: getattr(self, k) for k in keys}
-
-
-def _hint(name: str) -> Any:
-    return typing.get_type_hints(EvalConfig)[name]
-
-
-def _check_type(name: str, value: Any, hint: Any) -> None:
-    args = typing.get_args(hint)
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        if value is None and type(None) in args:
-            return
-        hint = next(a for a in args if a is not type(None))
-        args = typing.get_args(hint)
-    if typing.get_origin(hint) is tuple:
-        if not isinstance(value, tuple) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            raise TypeError(f"{name} must be a list of ints, got {value!r}")
-        return
-    ok = {
-        bool: isinstance(value, bool),
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, (int, float)) and not isinstance(value, bool),
-        str: isinstance(value, str) and bool(value.strip()),
-    }[hint]
-    if not ok:
-        raise TypeError(f"{name} must be a {'non-empty str' if hint is str else hint.__name__}, got {value!r}")
-
-
-def _check_min(name: str, value: int, minimum: int) -> None:
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
 
 
 def parse_ks(text: str) -> tuple[int, ...]:
@@ -194,7 +163,7 @@ def parse_overrides(overrides: Sequence[str], base: dict[str, Any] | None = None
             value = yaml.safe_load(text)
         except yaml.YAMLError:
             value = text
-        hint = _hint(key)
+        hint = typing.get_type_hints(EvalConfig)[key]
         if key == "ks":
             value = parse_ks(text) if isinstance(value, (str, int)) else tuple(value or ())
         elif value is not None and (hint is str or str in typing.get_args(hint)) and not isinstance(value, str):

@@ -17,7 +17,7 @@ from dsrl_fast.eval.cache import GenerationCache, ProblemSamples
 from dsrl_fast.eval.config import EvalConfig
 from dsrl_fast.rollout.base import RolloutEngine, SamplingConfig
 from dsrl_fast.data.templates import render_prompt
-from dsrl_fast.train.interrupt import StopRequest
+from dsrl_fast.interrupt import StopRequest
 
 __all__ = ["encode_prompts", "generate_samples", "prompt_options"]
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from dsrl_fast.rollout.base import RolloutEngine
-from dsrl_fast.train.setup import model_dtype
+from dsrl_fast.model.dtypes import model_dtype
 
 __all__ = ["ModelSpec", "load_tokenizer", "model_positions", "open_engine", "parse_model_specs", "resolve_engine",
            "torch_dtype"]

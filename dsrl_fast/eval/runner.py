@@ -33,7 +33,7 @@ from dsrl_fast.eval.report import plot_pass_at_k, write_problem_counts, write_ta
 from dsrl_fast.eval.scoring import BenchmarkResult, RowSettings, score_samples, summarize
 from dsrl_fast.reward import RewardFn, get_reward_fn
 from dsrl_fast.rollout.base import RolloutEngine, SamplingConfig
-from dsrl_fast.train.interrupt import StopRequest
+from dsrl_fast.interrupt import StopRequest
 
 __all__ = ["DIGESTS", "EvalOutputs", "load_eval_sets", "progress_bar", "run_eval"]
 

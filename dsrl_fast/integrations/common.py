@@ -10,7 +10,7 @@ import torch
 
 from dsrl_fast.loss.config import PolicyLossConfig
 from dsrl_fast.loss.logprobs import linear_logprobs
-from dsrl_fast.loss.policy_loss import token_policy_loss
+from dsrl_fast.loss.token_loss import token_policy_loss
 
 DENOMINATORS = ("peer", "kept")
 

@@ -4,7 +4,7 @@ The clipped loss is Σ_i w_i · ℓ_i(logp_i, entropy_i): the token weights w_i 
 depend only on advantages, mask and sequence ids, and each ℓ_i only on its own token. So the gradient w.r.t. a
 chunk's log-probs is known as soon as the chunk's logits are, and the op in dsrl_fast/ops/grad_in_forward.py turns
 it into d_hidden and d_weight before the logits are dropped. The per-token gradient comes from autograd over the
-loss's own code (`_token_policy_loss`, restricted to the chunk with unit weights, then scaled by w_i), and the loss
+loss's own code (`token_loss_terms`, restricted to the chunk with unit weights, then scaled by w_i), and the loss
 value and metrics from one final call of it over all tokens, so the three paths share one definition of the loss.
 """
 
@@ -20,13 +20,7 @@ from dsrl_fast.ops.grad_in_forward import (
     PrecomputedGradients,
     logprobs_and_grads,
 )
-from dsrl_fast.loss.policy_loss import (
-    PolicyLossOutput,
-    _kept_tokens,
-    _sequence_index,
-    _token_policy_loss,
-    _token_weights,
-)
+from dsrl_fast.loss.token_loss import PolicyLossOutput, kept_tokens, sequence_index, token_loss_terms, token_weights
 
 # Below this many rows per chunk the GEMMs lose efficiency; `impl="auto"` then takes the no-logits path.
 MIN_CHUNK_ROWS = 1024
@@ -55,10 +49,10 @@ def grad_in_forward_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labe
     """
     n = hidden.shape[0]
     device = hidden.device
-    seq_index, num_seqs = _sequence_index(seq_ids, n, device)
-    kept = _kept_tokens(advantages, torch.ones(n, dtype=torch.bool, device=device) if mask is None else mask,
+    seq_index, num_seqs = sequence_index(seq_ids, n, device)
+    kept = kept_tokens(advantages, torch.ones(n, dtype=torch.bool, device=device) if mask is None else mask,
                         seq_index, num_seqs, config.samples)
-    weights = _token_weights(kept, seq_index, num_seqs, config) * config.loss_scale
+    weights = token_weights(kept, seq_index, num_seqs, config) * config.loss_scale
     compute_dh = torch.is_grad_enabled() and hidden.requires_grad
     compute_dw = torch.is_grad_enabled() and weight.requires_grad
     # Each token's own loss term with weight 1 (its kept flag as mask); the chunk gradient is then scaled by w_i.
@@ -70,7 +64,7 @@ def grad_in_forward_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labe
         with torch.enable_grad():
             lp = logp.detach().requires_grad_()
             ent = entropy.detach().requires_grad_() if entropy is not None and entropy_grad else entropy
-            loss, _ = _token_policy_loss(
+            loss, _ = token_loss_terms(
                 lp, advantages[idx], entropy=ent, mask=kept[idx],
                 old_logprobs=None if old_logprobs is None else old_logprobs[idx],
                 ref_logprobs=None if ref_logprobs is None else ref_logprobs[idx], seq_ids=None, is_weights=None,
@@ -96,7 +90,7 @@ def grad_in_forward_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labe
         result = logprobs_and_grads(hidden, weight, labels, token_grad, options, grad_rows, compute_dh, compute_dw)
     entropy = result.entropy
     assert entropy is not None
-    loss, metrics = _token_policy_loss(result.logprobs, advantages, entropy=entropy, mask=mask,
+    loss, metrics = token_loss_terms(result.logprobs, advantages, entropy=entropy, mask=mask,
                                        old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, seq_ids=seq_ids,
                                        is_weights=None, config=config)
     if compute_dh or compute_dw:

@@ -27,7 +27,6 @@ block offsets (for the dz and d_hidden kernels) and in (tile, row block) order w
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import numpy as np

@@ -36,7 +36,7 @@ import torch
 from dsrl_fast.planning.shapes import model_config
 from dsrl_fast.planning.simulate import LossWorkspace, micro_batch_peak
 from dsrl_fast.train.config import TrainConfig
-from dsrl_fast.train.setup import model_dtype
+from dsrl_fast.model.dtypes import model_dtype
 
 GIB = 1 << 30
 DEFAULT_VLLM_UTILIZATION = 0.5

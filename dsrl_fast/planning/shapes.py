@@ -56,7 +56,8 @@ def model_config(name_or_path: str | None) -> Any:
 def _toy_config() -> Any:
     import torch
 
-    from dsrl_fast.data.toy import TOY_VOCAB, build_tiny_qwen3
+    from dsrl_fast.data.toy import TOY_VOCAB
+    from dsrl_fast.model.tiny import build_tiny_qwen3
 
     with torch.device("meta"):
         return build_tiny_qwen3(len(TOY_VOCAB)).config

@@ -81,7 +81,7 @@ def normalize_unicode(text: str) -> str:
     return unicodedata.normalize("NFKC", text)
 
 
-_UNESCAPED_DOLLAR_RE = re.compile(r"(?<!\\)\$")
+UNESCAPED_DOLLAR_RE = re.compile(r"(?<!\\)\$")
 _SPACING_RE = re.compile(r"\\(?:left|right)(?![A-Za-z])|\\[!,;: ]")
 _DECIMAL_RE = re.compile(r"([-+]?)(\d*)(?:\.(\d*))?", re.ASCII)
 
@@ -90,7 +90,7 @@ def normalize_answer(answer: str) -> str:
     """Light normalization: Unicode as LaTeX; no ``$``, spacing commands or whitespace;
     ``\\dfrac``/``\\tfrac`` become ``\\frac``; percent signs (MATH writes ``50\\%`` for the reference ``50``)
     and a trailing period are dropped."""
-    s = _UNESCAPED_DOLLAR_RE.sub("", normalize_unicode(answer))
+    s = UNESCAPED_DOLLAR_RE.sub("", normalize_unicode(answer))
     s = _SPACING_RE.sub("", s)
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac").replace("\\%", "").replace("%", "")
     return "".join(s.split()).rstrip(".")

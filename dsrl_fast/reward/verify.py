@@ -22,7 +22,7 @@ from typing import Self
 from dsrl_fast.reward.base import MalformedAnswer, Outcome, RewardStats, check_batch
 from dsrl_fast.reward.extract import extract_boxed
 from dsrl_fast.reward.normalize import (
-    _UNESCAPED_DOLLAR_RE,
+    UNESCAPED_DOLLAR_RE,
     answers_match_fast,
     canonical_decimal,
     normalize_answer,
@@ -47,7 +47,7 @@ def math_verify_check(answer: str, reference: str) -> bool:
     from math_verify import parse, verify
 
     def boxed(s: str) -> str:
-        return "\\boxed{" + _UNESCAPED_DOLLAR_RE.sub("", s) + "}"
+        return "\\boxed{" + UNESCAPED_DOLLAR_RE.sub("", s) + "}"
 
     gold = parse(boxed(reference), parsing_timeout=None)
     if not gold:

@@ -22,7 +22,7 @@ from typing import Any
 
 from dsrl_fast.rollout.base import Rollout
 from dsrl_fast.distributed import reduce_floats
-from dsrl_fast.train.config import GuardConfig
+from dsrl_fast.rl.config import GuardConfig
 
 __all__ = ["GuardDecision", "GuardSignals", "MarginalGuard", "guard_signals"]
 

