@@ -35,7 +35,7 @@ from bench.harness import markdown_table
 
 # Adding a kernel module to the report is one entry here (the module must export compile_specs()).
 KERNEL_MODULES = ("dsrl_fast.kernels.linear_logprobs", "dsrl_fast.kernels.sparse_grads", "dsrl_fast.kernels.logits_rows",
-                  "dsrl_fast.kernels.varlen_attention")
+                  "dsrl_fast.kernels.varlen_attention", "dsrl_fast.kernels.varlen_attention_bwd")
 CAPABILITY = 90
 WARP_SIZE = 32
 # Opt-in dynamic shared memory per block on sm_90 (227 KiB), shared memory per SM (228 KiB, 1 KiB of it reserved

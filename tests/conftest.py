@@ -44,7 +44,7 @@ def one_torch_thread() -> Iterator[None]:
 def toy_reward() -> Iterator[None]:
     """One math-verify reward for every in-process trainer run of a module: its workers start once (~10 s each
     time). Patches the trainer's reward factory while the module runs."""
-    import dsrl_fast.train.trainer as trainer_mod
+    import dsrl_fast.train.run as run_mod
     from dsrl_fast.reward import MathVerifyReward
 
     reward = MathVerifyReward(num_workers=1)
@@ -54,6 +54,6 @@ def toy_reward() -> Iterator[None]:
         return reward.__call__  # no `close`: the trainer leaves it running for the next run
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(trainer_mod, "get_reward_fn", get_reward_fn)
+        patch.setattr(run_mod, "get_reward_fn", get_reward_fn)
         yield
     reward.close()

@@ -29,8 +29,8 @@ from dsrl_fast.model.packed import prepare_packed_model
 from dsrl_fast.data.packing import PackedBatch
 from dsrl_fast.loss.token_loss import PolicyLossOutput
 from dsrl_fast.rl.algorithms import Phase, phase_for_step
-from dsrl_fast.train.batch_update import UpdateOptions, run_batch
-from dsrl_fast.train.rl_step import StepSamples, run_update
+from dsrl_fast.train.batch_update import Packing, UpdateOptions, run_batch
+from dsrl_fast.train.rl_step import StepSamples
 from dsrl_fast.train.updaters import (
     DeepSpeedUpdater,
     PolicyModule,
@@ -180,9 +180,8 @@ def run(mode: str, steps: int, dtype: torch.dtype = torch.float32, algo: str = "
         rule = phase(step, algo)
         samples = shard(step_samples(step), rank, world)
         calls, fillers = updater.calls, updater.fillers
-        outcome = run_batch(run_update, updater, samples, rule, step=step, marginal_prefix=PREFIX,
-                            max_tokens=MAX_TOKENS, device=torch.device("cpu"), lr=rule.lr,
-                            options=UpdateOptions(epochs=epochs))
+        outcome = run_batch(updater, samples, rule, step=step, lr=rule.lr,
+                            packing=Packing(PREFIX, MAX_TOKENS, torch.device("cpu")), options=UpdateOptions(epochs=epochs))
         result = outcome.update
         counts = _gather_counts([updater.calls - calls, updater.fillers - fillers], world)
         records.append({"algo": rule.algo, "loss": result.loss, "entropy": result.entropy, "grad_norm": result.grad_norm,

@@ -13,17 +13,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels module imports triton
 
-from dsrl_fast.model.attention import (  # noqa: E402
-    TRANSFORMERS_ATTENTION_NAME,
-    packed_metadata_from_position_ids,
-    register_transformers_attention,
-    varlen_attention,
-)
-from dsrl_fast.kernels.varlen_attention import (  # noqa: E402
-    INTERPRETER_CONFIG,
-    varlen_attention_bwd,
-    varlen_attention_fwd,
-)
+from dsrl_fast.model.attention import TRANSFORMERS_ATTENTION_NAME, register_transformers_attention
+from dsrl_fast.ops.varlen_attention import packed_metadata_from_position_ids, varlen_attention
+from dsrl_fast.kernels.varlen_attention import INTERPRETER_CONFIG, varlen_attention_fwd  # noqa: E402
+from dsrl_fast.kernels.varlen_attention_bwd import varlen_attention_bwd  # noqa: E402
 from tests.conftest import KERNEL_DEVICE  # noqa: E402
 from tests.numerics import assert_within_budget  # noqa: E402
 

@@ -4,6 +4,7 @@ in the reward, and the marginal-phase guard, on a tiny Qwen3 with synthetic roll
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any
 
 import pytest
@@ -14,8 +15,10 @@ pytest.importorskip("transformers", reason="the RL step runs a transformers mode
 from dsrl_fast.model.packed import prepare_packed_model  # noqa: E402
 from dsrl_fast.rollout.base import Rollout  # noqa: E402
 from dsrl_fast.rl.algorithms import phase_for_step  # noqa: E402
+from dsrl_fast.train import batch_update  # noqa: E402
 from dsrl_fast.train.batch_update import (  # noqa: E402
     CriticSetup,
+    Packing,
     UpdateOptions,
     mini_batch_groups,
     policy_logprob_fn,
@@ -56,8 +59,10 @@ def _policy(base: torch.nn.Module, lr: float = 1e-2) -> RecordingUpdater:
 
 
 def _batch(updater: Any, samples: StepSamples, phase: Any, options: UpdateOptions, **kwargs: Any) -> Any:
-    return run_batch(run_update, updater, samples, phase, step=kwargs.pop("step", 0), marginal_prefix=PREFIX,
-                     max_tokens=kwargs.pop("max_tokens", 40), device=CPU, lr=kwargs.pop("lr", 1e-2),
+    packing = Packing(PREFIX, kwargs.pop("max_tokens", 40), CPU)
+    if kwargs.pop("marginal_logprob", False):
+        options = dataclasses.replace(options, marginal_logprob=True)
+    return run_batch(updater, samples, phase, step=kwargs.pop("step", 0), lr=kwargs.pop("lr", 1e-2), packing=packing,
                      options=options, **kwargs)
 
 
@@ -150,7 +155,7 @@ def test_value_loss_against_float64() -> None:
     assert abs(float(unclipped.detach()) - float(0.5 * ((v - ret) ** 2).sum().detach() / 50)) < 1e-5
 
 
-def test_ppo_trains_its_critic_and_uses_token_advantages(base: torch.nn.Module) -> None:
+def test_ppo_trains_its_critic_and_uses_token_advantages(base: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
     """Repeated PPO batches on fixed rollouts: the critic's value loss falls and explained variance rises; the
     policy's token advantages are whitened GAE (mean 0 over the batch's tokens)."""
     samples = random_samples()
@@ -166,9 +171,10 @@ def test_ppo_trains_its_critic_and_uses_token_advantages(base: torch.nn.Module) 
         captured.append(kwargs.get("token_advantages"))
         return run_update(*args, **kwargs)
 
+    monkeypatch.setattr(batch_update, "run_update", spy)
     for step in range(6):
-        result = run_batch(spy, policy, samples, phase, step=step, marginal_prefix=PREFIX, max_tokens=40, device=CPU,
-                           lr=1e-4, options=options, critic=critic)
+        result = run_batch(policy, samples, phase, step=step, lr=1e-4, packing=Packing(PREFIX, 40, CPU),
+                           options=options, critic=critic)
         seen.append(result.metrics)
     assert all(m["updates"] == 6 for m in seen)
     assert seen[-1]["value_loss"] < 0.5 * seen[0]["value_loss"], [m["value_loss"] for m in seen]

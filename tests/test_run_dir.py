@@ -32,7 +32,8 @@ from dsrl_fast.train.resume_check import (
     record_resume,
 )
 from dsrl_fast.train.run_dir import LOCK_FILE, lock_output_dir, prepare_output_dir
-from dsrl_fast.train.trainer import Dist, _load_sampler, _prepare_output_dir
+from dsrl_fast.train.components import Dist
+from dsrl_fast.train.run import claim_output_dir, load_sampler_state
 from tests.toy_runs import BASE, run
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -106,7 +107,7 @@ def test_a_stale_lock_of_a_pid_that_does_not_exist_is_taken_over(tmp_path: Path,
     pid = _dead_pid()
     (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "started": "yesterday"}))
     cfg = load_config(None, [*TINY, f"output_dir={tmp_path}"])
-    _, lock, _ = _prepare_output_dir(cfg, Dist(0, 1, "cpu"))  # type: ignore[arg-type]
+    _, lock, _ = claim_output_dir(cfg, Dist(0, 1, "cpu"))  # type: ignore[arg-type]
     assert lock is not None and json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
     assert f"taking over the lock of a run that is gone (pid {pid} on host {socket.gethostname()}, started " \
            f"yesterday; pid {pid} is not running)" in capsys.readouterr().out
@@ -127,12 +128,12 @@ def test_a_lock_from_another_host_is_refused_naming_its_holder(tmp_path: Path) -
 
 def test_only_rank_0_takes_the_lock(tmp_path: Path) -> None:
     cfg = load_config(None, [*TINY, f"output_dir={tmp_path}"])
-    assert _prepare_output_dir(cfg, Dist(1, 2, "cpu")) == (None, None, None)  # type: ignore[arg-type]
+    assert claim_output_dir(cfg, Dist(1, 2, "cpu")) == (None, None, None)  # type: ignore[arg-type]
     assert not (tmp_path / LOCK_FILE).exists()
-    _, lock, _ = _prepare_output_dir(cfg, Dist(0, 1, "cpu"))  # type: ignore[arg-type]
+    _, lock, _ = claim_output_dir(cfg, Dist(0, 1, "cpu"))  # type: ignore[arg-type]
     assert lock is not None and (tmp_path / LOCK_FILE).is_file()
     with pytest.raises(UserError, match="is in use by another run"):
-        _prepare_output_dir(cfg, Dist(0, 1, "cpu"))  # type: ignore[arg-type]
+        claim_output_dir(cfg, Dist(0, 1, "cpu"))  # type: ignore[arg-type]
     lock.release()
     assert not (tmp_path / LOCK_FILE).exists()
 
@@ -262,4 +263,4 @@ def test_an_allowed_change_of_the_training_set_is_one_line() -> None:
     sampler = PromptSampler(90, 4, seed=0)
     state: dict[str, Any] = {**PromptSampler(84, 4, seed=0).state_dict()}
     with pytest.raises(UserError, match="resume=true needs the checkpoint's 84 training problems, got 90"):
-        _load_sampler(sampler, state)
+        load_sampler_state(sampler, state)

@@ -25,7 +25,8 @@ import torch
 
 pytest.importorskip("transformers", reason="the trainer runs a transformers model (the train extra)")
 
-import dsrl_fast.train.trainer as trainer_mod
+import dsrl_fast.train.batch_update as batch_update_mod
+import dsrl_fast.train.run as run_mod
 from dsrl_fast.errors import UserError
 from dsrl_fast.loss.logprobs import linear_logprobs
 from dsrl_fast.model.packed import lm_head_weight, packed_hidden_states
@@ -117,9 +118,9 @@ def main_run(tmp_path_factory: pytest.TempPathFactory, toy_reward: None) -> tupl
 @pytest.fixture(scope="module")
 def kl_run(tmp_path_factory: pytest.TempPathFactory, toy_reward: None) -> tuple[TrainSummary, Path, ReferenceProbe]:
     out = tmp_path_factory.mktemp("kl_run")
-    probe = ReferenceProbe(trainer_mod.run_update)
+    probe = ReferenceProbe(batch_update_mod.run_update)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(trainer_mod, "run_update", probe)
+        patch.setattr(batch_update_mod, "run_update", probe)
         summary = run(out, *KL_RUN)
     return summary, out, probe
 
@@ -218,15 +219,15 @@ def test_resume_after_a_crash_repeats_no_step_and_matches_an_uninterrupted_run(
                 self.close()
                 raise _Killed
 
-    monkeypatch.setattr(trainer_mod, "MetricsLogger", KilledAfterStep3)
+    monkeypatch.setattr(run_mod, "MetricsLogger", KilledAfterStep3)
     with pytest.raises(_Killed):
         run(tmp_path, *KL_RUN)
-    monkeypatch.setattr(trainer_mod, "MetricsLogger", MetricsLogger)
+    monkeypatch.setattr(run_mod, "MetricsLogger", MetricsLogger)
     assert [r["step"] for r in rows_of(tmp_path)] == [0, 1, 2, 3]
     assert (checkpoint_dir(tmp_path, 2) / STATE_FILE).is_file() and not checkpoint_dir(tmp_path, 4).exists()
 
-    probe = ReferenceProbe(trainer_mod.run_update)
-    monkeypatch.setattr(trainer_mod, "run_update", probe)
+    probe = ReferenceProbe(batch_update_mod.run_update)
+    monkeypatch.setattr(batch_update_mod, "run_update", probe)
     resumed = run(tmp_path, *KL_RUN, "resume=true")
 
     rows, expected = rows_of(tmp_path), rows_of(baseline_out)
@@ -261,7 +262,7 @@ def test_vllm_engine_run_keeps_the_sampler_in_sync(tmp_path: Path, monkeypatch: 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     engines: list[Any] = []
-    build_engine = trainer_mod.build_engine
+    build_engine = run_mod.build_engine
 
     def keep_engine(*args: Any, **kwargs: Any) -> Any:
         engine = build_engine(*args, **kwargs)
@@ -269,7 +270,7 @@ def test_vllm_engine_run_keeps_the_sampler_in_sync(tmp_path: Path, monkeypatch: 
         monkeypatch.setattr(engine, "close", lambda: None)  # closed below, after the checks
         return engine
 
-    monkeypatch.setattr(trainer_mod, "build_engine", keep_engine)
+    monkeypatch.setattr(run_mod, "build_engine", keep_engine)
     try:
         summary = run(tmp_path, "rollout.engine=vllm", "optim.lr=1e-3")
         assert not (tmp_path / "vllm_init").exists(), "the initial weights copy for vLLM is removed at the end"

@@ -17,7 +17,8 @@ import torch
 
 pytest.importorskip("transformers", reason="the trainer runs a transformers model (the train extra)")
 
-import dsrl_fast.train.trainer as trainer_mod
+import dsrl_fast.train.run as run_mod
+import dsrl_fast.train.run_state as run_state_mod
 from dsrl_fast import cli
 from dsrl_fast.data.problems import Problem, PromptSampler
 from dsrl_fast.errors import CheckpointWriteError, RunAborted, UserError
@@ -84,10 +85,10 @@ def test_resume_from_a_bf16_checkpoint_continues_identically(bf16_run: Path, tmp
             raise KeyboardInterrupt  # stands for a kill right after the checkpoint
         return target
 
-    monkeypatch.setattr(trainer_mod, "save_checkpoint", killed_after_step_2)
+    monkeypatch.setattr(run_state_mod, "save_checkpoint", killed_after_step_2)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, "model.dtype=bfloat16", *LOW_LR)
-    monkeypatch.setattr(trainer_mod, "save_checkpoint", real_save)
+    monkeypatch.setattr(run_state_mod, "save_checkpoint", real_save)
     run(tmp_path, "model.dtype=bfloat16", *LOW_LR, "resume=true")
     resumed = torch.load(checkpoint_dir(tmp_path, 4) / "state.pt", weights_only=False)
     straight = torch.load(checkpoint_dir(bf16_run, 4) / "state.pt", weights_only=False)
@@ -142,7 +143,7 @@ def test_an_unwritable_output_dir_fails_before_the_model_loads(tmp_path: Path, b
     else:
         out.mkdir()
         (out / "checkpoints").write_text("a file where the checkpoints go")
-    monkeypatch.setattr(trainer_mod, "build_model", lambda *a: pytest.fail("the model must not load"))
+    monkeypatch.setattr(run_mod, "build_model", lambda *a: pytest.fail("the model must not load"))
     with pytest.raises(UserError, match="output_dir must be a"):
         run(out)
 
@@ -256,10 +257,10 @@ def test_periodic_evaluation_survives_a_kill_right_after_its_checkpoint(tmp_path
             raise KeyboardInterrupt
         return target
 
-    monkeypatch.setattr(trainer_mod, "save_checkpoint", killed_after)
+    monkeypatch.setattr(run_state_mod, "save_checkpoint", killed_after)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, "eval_every=2")
-    monkeypatch.setattr(trainer_mod, "save_checkpoint", real_save)
+    monkeypatch.setattr(run_state_mod, "save_checkpoint", real_save)
     run(tmp_path, "eval_every=2", "resume=true")
     evals = [r for r in read_metrics(tmp_path / "metrics.jsonl") if "eval_accuracy" in r]
     assert [r["step"] for r in evals] == [1], "the step-2 evaluation, logged before its checkpoint, is kept"

@@ -22,7 +22,7 @@ def prepare_packed_model(model: torch.nn.Module, *, attention_backend: str = "au
                          use_liger: bool = False) -> torch.nn.Module:
     """Switch `model` (a transformers causal LM) to the packed varlen attention, in place; returns it.
 
-    attention_backend: "auto" | "triton" | "flash_attn" | "torch" (see dsrl_fast.model.attention.varlen_attention).
+    attention_backend: "auto" | "triton" | "flash_attn" | "torch" (see dsrl_fast.ops.varlen_attention.varlen_attention).
     use_liger: on CUDA with liger-kernel installed, also apply its RMSNorm / SwiGLU / RoPE kernels to the model.
     """
     name = register_transformers_attention(attention_backend)

@@ -6,7 +6,7 @@ autograd saves, the recomputation of gradient checkpointing and the transient te
 the installed transformers version lays them out. Two pieces cannot run on meta tensors and are replaced by stand-ins
 that allocate what the real ones allocate:
 
-- the packed varlen attention (dsrl_fast.model.attention): the Triton and flash-attn kernels save q, k, v, out and an fp32
+- the packed varlen attention (dsrl_fast.ops.varlen_attention): the Triton and flash-attn kernels save q, k, v, out and an fp32
   logsumexp (Hq, T), and their backward allocates an fp32 delta (Hq, T) and dq, dk, dv;
 - the fused log-prob op, by `LossWorkspace.kind` (see there).
 

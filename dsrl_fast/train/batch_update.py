@@ -24,28 +24,34 @@ move).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from dsrl_fast.rl.advantages import gae, whiten
-from dsrl_fast.loss.logprobs import linear_logprobs
-from dsrl_fast.model.packed import gathered, lm_head_weight, packed_hidden_states
-from dsrl_fast.data.packing import PackedBatch, build_micro_batches
 from dsrl_fast.rl.algorithms import Phase
 from dsrl_fast.distributed import reduce_floats, reduce_tensor
 from dsrl_fast.train.sections import OLD_LOGPROBS
 from dsrl_fast.train.critic import ValueLossConfig, filler_config
-from dsrl_fast.train.rl_step import PACK_SPACE, StepSamples, UpdateResult, sample_advantages, update_samples
+from dsrl_fast.train.rl_step import StepSamples, UpdateResult, run_update, sample_advantages, update_samples
+from dsrl_fast.train.scoring import (
+    ScoreFn,
+    filled,
+    packed_micro_batches,
+    padded,
+    policy_logprob_fn,
+    rows,
+    score,
+    subset,
+    token_mean,
+)
 from dsrl_fast.train.updaters import Updater
 
-__all__ = ["OLD_LOGPROBS", "BatchResult", "CriticSetup", "UpdateOptions", "mini_batch_groups", "policy_logprob_fn",
-           "run_batch"]
+__all__ = ["OLD_LOGPROBS", "BatchResult", "CriticSetup", "Packing", "UpdateOptions", "mini_batch_groups",
+           "policy_logprob_fn", "run_batch"]
 
-ScoreFn = Callable[[PackedBatch], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,9 @@ class UpdateOptions:
     epochs: passes over the batch. old_logprobs: "recompute" or "sampler".
     kl_in_reward: β of the k1 KL penalty folded into the reward (needs a reference); 0 disables it.
     gamma, lam: GAE discount and λ (PPO only).
+    marginal_logprob: on marginal steps, also report the mean marginal log-prob per token of the scored responses
+        at the rollout weights (`marginal_logprob_mean`, for the guard; costs one no-grad pass, which then serves as
+        the old log-probs).
     """
 
     mini_batches: int = 1
@@ -64,6 +73,7 @@ class UpdateOptions:
     kl_in_reward: float = 0.0
     gamma: float = 1.0
     lam: float = 1.0
+    marginal_logprob: bool = False
 
     def __post_init__(self) -> None:
         for name in ("mini_batches", "epochs"):
@@ -82,6 +92,16 @@ class UpdateOptions:
     def updates(self) -> int:
         """Optimizer steps per rollout batch."""
         return self.mini_batches * self.epochs
+
+
+@dataclass(frozen=True)
+class Packing:
+    """How samples become packed micro-batches: the marginal prefix token ids, the token budget of a micro-batch and
+    the device the batches go to."""
+
+    marginal_prefix: Sequence[int]
+    max_tokens: int
+    device: torch.device
 
 
 @dataclass(frozen=True)
@@ -108,9 +128,16 @@ class BatchResult:
 
 
 @dataclass(frozen=True)
-class _Micro:
-    owners: list[int] | None  # indices into the step's samples; None: a zero-weight filler
-    batch: PackedBatch
+class _Scores:
+    """A batch's scores the policy updates use: per-sample advantages (N,), per-token advantages (token-level
+    estimators), the conditional old log-probs when already scored, the policy's and the reference's scorers."""
+
+    advantages: torch.Tensor
+    token_adv: list[torch.Tensor] | None
+    old_cond: list[torch.Tensor] | None
+    policy_fn: ScoreFn
+    ref_logprobs_fn: ScoreFn | None
+
 
 
 def mini_batch_groups(group_ids: torch.Tensor, mini_batches: int) -> list[list[int]]:
@@ -125,81 +152,6 @@ def mini_batch_groups(group_ids: torch.Tensor, mini_batches: int) -> list[list[i
     cuts = [bounds[k * len(starts) // mini_batches] for k in range(mini_batches + 1)]
     return [list(range(cuts[k], cuts[k + 1])) for k in range(mini_batches)]
 
-
-def _packed(samples: StepSamples, idx: Sequence[int], space: str, max_tokens: int,
-            prefix: Sequence[int]) -> list[_Micro]:
-    """Micro-batches of samples `idx` in `space`, padded with fillers to the same count on every rank."""
-    micro = [
-        _Micro([idx[j] for j in local], batch)
-        for local, batch in build_micro_batches([samples.prompt_ids[i] for i in idx],
-                                                [samples.response_ids[i] for i in idx], PACK_SPACE[space],
-                                                max_tokens, prefix=prefix)
-    ] if idx else []
-    (count,) = reduce_floats([float(len(micro))], dist.ReduceOp.MAX)
-    if len(micro) < count:
-        (_, filler), = build_micro_batches([samples.prompt_ids[0]], [samples.response_ids[0]], PACK_SPACE[space],
-                                           max_tokens, prefix=prefix)
-        micro += [_Micro(None, filler)] * (int(count) - len(micro))
-    return micro
-
-
-def _score(micro: list[_Micro], fn: ScoreFn, num_samples: int, device: torch.device) -> list[torch.Tensor | None]:
-    """Per-sample (L_i,) fp32 scores of a no-grad pass (None for samples not in `micro`)."""
-    out: list[torch.Tensor | None] = [None] * num_samples
-    with torch.no_grad():
-        for m in micro:
-            batch = m.batch.to(device)
-            scores = fn(batch).float()
-            if m.owners is None:
-                continue
-            for s, chunk in zip(batch.seq_sample_host, scores.split(list(batch.seq_response_lens))):
-                out[m.owners[s]] = chunk
-    return out
-
-
-def policy_logprob_fn(model: torch.nn.Module, temperature: float) -> ScoreFn:
-    """Log-probs of a packed batch's scored tokens under `model` (fused kernel on CUDA; gathered under ZeRO-3)."""
-
-    def score(batch: PackedBatch) -> torch.Tensor:
-        hidden = packed_hidden_states(model, batch)
-        labels = batch.labels.index_select(0, batch.masked_idx)
-        with gathered(lm_head_weight(model)) as weight:
-            return linear_logprobs(hidden, weight, labels, temperature=temperature).logprobs
-
-    return score
-
-
-def _filled(values: list[torch.Tensor | None], lengths: list[int], device: torch.device) -> list[torch.Tensor]:
-    """`values` with zeros for missing samples (only zero-weight fillers ever read those)."""
-    return [v if v is not None else torch.zeros(n, device=device) for v, n in zip(values, lengths)]
-
-
-def _padded(values: list[torch.Tensor], lengths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, L) fp32 right-padded values and the (B, L) bool mask."""
-    width = max(lengths)
-    out = values[0].new_zeros(len(values), width)
-    mask = torch.zeros(len(values), width, dtype=torch.bool, device=out.device)
-    for i, (v, n) in enumerate(zip(values, lengths)):
-        out[i, :n] = v
-        mask[i, :n] = True
-    return out, mask
-
-
-def _rows(padded: torch.Tensor, lengths: list[int]) -> list[torch.Tensor]:
-    return [padded[i, :n] for i, n in enumerate(lengths)]
-
-
-def _subset(samples: StepSamples, idx: list[int]) -> StepSamples:
-    return StepSamples([samples.prompt_ids[i] for i in idx], [samples.response_ids[i] for i in idx],
-                       [samples.sampler_logprobs[i] for i in idx], samples.rewards[idx], samples.group_ids[idx])
-
-
-def _token_mean(values: list[torch.Tensor | None]) -> float | None:
-    """Global mean over every token of the present samples (None when no rank has one)."""
-    present = [v for v in values if v is not None]
-    local = [float(sum(float(v.sum()) for v in present)), float(sum(v.numel() for v in present))]
-    total, count = reduce_floats(local)
-    return total / count if count else None
 
 
 def _merge(results: list[UpdateResult], epochs: int) -> UpdateResult:
@@ -237,8 +189,8 @@ def _token_rewards(samples: StepSamples, lengths: list[int], kl: list[torch.Tens
 
 
 def _whiten_tokens(values: list[torch.Tensor], lengths: list[int]) -> list[torch.Tensor]:
-    padded, mask = _padded(values, lengths)
-    return _rows(whiten(padded, mask.float(), reduce_tensor), lengths)
+    table, mask = padded(values, lengths)
+    return rows(whiten(table, mask.float(), reduce_tensor), lengths)
 
 
 def _critic_update(critic: CriticSetup, samples: StepSamples, chunks: list[list[int]], options: UpdateOptions,
@@ -249,7 +201,7 @@ def _critic_update(critic: CriticSetup, samples: StepSamples, chunks: list[list[
     plans = []
     for chunk in chunks:
         (tokens,) = reduce_floats([float(sum(lengths[i] for i in chunk))])
-        plans.append((_packed(samples, chunk, "conditional", max_tokens, prefix), max(1, int(tokens))))
+        plans.append((packed_micro_batches(samples, chunk, "conditional", max_tokens, prefix), max(1, int(tokens))))
     losses, clipped, norms, tokens_seen = [], 0.0, [], 0.0
     for _ in range(options.epochs):
         for micro, tokens in plans:
@@ -285,18 +237,15 @@ def _explained_variance(returns: list[torch.Tensor], values: list[torch.Tensor])
     return 1.0 - var_d / var_r if var_r > 1e-12 else float("nan")
 
 
-def run_batch(update_fn: Callable[..., UpdateResult], updater: Updater, samples: StepSamples, phase: Phase, *,
-              step: int, marginal_prefix: Sequence[int], max_tokens: int, device: torch.device, lr: float,
+def run_batch(updater: Updater, samples: StepSamples, phase: Phase, *, step: int, lr: float, packing: Packing,
               options: UpdateOptions = UpdateOptions(), critic: CriticSetup | None = None,
-              ref_logprobs_fn: ScoreFn | None = None, marginal_logprob: bool = False) -> BatchResult:
-    """Advantages, policy updates through `update_fn` (dsrl_fast.train.rl_step.run_update: one optimizer step on the
-    samples it is given), then the critic's updates. Every rank must call it with its own samples.
+              ref_logprobs_fn: ScoreFn | None = None) -> BatchResult:
+    """Advantages, the policy's updates (dsrl_fast.train.rl_step.run_update: one optimizer step on the samples it is
+    given, `options.updates` times), then the critic's updates. Every rank must call it with its own samples.
 
     ref_logprobs_fn: reference log-probs of a packed batch (needed by `options.kl_in_reward` and the loss's KL).
-    marginal_logprob: on marginal steps, also report the mean marginal log-prob per token of the scored responses
-    at the rollout weights (`marginal_logprob_mean`, for the guard; costs one no-grad pass, which then serves as
-    the old log-probs).
     """
+    marginal_prefix, max_tokens, device = packing.marginal_prefix, packing.max_tokens, packing.device
     if phase.estimator == "gae" and critic is None:
         raise ValueError(f"phase {phase.algo!r} needs a critic (CriticSetup), got None")
     n = len(samples.response_ids)
@@ -311,28 +260,28 @@ def run_batch(update_fn: Callable[..., UpdateResult], updater: Updater, samples:
     # Conditional scores of every sample: the critic's values, and π_old / π_ref for the reward's KL.
     values = old_cond = kl = None
     if critic is not None or reward_kl:
-        everyone = _packed(samples, list(range(n)), "conditional", max_tokens, marginal_prefix)
+        everyone = packed_micro_batches(samples, list(range(n)), "conditional", max_tokens, marginal_prefix)
         if critic is not None:
-            values = _filled(_score(everyone, critic.updater.module.model, n, device), lengths, device)
+            values = filled(score(everyone, critic.updater.module.model, n, device), lengths, device)
         if reward_kl:
             assert ref_logprobs_fn is not None
-            old_cond = _filled(_score(everyone, policy_fn, n, device), lengths, device)
-            ref = _filled(_score(everyone, ref_logprobs_fn, n, device), lengths, device)
+            old_cond = filled(score(everyone, policy_fn, n, device), lengths, device)
+            ref = filled(score(everyone, ref_logprobs_fn, n, device), lengths, device)
             kl = [o - r for o, r in zip(old_cond, ref)]
-            metrics["reward_kl"] = _token_mean(list(kl))
+            metrics["reward_kl"] = token_mean(list(kl))
     rewards = _token_rewards(samples, lengths, kl, options.kl_in_reward, device)
 
     token_adv: list[torch.Tensor] | None = None
     returns = None
     if values is not None:
-        padded_r, mask = _padded(rewards, lengths)
-        out = gae(padded_r, _padded(values, lengths)[0], mask, options.gamma, options.lam)
-        returns = _rows(out.returns, lengths)
+        padded_r, mask = padded(rewards, lengths)
+        out = gae(padded_r, padded(values, lengths)[0], mask, options.gamma, options.lam)
+        returns = rows(out.returns, lengths)
         if phase.estimator == "gae":
-            token_adv = _whiten_tokens(_rows(out.advantages, lengths), lengths)
+            token_adv = _whiten_tokens(rows(out.advantages, lengths), lengths)
     if phase.estimator == "reinforce_pp" and reward_kl:
-        padded_r, mask = _padded(rewards, lengths)
-        token_adv = _whiten_tokens(_rows(gae(padded_r, torch.zeros_like(padded_r), mask, 1.0, 1.0).advantages,
+        padded_r, mask = padded(rewards, lengths)
+        token_adv = _whiten_tokens(rows(gae(padded_r, torch.zeros_like(padded_r), mask, 1.0, 1.0).advantages,
                                          lengths), lengths)
     if token_adv is not None:
         advantages = torch.stack([a.mean() for a in token_adv]).cpu()
@@ -348,44 +297,41 @@ def run_batch(update_fn: Callable[..., UpdateResult], updater: Updater, samples:
         skip = f"critic warm-up (step {step} < critic.warmup_steps={critic.warmup_steps})"
     else:
         skip = None
-        update = _policy_updates(update_fn, updater, samples, phase, advantages, token_adv, old_cond, policy_fn,
-                                 metrics, groups, lr=lr, options=options, marginal_prefix=marginal_prefix,
-                                 max_tokens=max_tokens, device=device, ref_logprobs_fn=ref_logprobs_fn,
-                                 marginal_logprob=marginal_logprob)
+        scores = _Scores(advantages, token_adv, old_cond, policy_fn, ref_logprobs_fn)
+        update = _policy_updates(updater, samples, phase, scores, groups, lr=lr, packing=packing, options=options,
+                                 metrics=metrics)
     if critic is not None:
         assert returns is not None and values is not None
         metrics["explained_variance"] = _explained_variance(returns, values)
-        metrics["value_mean"] = _token_mean(list(values))
+        metrics["value_mean"] = token_mean(list(values))
         metrics.update(_critic_update(critic, samples, groups, options, returns, values, max_tokens=max_tokens,
                                       prefix=marginal_prefix, device=device))
     return BatchResult(advantages, update, metrics, skip)
 
 
-def _policy_updates(update_fn: Callable[..., UpdateResult], updater: Updater, samples: StepSamples, phase: Phase,
-                    advantages: torch.Tensor, token_adv: list[torch.Tensor] | None,
-                    old_cond: list[torch.Tensor] | None, policy_fn: ScoreFn, metrics: dict[str, Any],
-                    groups: list[list[int]], *, lr: float,
-                    options: UpdateOptions, marginal_prefix: Sequence[int], max_tokens: int, device: torch.device,
-                    ref_logprobs_fn: ScoreFn | None, marginal_logprob: bool) -> UpdateResult:
+def _policy_updates(updater: Updater, samples: StepSamples, phase: Phase, scores: _Scores, groups: list[list[int]], *,
+                    lr: float, packing: Packing, options: UpdateOptions, metrics: dict[str, Any]) -> UpdateResult:
     """The `mini_batches × epochs` optimizer steps of the policy (old log-probs first when they are needed); groups:
-    each mini-batch's sample indices (mini_batch_groups)."""
+    each mini-batch's sample indices (mini_batch_groups); metrics: gets "updates" (and the marginal log-prob)."""
+    marginal_prefix, max_tokens, device = packing.marginal_prefix, packing.max_tokens, packing.device
+    advantages, token_adv, old_cond, policy_fn = scores.advantages, scores.token_adv, scores.old_cond, scores.policy_fn
     n = len(samples.response_ids)
     lengths = [len(r) for r in samples.response_ids]
     conditional = phase.space == "conditional"
     old: list[torch.Tensor] | None = None
     if options.old_logprobs == "sampler" and conditional:
         old = [torch.tensor(lp, dtype=torch.float32, device=device) for lp in samples.sampler_logprobs]
-    elif options.updates > 1 or (marginal_logprob and not conditional):
+    elif options.updates > 1 or (options.marginal_logprob and not conditional):
         if old_cond is not None and conditional:
             old = old_cond
         else:
             _, trained = update_samples(advantages, phase, token_adv)
-            scored = _score(_packed(samples, trained, phase.space, max_tokens, marginal_prefix), policy_fn, n,
+            scored = score(packed_micro_batches(samples, trained, phase.space, max_tokens, marginal_prefix), policy_fn, n,
                             device)
             if not conditional:
-                metrics["marginal_logprob_mean"] = _token_mean(scored)
-            old = _filled(scored, lengths, device)
-    loss_ref = ref_logprobs_fn if phase.loss.kl_coef != 0 else None
+                metrics["marginal_logprob_mean"] = token_mean(scored)
+            old = filled(scored, lengths, device)
+    loss_ref = scores.ref_logprobs_fn if phase.loss.kl_coef != 0 else None
     results = []
     for _ in range(options.epochs):
         for chunk in groups:
@@ -394,8 +340,8 @@ def _policy_updates(update_fn: Callable[..., UpdateResult], updater: Updater, sa
                 extra["old_logprobs"] = [old[i] for i in chunk]
             if token_adv is not None:
                 extra["token_advantages"] = [token_adv[i] for i in chunk]
-            sub = samples if len(chunk) == n else _subset(samples, chunk)
-            results.append(update_fn(updater, sub, advantages[chunk], phase, marginal_prefix=marginal_prefix,
+            sub = samples if len(chunk) == n else subset(samples, chunk)
+            results.append(run_update(updater, sub, advantages[chunk], phase, marginal_prefix=marginal_prefix,
                                      max_tokens=max_tokens, device=device, lr=lr, ref_logprobs_fn=loss_ref, **extra))
     metrics["updates"] = sum(r.stepped for r in results)
     return _merge(results, options.epochs)
