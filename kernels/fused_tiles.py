@@ -18,7 +18,7 @@ import triton
 class KernelConfig(NamedTuple):
     """Tile shape and launch options of one kernel. resident_per_sm: programs of this config an sm_90a SM holds at
     once, which sizes the waves; above 1 the launch caps the registers per thread to fit them (`max_registers`).
-    tests/test_compile_report.py checks the claim against the compile (registers, shared memory, no spills)."""
+    tests/bench/test_compile_report.py checks the claim against the compile (registers, shared memory, no spills)."""
 
     block_n: int
     block_v: int

@@ -38,7 +38,7 @@ from dsrl_fast.train.updaters import (
     Updater,
     deepspeed_config,
 )
-from tests.test_model import VOCAB, tiny_model
+from tests.model.test_model import VOCAB, tiny_model
 
 MODES = ("torch", "zero2", "zero3")
 PROMPTS, ROLLOUTS = 4, 4

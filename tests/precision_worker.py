@@ -1,5 +1,5 @@
 """DeepSpeed's gradient accumulation over many bf16 micro-batches, against the exact sum (a subprocess of
-tests/test_precision.py: the runs share a one-rank process group, which must not outlive them).
+tests/train/test_precision.py: the runs share a one-rank process group, which must not outlive them).
 
     python tests/precision_worker.py --runs 1,2,3,2-default --micro-batches 64 --out result.json
 

@@ -1,4 +1,4 @@
-"""One rank of the TRL ZeRO-3 check in tests/test_integrations_trl.py, as a TRL user launches it:
+"""One rank of the TRL ZeRO-3 check in tests/integrations/test_integrations_trl.py, as a TRL user launches it:
 
     accelerate launch --config_file ACCELERATE_YAML tests/trl_zero3_worker.py MODEL_DIR OUT_DIR
 

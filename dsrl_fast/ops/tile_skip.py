@@ -13,7 +13,7 @@ Error (a bound, per row r): the dropped part of dz_r is g_r·p_rv on the skipped
 most MASS_BUDGET, so d_hidden_r moves by at most |g_r|·Σ_skipped p_rv·‖w_v‖ ≤ |g_r|·MASS_BUDGET·max‖w_v‖, and
 d_weight_v by at most Σ_r |g_r|·p_rv·‖h_r‖ over its skipped rows. Against the row's own gradient
 |g_r|·‖w_label − E_p[w]‖ that is a few MASS_BUDGET where the label holds most of the mass and the tail's weight
-rows are long: measured (tests/test_tile_skip.py, fp32, a steep Zipf stand-in, 54% of the pairs skipped) 4.6e-3
+rows are long: measured (tests/ops/test_tile_skip.py, fp32, a steep Zipf stand-in, 54% of the pairs skipped) 4.6e-3
 relative for d_hidden and 5e-5 for d_weight, against 3.9e-3 for one bf16 rounding. The per-element rule alone
 has no such bound: on a long flat tail (p ∝ rank^-1.1) it would drop over 10% of every row's mass.
 An entropy gradient would drop p·|log p + H| per element, ~|ln threshold| + H times more: with one every tile is

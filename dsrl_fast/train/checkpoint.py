@@ -119,7 +119,7 @@ def load_checkpoint(directory: Path, updater: Updater) -> dict[str, Any]:
     if isinstance(updater, DeepSpeedUpdater):
         updater.load_checkpoint(str(directory / "deepspeed"), tag="state")
     else:
-        updater.load_state_dict(torch.load(directory / "state.pt", map_location="cpu", weights_only=False))
+        updater.load_state_dict(torch.load(directory / "state.pt", map_location="cpu", weights_only=True))
     torch.set_rng_state(torch.tensor(state.pop("torch_rng"), dtype=torch.uint8))
     return state
 

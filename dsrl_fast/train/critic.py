@@ -182,4 +182,4 @@ def load_critic(directory: str | os.PathLike[str], updater: Any) -> None:
     if isinstance(updater, DeepSpeedUpdater):
         updater.load_checkpoint(str(path), tag="state")
     else:
-        updater.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+        updater.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
