@@ -14,8 +14,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
+
 from dsrl_fast.planning.memory import MemoryPlan
 from dsrl_fast.planning.request import PlanRequest
+from dsrl_fast.planning.shapes import model_config
+from dsrl_fast.planning.vllm import vllm_share
 
 UTILIZATION_STEP = 0.05
 MAX_FIXES = 4
@@ -64,8 +68,11 @@ def _rollout_overrides(request: PlanRequest, plan: MemoryPlan) -> tuple[str, ...
     tp = v.tensor_parallel
     while True:
         extra = (*lower, f"rollout.tensor_parallel_size={tp}") if tp != v.tensor_parallel else lower
-        candidate = request.with_overrides(*extra).plan().vllm
-        if candidate is not None and candidate.starts:
+        cfg = request.with_overrides(*extra).load_config()
+        candidate = vllm_share(cfg, model_config(cfg.model.name_or_path), params=plan.parameters,
+                               bytes_per_value=getattr(torch, plan.dtype).itemsize, gpus=request.gpus,
+                               gpu_memory=plan.gpu_memory, reserves=request.vllm_reserves)
+        if candidate.starts:
             return extra
         tp *= 2
         if tp > request.gpus or request.gpus % tp:

@@ -303,7 +303,7 @@ def micro_batch_peak(config: Any, *, dtype: torch.dtype, tokens: int, scored: in
                             gradient_checkpointing=gradient_checkpointing, workspace=workspace,
                             entropy_gradient=entropy_gradient, first_micro_batch=first_micro_batch)
     depth = getattr(config, "num_hidden_layers", 0)
-    if depth <= PROBE_DEPTHS[-1] or not _layers_alike(config):
+    if depth <= sum(PROBE_DEPTHS) or not _layers_alike(config):  # the probes cost sum(PROBE_DEPTHS) layers
         return run(config)
     p1, p2, p3 = (run(_with_depth(config, layers)) for layers in PROBE_DEPTHS)
     if p2 - p1 != p3 - p2:
