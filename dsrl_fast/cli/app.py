@@ -56,11 +56,12 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _load_train_config(args: argparse.Namespace) -> object:
+    from dsrl_fast.planning.auto import resolve_auto_micro_batch
     from dsrl_fast.train.config import load_config, preset_path
 
     try:
         path = preset_path(args.preset) if args.preset else args.config
-        return load_config(path, args.overrides)
+        return load_config(path, resolve_auto_micro_batch(args.preset, args.config, args.overrides))
     except (ValueError, TypeError, FileNotFoundError) as exc:
         raise UserError(str(exc)) from exc
 

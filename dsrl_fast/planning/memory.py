@@ -16,10 +16,12 @@ in the model dtype, n GPUs (data-parallel ranks). What the model charges per GPU
   models; the plain updater frees each 16-bit gradient as it casts it) and the square-root temporary of
   multi-tensor AdamW, 4Ψ each, divided like the optimizer states (none on the GPU with offload_optimizer).
 - a frozen KL reference copy Ψ·d when algo.kl_coef > 0.
-- vLLM's share: rollout.gpu_memory_utilization × the GPU memory (DEFAULT_VLLM_UTILIZATION when the config has no such
-  key) with rollout.engine "vllm"; held through the update unless vLLM sleeps during it
-  (rollout.sleep_between_generations).
-- a runtime reserve for the CUDA context, cuBLAS/NCCL workspaces and allocator fragmentation (DEFAULT_RESERVE).
+- vLLM's share with rollout.engine "vllm" (dsrl_fast.planning.vllm): rollout.gpu_memory_utilization × the GPU
+  memory, split into weights, profiling peak, CUDA-graph pool, communication buffers and KV cache; held through the
+  update unless vLLM sleeps during it (rollout.sleep_between_generations), when only the CUDA-graph pool and the
+  communication buffers stay.
+- a runtime reserve for the trainer's CUDA context, cuBLAS/NCCL workspaces and allocator fragmentation
+  (DEFAULT_RESERVE: a guess, not a measurement).
 
 The peak per GPU is the larger of the update phase (everything above but a sleeping vLLM) and the rollout phase
 (weights, masters, optimizer states, reference, vLLM, reserve).
@@ -27,6 +29,8 @@ The peak per GPU is the larger of the update phase (everything above but a sleep
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -35,11 +39,11 @@ import torch
 
 from dsrl_fast.planning.shapes import model_config
 from dsrl_fast.planning.simulate import LossWorkspace, micro_batch_peak
+from dsrl_fast.planning.units import GIB
+from dsrl_fast.planning.vllm import VllmReserves, VllmShare, vllm_share
 from dsrl_fast.train.config import TrainConfig
 from dsrl_fast.model.dtypes import model_dtype
 
-GIB = 1 << 30
-DEFAULT_VLLM_UTILIZATION = 0.5
 DEFAULT_RESERVE = 2 * GIB
 DS_BUCKET_ELEMENTS = 500_000_000
 ZERO3_MAX_LIVE_ELEMENTS = 1_000_000_000
@@ -67,6 +71,8 @@ class MemoryPlan:
     other way. update_peak / rollout_peak: the two phases' totals. max_tokens: the largest
     optim.max_tokens_per_micro_batch (a multiple of TOKEN_GRANULE) whose update phase fits, None if none does.
     longest_sequence: data.max_prompt_len + rollout.max_response_len (the smallest valid token budget).
+    gpu_memory_source: where gpu_memory comes from (the command line, the CUDA device, the default).
+    vllm: vLLM's share and KV-cache capacity (rollout.engine "vllm"), else None.
     """
 
     model: str
@@ -84,6 +90,8 @@ class MemoryPlan:
     rollout_peak: int
     max_tokens: int | None
     longest_sequence: int
+    gpu_memory_source: str = "given"
+    vllm: VllmShare | None = None
 
     @property
     def peak(self) -> int:
@@ -92,8 +100,8 @@ class MemoryPlan:
 
     @property
     def fits(self) -> bool:
-        """True when the peak fits the GPU memory."""
-        return self.peak <= self.gpu_memory
+        """True when the peak fits the GPU memory and vLLM's KV cache holds at least one full-length sequence."""
+        return self.peak <= self.gpu_memory and (self.vllm is None or self.vllm.starts)
 
 
 @dataclass(frozen=True)
@@ -122,6 +130,19 @@ def count_parameters(config: Any) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+@functools.lru_cache(maxsize=8)
+def _count_cached(config_json: str) -> int:
+    """count_parameters once per model config (its JSON text)."""
+    return count_parameters(_config_from_json(config_json))
+
+
+def _config_from_json(config_json: str) -> Any:
+    from transformers import AutoConfig
+
+    config_dict = json.loads(config_json)
+    return AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+
+
 def _check_int(name: str, value: Any, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
@@ -136,7 +157,7 @@ def _setup(cfg: TrainConfig, gpus: int) -> _Setup:
     dtype = model_dtype(cfg.model.dtype, torch.device("cuda"))  # a plan is for GPUs: "auto" is bfloat16
     config = model_config(cfg.model.name_or_path)
     return _Setup(
-        config=config, dtype=dtype, params=count_parameters(config), vocab=config.vocab_size,
+        config=config, dtype=dtype, params=_count_cached(config.to_json_string()), vocab=config.vocab_size,
         hidden=config.hidden_size, gpus=gpus, use_deepspeed=use_ds, zero_stage=ds.zero_stage if use_ds else 0,
         offload_optimizer=use_ds and ds.offload_optimizer, offload_params=use_ds and ds.offload_params,
         masters=dtype.itemsize < 4,
@@ -150,7 +171,8 @@ def _updater_name(s: _Setup) -> str:
     return f"DeepSpeed ZeRO-{s.zero_stage}" + (f", {' + '.join(offload)} offloaded to CPU" if offload else "")
 
 
-def _state_items(s: _Setup, cfg: TrainConfig, gpu_memory: int, vllm_sleep: bool, reserve: int) -> list[MemoryItem]:
+def _state_items(s: _Setup, cfg: TrainConfig, vllm: VllmShare | None, vllm_sleep: bool,
+                 reserve: int) -> list[MemoryItem]:
     """Every line but the micro-batch's (weights, masters, optimizer, gradients, step, reference, vLLM, reserve)."""
     psi, d, n = s.params, s.dtype.itemsize, s.gpus
     dtype_name = str(s.dtype).removeprefix("torch.")
@@ -186,16 +208,33 @@ def _state_items(s: _Setup, cfg: TrainConfig, gpu_memory: int, vllm_sleep: bool,
                             ("fp32 gradient copy + AdamW sqrt temporary" if s.masters else "AdamW sqrt temporary")))
     if cfg.algo.kl_coef > 0:
         items.append(MemoryItem("KL reference model", psi * d, ALWAYS, "algo.kl_coef > 0"))
-    if cfg.rollout.engine == "vllm":
-        utilization = getattr(cfg.rollout, "gpu_memory_utilization", DEFAULT_VLLM_UTILIZATION)
-        items.append(MemoryItem("vLLM (weights + KV cache)", int(utilization * gpu_memory),
-                                ROLLOUT if vllm_sleep else ALWAYS,
-                                f"gpu_memory_utilization {utilization:g}" + ("; asleep during the update"
-                                                                             if vllm_sleep else "")))
+    if vllm is not None:
+        items += _vllm_items(vllm, dtype_name, vllm_sleep)
     else:
         items.append(MemoryItem("vLLM", 0, ROLLOUT, "rollout.engine hf: generation cache not modelled"))
-    items.append(MemoryItem("runtime reserve", reserve, ALWAYS, "CUDA context, workspaces, fragmentation"))
+    items.append(MemoryItem("runtime reserve (guess)", reserve, ALWAYS,
+                            "trainer's CUDA context, cuBLAS/NCCL workspaces, fragmentation; not measured (--reserve)"))
     return items
+
+
+def _vllm_items(v: VllmShare, dtype_name: str, asleep: bool) -> list[MemoryItem]:
+    """vLLM's lines: what level-1 sleep frees (weights, KV cache, profiling peak) and what it keeps."""
+    freed = ROLLOUT if asleep else ALWAYS
+    tp = f"1/{v.tensor_parallel} (tensor_parallel_size)" if v.tensor_parallel > 1 else ""
+    sleep = "; on the CPU while asleep" if asleep else ""
+    return [
+        MemoryItem(f"vLLM weights ({dtype_name})", v.weights, freed, (tp + sleep).lstrip("; ")),
+        MemoryItem("vLLM profiling peak (estimate)", v.activations, freed, "forward over max_num_batched_tokens + "
+                   "sampler over max_num_seqs"),
+        MemoryItem("vLLM CUDA-graph pool (guess)", v.cuda_graphs, ALWAYS,
+                   "kept through level-1 sleep; not measured (--cuda-graph-memory)"),
+        MemoryItem("vLLM communication buffers (guess)", v.comm_buffers, ALWAYS,
+                   "NCCL/all-reduce of a TP engine, kept through sleep (--comm-buffers)" if v.tensor_parallel > 1
+                   else "none at tensor_parallel_size 1"),
+        MemoryItem("vLLM KV cache", max(0, v.kv_cache), freed,
+                   f"the rest of gpu_memory_utilization {v.utilization:g} x GPU = {v.budget / GIB:.2f} GiB"
+                   + ("; freed while asleep" if asleep else "")),
+    ]
 
 
 def _sum(items: list[MemoryItem], *phases: str) -> int:
@@ -203,8 +242,15 @@ def _sum(items: list[MemoryItem], *phases: str) -> int:
 
 
 def _micro(s: _Setup, tokens: int, checkpointing: bool, workspace: LossWorkspace | None) -> int:
-    return micro_batch_peak(s.config, dtype=s.dtype, tokens=tokens, scored=tokens,
-                            gradient_checkpointing=checkpointing, workspace=workspace)
+    return _micro_cached(s.config.to_json_string(), s.dtype, tokens, checkpointing, workspace)
+
+
+@functools.lru_cache(maxsize=256)
+def _micro_cached(config_json: str, dtype: torch.dtype, tokens: int, checkpointing: bool,
+                  workspace: LossWorkspace | None) -> int:
+    """micro_batch_peak once per model config (its JSON text) and micro-batch: re-plans for the fixes repeat them."""
+    return micro_batch_peak(_config_from_json(config_json), dtype=dtype, tokens=tokens, scored=tokens, gradient_checkpointing=checkpointing,
+                            workspace=workspace)
 
 
 def _max_tokens(s: _Setup, budget: int, checkpointing: bool, workspace: LossWorkspace, at: int,
@@ -226,11 +272,14 @@ def _max_tokens(s: _Setup, budget: int, checkpointing: bool, workspace: LossWork
 
 
 def plan_memory(cfg: TrainConfig, *, gpus: int, gpu_memory: int, workspace: LossWorkspace = LossWorkspace(),
-                vllm_sleep: bool | None = None, reserve: int = DEFAULT_RESERVE) -> MemoryPlan:
+                vllm_sleep: bool | None = None, reserve: int = DEFAULT_RESERVE,
+                vllm_reserves: VllmReserves = VllmReserves(), gpu_memory_source: str = "given") -> MemoryPlan:
     """Estimate the per-GPU memory of training `cfg` on `gpus` GPUs with `gpu_memory` bytes each.
 
     workspace: memory model of the fused loss (default: the Triton no-logits op). vllm_sleep: vLLM releases its memory
-    during the update; None reads rollout.sleep_between_generations (False when the config has no such key). reserve: bytes set aside for the CUDA context, workspaces and fragmentation.
+    (level-1 sleep) during the update; None reads rollout.sleep_between_generations. reserve: bytes set aside for
+    the trainer's CUDA context, workspaces and fragmentation. vllm_reserves: vLLM's CUDA-graph pool and
+    communication buffers. gpu_memory_source: where gpu_memory comes from, printed with it.
     Raises ValueError/TypeError naming the argument (or the config key) on bad input.
     """
     if not isinstance(cfg, TrainConfig):
@@ -240,6 +289,8 @@ def plan_memory(cfg: TrainConfig, *, gpus: int, gpu_memory: int, workspace: Loss
     _check_int("reserve", reserve, 0)
     if not isinstance(workspace, LossWorkspace):
         raise TypeError(f"workspace must be a LossWorkspace, got {type(workspace).__name__}")
+    if not isinstance(vllm_reserves, VllmReserves):
+        raise TypeError(f"vllm_reserves must be a VllmReserves, got {type(vllm_reserves).__name__}")
     # The launches `dsrl-fast train` refuses (dsrl_fast.train.setup.check_requirements) have no plan either.
     if cfg.prompts_per_step % gpus:
         raise ValueError(f"prompts_per_step must be a multiple of gpus={gpus} (each rank samples an equal share), "
@@ -249,12 +300,15 @@ def plan_memory(cfg: TrainConfig, *, gpus: int, gpu_memory: int, workspace: Loss
                          f"{cfg.rollout.tensor_parallel_size}")
     s = _setup(cfg, gpus)
     if vllm_sleep is None:
-        vllm_sleep = bool(getattr(cfg.rollout, "sleep_between_generations", False))
+        vllm_sleep = cfg.rollout.sleep_between_generations
+    vllm = None if cfg.rollout.engine != "vllm" else vllm_share(
+        cfg, s.config, params=s.params, bytes_per_value=s.dtype.itemsize, gpus=gpus, gpu_memory=gpu_memory,
+        reserves=vllm_reserves)
     tokens = cfg.optim.max_tokens_per_micro_batch
     checkpointing = cfg.model.gradient_checkpointing
     activations = _micro(s, tokens, checkpointing, None)
     micro = _micro(s, tokens, checkpointing, workspace)
-    items = _state_items(s, cfg, gpu_memory, vllm_sleep, reserve)
+    items = _state_items(s, cfg, vllm, vllm_sleep, reserve)
     at = next(k for k, item in enumerate(items) if item.phase == STEP)
     items[at:at] = [MemoryItem(f"activations (checkpointing {'on' if checkpointing else 'off'})", activations,
                                MICRO_BATCH, f"{tokens:,} packed tokens"),
@@ -273,4 +327,5 @@ def plan_memory(cfg: TrainConfig, *, gpus: int, gpu_memory: int, workspace: Loss
         activations_other=_micro(s, tokens, not checkpointing, None), update_peak=update_peak,
         rollout_peak=rollout_peak, max_tokens=max_tokens,
         longest_sequence=cfg.data.max_prompt_len + cfg.rollout.max_response_len,
+        gpu_memory_source=gpu_memory_source, vllm=vllm,
     )

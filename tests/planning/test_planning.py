@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import math
 
 import pytest
 import torch
@@ -39,13 +40,13 @@ def test_unknown_model_is_refused_with_the_shipped_names() -> None:
         model_config("someone/unknown-7b")
 
 
-@pytest.mark.parametrize(("text", "expected"), [("80GiB", 80 * GIB), ("80 GB", 80 * 10**9), ("24", 24 * GIB),
-                                                ("1.5gib", 3 * GIB // 2), ("81920MiB", 80 * GIB)])
+@pytest.mark.parametrize(("text", "expected"), [("80GiB", 80 * GIB), ("80 GB", 80 * 10**9), ("1.5gib", 3 * GIB // 2),
+                                                ("81920MiB", 80 * GIB)])
 def test_parse_memory(text: str, expected: int) -> None:
     assert parse_memory(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "80XB", "-1GiB", "0GiB", "GiB"])
+@pytest.mark.parametrize("text", ["", "80XB", "-1GiB", "0GiB", "GiB", "24"])
 def test_parse_memory_rejects(text: str) -> None:
     with pytest.raises(ValueError, match="memory size"):
         parse_memory(text)
@@ -74,7 +75,8 @@ def test_state_is_divided_as_zero_stage_says(stage: int) -> None:
     assert items["fp32 master weights"] == 4 * psi // (4 if stage >= 1 else 1)
     assert items["optimizer states"] == 8 * psi // (4 if stage >= 1 else 1)
     assert items["gradients"] == psi * 2 // (4 if stage >= 2 else 1)
-    assert items["vLLM"] == int(cfg.rollout.gpu_memory_utilization * 80 * GIB)
+    vllm = sum(nbytes for name, nbytes in items.items() if name.startswith("vLLM"))
+    assert vllm == math.ceil(cfg.rollout.gpu_memory_utilization * 80 * GIB)  # its parts add up to its budget
 
 
 def test_offload_and_fp32_remove_what_they_should() -> None:
@@ -112,7 +114,10 @@ def test_checkpointing_and_vllm_sleep_lower_the_peak() -> None:
                   "rollout.sleep_between_generations=true")
     plan = plan_memory(cfg, gpus=1, gpu_memory=80 * GIB)
     awake = plan_memory(cfg, gpus=1, gpu_memory=80 * GIB, vllm_sleep=False)
-    assert awake.update_peak - plan.update_peak == _items(plan)["vLLM"]
+    freed = sum(i.nbytes for i in plan.items if i.name.startswith("vLLM") and i.phase == "rollout")
+    kept = {i.name for i in plan.items if i.name.startswith("vLLM") and i.phase == "always"}
+    assert kept == {"vLLM CUDA-graph pool (guess)", "vLLM communication buffers (guess)"}  # level-1 sleep keeps them
+    assert awake.update_peak - plan.update_peak == freed > 0
     activations = _items(plan)["activations"]
     assert plan.gradient_checkpointing and plan.activations_other > 5 * activations
     assert plan.update_peak < plan.rollout_peak  # vLLM asleep during the update
