@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import resource
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -72,3 +74,19 @@ def run_loss_demo(n: int = 2048, hidden_size: int = 128, vocab: int = 32000, see
           f"{figures['grad_hidden_max_error']:.2e}, max |Δ d_weight| = {figures['grad_weight_max_error']:.2e}")
     print(f"  time: fused {fused_s:.2f} s, materialized {naive_s:.2f} s (CPU times are not GPU figures)")
     return figures
+
+
+def add_loss_demo_parser(sub: argparse._SubParsersAction,
+                         add_debug: Callable[[argparse.ArgumentParser, object], None]) -> None:
+    """The `loss-demo` subcommand."""
+    demo = sub.add_parser("loss-demo", help="compare the fused policy loss with materialized logits on CPU")
+    demo.add_argument("--tokens", type=int, default=2048, help="number of scored tokens N")
+    demo.add_argument("--hidden", type=int, default=128, help="hidden size H")
+    demo.add_argument("--vocab", type=int, default=32000, help="vocabulary size V")
+    add_debug(demo, argparse.SUPPRESS)
+    demo.set_defaults(handler=_loss_demo)
+
+
+def _loss_demo(args: argparse.Namespace) -> int:
+    run_loss_demo(n=args.tokens, hidden_size=args.hidden, vocab=args.vocab)
+    return 0
