@@ -61,8 +61,9 @@ def token_weights(kept: torch.Tensor, seq_index: torch.Tensor, num_seqs: int,
     """(N,) fp32 weights w such that loss = Σ w·ℓ implements config.agg over the kept tokens."""
     keep = kept.float()
     if config.agg == "token-mean":
-        denom = keep.sum() if config.norm_tokens is None else keep.new_tensor(float(config.norm_tokens))
-        return keep / denom.clamp_min(1.0)
+        if config.norm_tokens is not None:  # a host number: no tensor made from it (a device sync per call on GPU)
+            return keep / max(float(config.norm_tokens), 1.0)
+        return keep / keep.sum().clamp_min(1.0)
     seq_tokens = torch.zeros(num_seqs, device=keep.device).index_add_(0, seq_index, keep)
     kept_seqs = (seq_tokens > 0).float().sum().clamp_min(1.0)
     if config.agg == "seq-mean-token-mean":

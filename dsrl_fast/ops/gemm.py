@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 
@@ -37,15 +38,28 @@ def _cuda_out_dtype_support(device: torch.device) -> tuple[bool, bool]:
 
 
 def gemm_strategy(device: torch.device, *, accumulate: bool) -> str:
-    """Which of GEMM_STRATEGIES :func:`matmul_into` uses on `device` for 16-bit operands and an fp32 `out`."""
+    """Which of GEMM_STRATEGIES :func:`matmul_into` uses on `device` for 16-bit operands and an fp32 `out`; on CUDA
+    a torch without the fast path says so once (a warning naming the version that has it)."""
     if device.type != "cuda":
         return "upcast"
     mm_ok, addmm_ok = _cuda_out_dtype_support(device)
     if not mm_ok:
+        _warn_once(f"torch {torch.__version__} has no fp32-output cuBLAS GEMM for 16-bit operands: the fused loss "
+                   "upcasts its GEMM operands to fp32 (TF32 off, several times slower); torch >= 2.10 runs it at "
+                   "full speed")
         return "upcast"
     if not accumulate:
         return "mm_out_dtype"
-    return "addmm_out_dtype" if addmm_ok else "mm_out_dtype_add"
+    if not addmm_ok:
+        _warn_once(f"torch {torch.__version__} cannot accumulate into an fp32 output in one cuBLAS call: the fused "
+                   "loss adds each product through an extra fp32 temporary; torch >= 2.10 avoids it")
+        return "mm_out_dtype_add"
+    return "addmm_out_dtype"
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def matmul_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate: bool) -> None:

@@ -166,3 +166,75 @@ def test_fp32_weight_grad_accumulation_halves_the_error_over_many_chunks() -> No
     one_rounding = float((truth.half().double() - truth).pow(2).mean().sqrt() / truth.pow(2).mean().sqrt())
     fp32, fp16 = rms_error(True), rms_error(False)
     assert fp32 <= 1.6 * one_rounding and fp32 < 0.75 * fp16, (fp32, fp16, one_rounding)
+
+
+# Tensor methods that wait for the device: reads to the host (nonzero needs its result's size there) and copies of
+# host data into a new device tensor (from pageable memory CUDA synchronizes the stream first).
+_SYNCING = ("item", "tolist", "cpu", "numpy", "nonzero", "__bool__", "__float__", "__int__", "new_tensor")
+
+
+def _syncs(monkeypatch: pytest.MonkeyPatch, fn) -> int:
+    """Calls of the syncing tensor methods and of torch.tensor / torch.as_tensor while `fn` runs. A stand-in for
+    CUDA's sync counter (torch.cuda.set_sync_debug_mode needs a GPU): on CPU nothing waits, so this counts the calls
+    a GPU run would wait on."""
+    count = 0
+
+    def counting(name: str):
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *args, **kwargs):
+            nonlocal count
+            count += 1
+            return original(self, *args, **kwargs)
+
+        return wrapper
+
+    def counting_factory(original):
+        def wrapper(*args, **kwargs):
+            nonlocal count
+            count += 1
+            return original(*args, **kwargs)
+
+        return wrapper
+
+    with monkeypatch.context() as patch:
+        for name in _SYNCING:
+            patch.setattr(torch.Tensor, name, counting(name))
+        for name in ("tensor", "as_tensor"):
+            patch.setattr(torch, name, counting_factory(getattr(torch, name)))
+        fn()
+    return count
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("norm_tokens", [None, 40])
+def test_host_syncs_do_not_grow_with_the_number_of_chunks(monkeypatch: pytest.MonkeyPatch, agg: str,
+                                                          norm_tokens: int | None) -> None:
+    """One chunk or ten: the same number of device syncs (none inside the chunk loop)."""
+    torch.manual_seed(7)
+    case = make_case(80, 32, 257, torch.float32)
+    cfg = PolicyLossConfig(agg=agg, norm_tokens=norm_tokens if agg == "token-mean" else None, samples="negative")
+    counts = {}
+    for chunks in (1, 10):
+        workspace = 257 * 4 * (80 // chunks)
+        counts[chunks] = _syncs(monkeypatch, lambda: run(case, cfg, workspace_bytes=workspace))
+    assert counts[10] == counts[1], counts
+
+
+def test_the_sync_counter_sees_a_sync_in_the_chunk_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The counter above is not blind: a .item() planted in the per-chunk gradient shows up once per chunk that holds
+    rows with a gradient (the negative samples' rows compacted into 8-row chunks: more than one chunk)."""
+    torch.manual_seed(7)
+    case = make_case(80, 32, 257, torch.float32)
+    real = gif.token_loss_terms
+
+    def syncing(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out[0].item()
+        return out
+
+    monkeypatch.setattr(gif, "token_loss_terms", syncing)
+    cfg = PolicyLossConfig(samples="negative")
+    one = _syncs(monkeypatch, lambda: run(case, cfg, workspace_bytes=257 * 4 * 80))
+    ten = _syncs(monkeypatch, lambda: run(case, cfg, workspace_bytes=257 * 4 * 8))
+    assert ten - one >= 2, (one, ten)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -48,11 +50,20 @@ def test_same_dtype_out_stays_in_that_dtype() -> None:
 def test_strategy_follows_what_the_cuda_build_supports(support: tuple[bool, bool], plain: str, accumulating: str,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(gemm, "_cuda_out_dtype_support", lambda device: support)
+    gemm._warn_once.cache_clear()
     cuda = torch.device("cuda", 0)
-    assert gemm_strategy(cuda, accumulate=False) == plain
-    assert gemm_strategy(cuda, accumulate=True) == accumulating
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            assert gemm_strategy(cuda, accumulate=False) == plain
+            assert gemm_strategy(cuda, accumulate=True) == accumulating
     assert gemm_strategy(torch.device("cpu"), accumulate=True) == "upcast"
     assert {plain, accumulating} <= set(GEMM_STRATEGIES)
+    # a slow path is said once per process, naming the torch version that is fast; the fast path says nothing
+    slow = accumulating != "addmm_out_dtype"
+    assert len(caught) == int(slow), [str(w.message) for w in caught]
+    if slow:
+        assert "torch >= 2.10" in str(caught[0].message)
 
 
 @pytest.mark.gpu
