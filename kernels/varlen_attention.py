@@ -8,7 +8,7 @@ Forward: grid (query blocks of the longest sequence, S, Hq); each program stream
 sequence with an online softmax in fp32 and stores the output and the row logsumexp (natural log, (Hq, T) fp32).
 Key blocks strictly below the diagonal run without masks; only the diagonal blocks pay for them.
 
-The backward kernels are in dsrl_fast/kernels/varlen_attention_bwd.py.
+The backward kernels are in kernels/varlen_attention_bwd.py.
 """
 
 from __future__ import annotations

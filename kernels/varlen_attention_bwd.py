@@ -1,6 +1,6 @@
 """Backward of causal attention over packed variable-length sequences: Triton kernels and their launcher.
 
-The layout is the forward's (dsrl_fast/kernels/varlen_attention.py). delta = rowsum(dO * O) first, then two kernels
+The layout is the forward's (kernels/varlen_attention.py). delta = rowsum(dO * O) first, then two kernels
 that recompute the probabilities from the stored logsumexp: dK/dV per key block (looping over the query blocks of
 every query head of its group, so the GQA sum stays in registers) and dQ per query block (looping over key blocks).
 We take this split over one kernel with atomic dQ: gradients are deterministic (bit-identical reruns matter for RL
@@ -210,7 +210,7 @@ def varlen_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
 
 def compile_specs() -> list[dict[str, object]]:
     """Ahead-of-time compile entries for bench/compile_report.py: each backward kernel × head dim × dtype at its GPU
-    default (the entries' keys: see dsrl_fast/kernels/varlen_attention.py's compile_specs; _delta_kernel has no dot,
+    default (the entries' keys: see kernels/varlen_attention.py's compile_specs; _delta_kernel has no dot,
     so it never reaches wgmma)."""
     specs: list[dict[str, object]] = []
     torch_dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -3,7 +3,7 @@
 For a loss Σ_i f_i(logp_i, entropy_i) whose per-token gradient is known once a row's log-prob is (a policy loss
 with advantages, old/ref log-probs and token weights fixed before the forward), each chunk of C rows runs:
 cuBLAS logits in fp32 (2·C·H·V), the Triton row kernels (statistics, then d_logits written over the logits,
-dsrl_fast/kernels/logits_rows.py), cuBLAS d_hidden = dz·W (2·C·H·V) and d_weight += dzᵀ·h (2·C·H·V): 6·N·H·V in
+kernels/logits_rows.py), cuBLAS d_hidden = dz·W (2·C·H·V) and d_weight += dzᵀ·h (2·C·H·V): 6·N·H·V in
 all, the FLOPs of a method that materializes logits, at a workspace of C × V × 4 bytes. Rows that cannot have a
 gradient (their token weight is 0) are moved out first and only get the logits GEMM. Everything is grid-ordered
 or inside GEMMs: bitwise-deterministic. Predicted (bench/roofline.py): 79-80% of the 6·N·H·V cuBLAS rate at

@@ -1,4 +1,4 @@
-"""Autograd function over the fused Triton log-prob kernels (see dsrl_fast/kernels/linear_logprobs.py).
+"""Autograd function over the fused Triton log-prob kernels (kernels/linear_logprobs.py, shipped as dsrl_fast.kernels).
 
 Backward: rows with zero gradient are compacted away; then either the dense path (per vocabulary slice the Triton
 kernel writes dz and two cuBLAS GEMMs accumulate d_hidden in fp32 and write the d_weight slice once) or, when tile
