@@ -31,3 +31,11 @@ def test_wheel_contents(tmp_path: Path) -> None:
     assert not any(n.startswith(("tests/", "bench/")) for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "dsrl-fast = dsrl_fast.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+
+def test_importing_the_package_needs_only_pytorch() -> None:
+    """`import dsrl_fast` (the loss API) loads neither Triton nor transformers: they load when a path first runs."""
+    code = "import sys, dsrl_fast; print(sorted(m for m in ('triton', 'transformers') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", done.stdout

@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from dsrl_fast.ops.tile_skip import DEFAULT_THRESHOLD as DEFAULT_SKIP_THRESHOLD
+
 SampleFilter = Literal["all", "negative", "positive"]
 Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 KLType = Literal["k1", "k2", "k3"]
@@ -55,6 +57,10 @@ class PolicyLossConfig:
         kl_ratio_weighted: multiply each token's KL term by the ratio exp(logp − old) (with its gradient; clamped
             like the policy ratio), TRL's `use_bias_correction_kl`: the unbiased reverse-KL gradient on samples
             drawn from the old policy.
+        skip_threshold: on the Triton path, the backward leaves out the (row block, vocabulary tile) pairs where
+            every row's softmax mass is below this (2^-12 by default, within a per-row dropped-mass budget of 2^-9;
+            the gradient error this allows is stated in dsrl_fast/ops/tile_skip.py); None computes every tile. The
+            forward's values are exact either way.
     """
 
     clip_low: float = 0.2
@@ -71,6 +77,7 @@ class PolicyLossConfig:
     entropy_coef: float = 0.0
     log_ratio_clamp: float | None = 20.0
     kl_ratio_weighted: bool = False
+    skip_threshold: float | None = DEFAULT_SKIP_THRESHOLD
 
     def __post_init__(self) -> None:
         _check_finite("clip_low", self.clip_low, non_negative=True)
@@ -90,6 +97,8 @@ class PolicyLossConfig:
         _check_finite("entropy_coef", self.entropy_coef)
         if self.log_ratio_clamp is not None:
             _check_finite("log_ratio_clamp", self.log_ratio_clamp, positive=True)
+        if self.skip_threshold is not None and not 0 < self.skip_threshold < 1:
+            raise ValueError(f"skip_threshold must be in (0, 1) or None, got {self.skip_threshold!r}")
         if not isinstance(self.kl_ratio_weighted, bool):
             raise TypeError(f"kl_ratio_weighted must be a bool, got {type(self.kl_ratio_weighted).__name__}")
         for name in ("norm_tokens", "max_response_len"):

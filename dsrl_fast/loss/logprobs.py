@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import torch
 
+from dsrl_fast.ops.tile_skip import DEFAULT_THRESHOLD as DEFAULT_SKIP_THRESHOLD
 from dsrl_fast.ops.torch_logprobs import ChunkedLinearLogprobs
 from dsrl_fast.ops.validation import (
     FLOAT_DTYPES,
@@ -46,8 +47,10 @@ def validate_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor, labels: t
 
 
 def raw_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float,
-                        with_entropy: bool, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dispatch without validation: (logprobs (N,) fp32, entropy (N,) fp32 or empty). impl is "triton" or "torch"."""
+                        with_entropy: bool, impl: str,
+                        skip_threshold: float | None = DEFAULT_SKIP_THRESHOLD) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dispatch without validation: (logprobs (N,) fp32, entropy (N,) fp32 or empty). impl is "triton" or "torch";
+    skip_threshold: the Triton backward's vocabulary-tile skipping (PolicyLossConfig.skip_threshold)."""
     if hidden.shape[0] == 0:
         empty = hidden.new_zeros(0, dtype=torch.float32) + hidden.sum() * 0 + weight.sum() * 0
         return empty, empty
@@ -56,7 +59,8 @@ def raw_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torc
 
         hidden = hidden if hidden.stride(1) == 1 else hidden.contiguous()
         weight = weight if weight.stride(1) == 1 else weight.contiguous()
-        options = FusedOptions(temperature=float(temperature), with_entropy=with_entropy)
+        options = FusedOptions(temperature=float(temperature), with_entropy=with_entropy,
+                               skip_threshold=skip_threshold)
         return TritonLinearLogprobs.apply(hidden, weight, labels.contiguous(), options)
     return ChunkedLinearLogprobs.apply(hidden, weight, labels, float(temperature), with_entropy)
 

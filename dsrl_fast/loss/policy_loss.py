@@ -110,7 +110,8 @@ def policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
             hidden, weight, labels, advantages, mask=mask, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
             seq_ids=seq_ids, config=config, weight_grad_fp32=weight_grad_fp32,
             workspace_bytes=gif.DEFAULT_WORKSPACE_BYTES if workspace_bytes is None else workspace_bytes)
-    logprobs, entropy = raw_linear_logprobs(hidden, weight, labels, config.temperature, True, chosen)
+    logprobs, entropy = raw_linear_logprobs(hidden, weight, labels, config.temperature, True, chosen,
+                                            config.skip_threshold)
     loss, metrics = token_loss_terms(logprobs, advantages, entropy=entropy, mask=mask, old_logprobs=old_logprobs,
                                        ref_logprobs=ref_logprobs, seq_ids=seq_ids, is_weights=None, config=config)
     return PolicyLossOutput(loss, logprobs, entropy, metrics)

@@ -19,7 +19,6 @@ from typing import Any, NamedTuple
 
 import torch
 
-from dsrl_fast.kernels import logits_rows
 from dsrl_fast.ops.gemm import matmul_into
 
 # (row indices (C,) int64, logprobs (C,) fp32, entropy (C,) fp32 or None) -> (d loss / d logprobs (C,) fp32,
@@ -70,6 +69,8 @@ def logprobs_and_grads(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
     hidden: (N, H) fp32/fp16/bf16, weight: (V, H) same dtype, labels: (N,) int64. grad_rows: (A,) int64 sorted
     indices of the rows that may have a nonzero gradient (None: all rows); the others get only their log-probs.
     """
+    from dsrl_fast.kernels import logits_rows  # Triton loads on first use: `import dsrl_fast` needs only PyTorch
+
     n, h_dim = hidden.shape
     v = weight.shape[0]
     device = hidden.device

@@ -313,3 +313,31 @@ def test_sparse_kernels_in_bf16_on_gpu() -> None:
         err = (ours.cpu().double() - truth).abs().max().item() / scale
         dense_err = (dense.cpu().double() - truth).abs().max().item() / scale
         assert err <= 2 * dense_err + 2e-2, (name, err, dense_err)
+
+
+@pytest.mark.parametrize("threshold", [None, 2.0**-12, 2.0**-10])
+def test_the_loss_config_sets_the_threshold(monkeypatch: pytest.MonkeyPatch, threshold: float | None) -> None:
+    """PolicyLossConfig.skip_threshold reaches the fused op's options on the Triton path (None: no skipping)."""
+    from dsrl_fast import PolicyLossConfig, policy_loss
+
+    seen: list[op.FusedOptions] = []
+    real = op.TritonLinearLogprobs.apply
+
+    def spy(hidden, weight, labels, options):
+        seen.append(options)
+        return real(hidden, weight, labels, options)
+
+    monkeypatch.setattr(op.TritonLinearLogprobs, "apply", spy)
+    hidden = torch.randn(6, 32, requires_grad=True)
+    weight = torch.randn(130, 32)
+    policy_loss(hidden, weight, torch.randint(0, 130, (6,)), torch.randn(6), impl="triton",
+                config=PolicyLossConfig(skip_threshold=threshold)).loss.backward()
+    assert [o.skip_threshold for o in seen] == [threshold]
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.0, -1e-3])
+def test_a_bad_threshold_names_the_option(bad: float) -> None:
+    from dsrl_fast import PolicyLossConfig
+
+    with pytest.raises(ValueError, match=r"skip_threshold must be in \(0, 1\) or None, got"):
+        PolicyLossConfig(skip_threshold=bad)
