@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 
 from dsrl_fast.errors import CheckpointWriteError
 from dsrl_fast.train.critic import save_critic
@@ -79,8 +80,9 @@ def save_checkpoint(output_dir: str | Path, step: int, updater: Updater, tokeniz
     _barrier()
     try:
         _write_checkpoint(target, step, updater, tokenizer, trainer_state, reference, critic)
-    except (OSError, RuntimeError) as exc:
-        # torch.save reports a full disk as RuntimeError ("unexpected pos ..."): say what really happened.
+    except (OSError, RuntimeError, SafetensorError) as exc:
+        # torch.save reports a full disk as RuntimeError ("unexpected pos ..."), safetensors (the Hugging Face export)
+        # as its own SafetensorError: say what really happened.
         shutil.rmtree(target, ignore_errors=True)
         free = shutil.disk_usage(target.parent).free if target.parent.exists() else 0
         raise CheckpointWriteError(f"could not write checkpoint {str(target)!r}: {exc}; {free / 2**20:,.0f} MiB free "

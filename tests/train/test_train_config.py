@@ -289,3 +289,18 @@ def test_the_toy_under_torchrun_is_not_refused_for_a_value_the_user_never_typed(
                                         r"only with deepspeed.enabled=true .*got deepspeed.enabled=null$"):
         check_requirements(load_config(None, ["deepspeed.offload_optimizer=true"]), world_size=1)
     check_requirements(load_config(None, ["deepspeed.offload_optimizer=true"]), world_size=2)
+
+
+def test_a_16_bit_model_on_deepspeed_stage_0_is_refused_before_the_model_loads():
+    """DeepSpeed accumulates a 16-bit model's gradients in fp32 only under ZeRO; the updater refused stage 0 only
+    after the model had loaded and the warm-up had run (a ValueError traceback). Now one line before heavy work."""
+    pytest.importorskip("deepspeed", reason="the DeepSpeed path needs deepspeed (the train extra)")
+    from dsrl_fast.errors import UserError
+    from dsrl_fast.train.setup import check_requirements
+
+    for dtype in ("bfloat16", "float16"):
+        cfg = load_config(None, ["deepspeed.enabled=true", "deepspeed.zero_stage=0", f"model.dtype={dtype}"])
+        with pytest.raises(UserError, match=rf"^deepspeed.zero_stage must be >= 1 for a {dtype} model .*got 0$"):
+            check_requirements(cfg, world_size=1)
+    check_requirements(load_config(None, ["deepspeed.enabled=true", "deepspeed.zero_stage=0",
+                                          "model.dtype=float32"]), world_size=1)
