@@ -48,6 +48,8 @@ CONSTRAINTS = $(if $(LOCK),--constraints $(LOCK)$(1).lock)
 LOCK_FILE = $(if $(LOCK),$(LOCK)$(1).lock)
 UV_INSTALL = $(UV) pip install --quiet $(TORCH_SOURCE) --python
 PYTEST_ARGS ?=
+# Every run prints its slowest tests and test files (tests/conftest.py), so each CI log measures the suite.
+DURATIONS := --durations=25
 # The peer environments' test files (each skips in .venv) and the examples that need the peer.
 EXAMPLE_TEST := tests/integrations/test_integrations_examples.py::test_example_runs
 VERL_TESTS = $(wildcard tests/integrations/test_integrations_verl*.py) "$(EXAMPLE_TEST)[verl_policy_loss.py]"
@@ -107,13 +109,13 @@ loss-demo: setup
 test: test-main test-verl test-openrlhf
 
 test-main: setup
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(DURATIONS) $(PYTEST_ARGS)
 
 test-verl: $(VERL_STAMP)
-	$(VERL_VENV)/bin/python -m pytest -q $(VERL_TESTS) $(PYTEST_ARGS)
+	$(VERL_VENV)/bin/python -m pytest -q $(DURATIONS) $(VERL_TESTS) $(PYTEST_ARGS)
 
 test-openrlhf: $(OPENRLHF_STAMP)
-	$(OPENRLHF_VENV)/bin/python -m pytest -q $(OPENRLHF_TESTS) $(PYTEST_ARGS)
+	$(OPENRLHF_VENV)/bin/python -m pytest -q $(DURATIONS) $(OPENRLHF_TESTS) $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/python -m bench.fused_loss
