@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+from collections import defaultdict
 from collections.abc import Iterator
 
 import pytest
@@ -23,6 +24,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+_SECONDS_PER_FILE: defaultdict[str, float] = defaultdict(float)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    _SECONDS_PER_FILE[report.nodeid.split("::")[0]] += report.duration  # setup, call and teardown
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    """With --durations=N, also the N slowest test files (0: all), each the sum of its tests' phases: where the
+    suite's time goes, measured on every CI run. Under pytest-xdist the files' times add across the workers."""
+    count = config.option.durations
+    if count is None or not _SECONDS_PER_FILE:
+        return
+    ranked = sorted(_SECONDS_PER_FILE.items(), key=lambda item: -item[1])
+    terminalreporter.write_sep("=", f"slowest {count or 'all'} test files (sum of setup, call and teardown)")
+    for path, seconds in ranked[:count or None]:
+        terminalreporter.write_line(f"{seconds:8.2f}s {path}")
+    terminalreporter.write_line(f"{sum(_SECONDS_PER_FILE.values()):8.2f}s in all {len(ranked)} files")
 
 
 @pytest.fixture(autouse=True)

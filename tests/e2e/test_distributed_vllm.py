@@ -6,6 +6,12 @@ Sampling is seeded by each prompt's global index, so every run draws the same ro
 2-rank runs must reproduce the single-process run's rewards exactly and its losses and gradient norms to fp32
 round-off; after several updates each rank's vLLM samples from the trainer's current weights (the trainer's
 recomputed log-probs match the sampler's); a 2-rank run stopped after 2 steps and resumed matches the straight run.
+
+The default suite runs the single process and ZeRO-2 under the `deepspeed` launcher (3 processes, ~1.5 min on 2
+cores). ZeRO-3 under `torchrun`, the shared tensor-parallel engine and the 2-rank resume are marked slow: 6 more
+trainer processes, each with its own vLLM engine, about 3 more minutes on 2 cores. Run them with
+`pytest -m slow tests/e2e/test_distributed_vllm.py`. Without them the default suite still covers ZeRO-3 and
+`torchrun` on 2 ranks (tests/train/test_distributed.py) and resuming (tests/e2e/test_train_signals.py).
 """
 
 from __future__ import annotations
@@ -40,12 +46,14 @@ RTOL = 1e-4
 RUNS = {
     "plain_1": ("python", 1, ("deepspeed.enabled=false",)),
     "zero2_2": ("deepspeed", 2, ("deepspeed.zero_stage=2",)),
+}
+SLOW_RUNS = {
     "zero3_2": ("torchrun", 2, ("deepspeed.zero_stage=3",)),
     "zero3_2_first_half": ("torchrun", 2, ("deepspeed.zero_stage=3", "steps=2")),
     # both ranks share one engine (rollout.tensor_parallel_size=2): they pool their prompts
     "tp2_2": ("torchrun", 2, ("deepspeed.zero_stage=2", "rollout.tensor_parallel_size=2")),
 }
-
+SLOW = pytest.mark.slow  # see the module docstring: 6 more vLLM trainer processes, ~3 min on 2 cores
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -77,29 +85,49 @@ def _wait(name: str, proc: subprocess.Popen[bytes], log: Path) -> None:
     assert status == 0, f"run {name} failed ({status}):\n{log.read_text()[-4000:]}"
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
-    """Every run's metrics rows; the first four run concurrently, then the resumed half."""
-    tmp = tmp_path_factory.mktemp("dist_vllm")
+def _launch_all(tmp: Path, runs: dict[str, tuple[str, int, tuple[str, ...]]]) -> None:
     procs = {name: _launch(launcher, n, tmp / name, overrides, tmp / f"{name}.log")
-             for name, (launcher, n, overrides) in RUNS.items()}
+             for name, (launcher, n, overrides) in runs.items()}
     for name, proc in procs.items():
         _wait(name, proc, tmp / f"{name}.log")
+
+
+def _rows(tmp: Path, names: list[str]) -> dict[str, list[dict[str, Any]]]:
+    return {name: [r for r in read_metrics(tmp / name / "metrics.jsonl") if "reward_mean" in r] for name in names}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
+    """The default runs' metrics rows (run concurrently)."""
+    tmp = tmp_path_factory.mktemp("dist_vllm")
+    _launch_all(tmp, RUNS)
+    assert not (tmp / "zero2_2" / "vllm_init").exists(), "the exported initial weights are removed at the end"
+    return _rows(tmp, list(RUNS))
+
+
+@pytest.fixture(scope="module")
+def slow_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[dict[str, Any]]]:
+    """The slow runs' metrics rows: three run concurrently, then the first half resumes."""
+    tmp = tmp_path_factory.mktemp("dist_vllm_slow")
+    _launch_all(tmp, SLOW_RUNS)
     resumed = _launch("torchrun", 2, tmp / "zero3_2_first_half", ("deepspeed.zero_stage=3", "resume=true"),
                       tmp / "resumed.log")
     _wait("resumed", resumed, tmp / "resumed.log")
     assert not (tmp / "zero3_2" / "vllm_init").exists(), "the exported initial weights are removed at the end"
-    return {name: [r for r in read_metrics(tmp / name / "metrics.jsonl") if "reward_mean" in r]
-            for name in [*RUNS, "zero3_2_first_half"]}
+    return _rows(tmp, list(SLOW_RUNS))
 
+
+def _run_rows(request: pytest.FixtureRequest, name: str) -> list[dict[str, Any]]:
+    """A run's rows, starting only the fixture that holds it (the slow runs stay off unless selected)."""
+    return request.getfixturevalue("slow_runs" if name in SLOW_RUNS else "runs")[name]
 
 def _rel(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
 
 
-@pytest.mark.parametrize("name", ["zero2_2", "zero3_2", "tp2_2"])
-def test_two_ranks_with_vllm_equal_one_process(runs: dict[str, list[dict[str, Any]]], name: str) -> None:
-    want, got = runs["plain_1"], runs[name]
+@pytest.mark.parametrize("name", ["zero2_2", pytest.param("zero3_2", marks=SLOW), pytest.param("tp2_2", marks=SLOW)])
+def test_two_ranks_with_vllm_equal_one_process(request: pytest.FixtureRequest, name: str) -> None:
+    want, got = _run_rows(request, "plain_1"), _run_rows(request, name)
     assert [r["step"] for r in got] == [r["step"] for r in want] == [0, 1, 2, 3]
     for row, ref in zip(got, want):
         assert row["reward_mean"] == ref["reward_mean"], (name, row["step"], "the same rollouts were drawn")
@@ -109,16 +137,19 @@ def test_two_ranks_with_vllm_equal_one_process(runs: dict[str, list[dict[str, An
         assert row["rank_token_imbalance"] >= 1.0 and row["rollout_s"] > 0 and row["update_s"] > 0
 
 
-@pytest.mark.parametrize("name", ["plain_1", "zero2_2", "zero3_2", "tp2_2"])
-def test_every_rank_samples_from_the_current_weights(runs: dict[str, list[dict[str, Any]]], name: str) -> None:
-    conditional = [r for r in runs[name] if r["space"] == "conditional"]
-    assert len(conditional) == 2 and all(r["trained_tokens"] > 0 for r in runs[name])
+@pytest.mark.parametrize("name", ["plain_1", "zero2_2", pytest.param("zero3_2", marks=SLOW),
+                                  pytest.param("tp2_2", marks=SLOW)])
+def test_every_rank_samples_from_the_current_weights(request: pytest.FixtureRequest, name: str) -> None:
+    rows = _run_rows(request, name)
+    conditional = [r for r in rows if r["space"] == "conditional"]
+    assert len(conditional) == 2 and all(r["trained_tokens"] > 0 for r in rows)
     for row in conditional:  # after 2 and 3 updates, synced from ZeRO-partitioned weights
         assert row["logprob_drift"] < DRIFT_BOUND, (name, row["step"], row["logprob_drift"])
 
 
-def test_a_resumed_two_rank_run_matches_the_straight_one(runs: dict[str, list[dict[str, Any]]]) -> None:
-    resumed, straight = runs["zero3_2_first_half"], runs["zero3_2"]
+@SLOW
+def test_a_resumed_two_rank_run_matches_the_straight_one(slow_runs: dict[str, list[dict[str, Any]]]) -> None:
+    resumed, straight = slow_runs["zero3_2_first_half"], slow_runs["zero3_2"]
     assert [r["step"] for r in resumed] == [0, 1, 2, 3]
     for row, ref in zip(resumed, straight):
         assert row["reward_mean"] == ref["reward_mean"]
