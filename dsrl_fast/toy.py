@@ -169,12 +169,12 @@ def save_tiny_model(model: Any, tokenizer: Any, directory: str | os.PathLike[str
     return path
 
 
-def _sft_tensors(tokenizer: Any, problems: Sequence[Problem]) -> tuple[torch.Tensor, torch.Tensor]:
+def _sft_tensors(
+    tokenizer: Any, problems: Sequence[Problem], target: Callable[[Problem], str]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ``input_ids`` and ``labels`` (-100 on prompt and padding): both (P, L) int64."""
     prompts = encode_prompts(tokenizer, problems)
-    targets = [
-        tokenizer(sft_target(p), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for p in problems
-    ]
+    targets = [tokenizer(target(p), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for p in problems]
     length = max(len(p) + len(t) for p, t in zip(prompts, targets))
     input_ids = torch.full((len(problems), length), tokenizer.pad_token_id, dtype=torch.long)
     labels = torch.full((len(problems), length), -100, dtype=torch.long)
@@ -194,15 +194,17 @@ def supervised_warmup(
     lr: float = 3e-3,
     seed: int = 0,
     should_stop: Callable[[], bool] | None = None,
+    target: Callable[[Problem], str] = sft_target,
 ) -> list[float]:
-    """Teacher-forced training on ``prompt + sft_target + EOS`` with the loss on target tokens only.
+    """Teacher-forced training on ``prompt + target(problem) + EOS`` with the loss on target tokens only.
 
     Each step draws ``batch_size`` problems uniformly (with replacement, seeded) and takes one
     AdamW step at ``lr``. Returns the per-step mean token cross-entropy (nats), one per step
     taken. The model's train/eval mode is restored afterwards and its gradients are cleared.
     ``should_stop`` is asked before every step; when it returns True the warm-up ends there
     (fewer losses than ``steps``: the model is part-trained, and the caller decides what to do
-    with it).
+    with it). ``target`` gives each problem's supervised response: :func:`sft_target` for the addition
+    task, :func:`dsrl_fast.toy_corrections.correction_target` for the self-correcting sums.
     """
     for name, value in (("steps", steps), ("batch_size", batch_size), ("seed", seed)):
         if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "seed" else 1):
@@ -212,7 +214,9 @@ def supervised_warmup(
     if not lr > 0:
         raise ValueError(f"lr must be > 0, got {lr!r}")
     device = next(model.parameters()).device
-    input_ids, labels = _sft_tensors(tokenizer, problems)
+    if not callable(target):
+        raise TypeError(f"target must be callable (Problem -> str), got {type(target).__name__}")
+    input_ids, labels = _sft_tensors(tokenizer, problems, target)
     input_ids, labels = input_ids.to(device), labels.to(device)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)

@@ -367,11 +367,14 @@ def train(cfg: TrainConfig) -> TrainSummary:
                 if resume_from is None else "stopping at the next check point"
             engine = build_engine(cfg, model, tokenizer, should_stop=lambda: stop.requested)
             if resume_from is None and cfg.sft.steps > 0:
-                from dsrl_fast.toy import supervised_warmup
+                from dsrl_fast.toy import sft_target, supervised_warmup
+                from dsrl_fast.toy_corrections import correction_target
 
                 print0(f"supervised warm-up of {cfg.sft.steps} steps (batch {cfg.sft.batch_size}, lr {cfg.sft.lr:g})")
+                target = correction_target if cfg.data.toy_task == "corrections" else sft_target
                 losses = supervised_warmup(model, tokenizer, problems, cfg.sft.steps, batch_size=cfg.sft.batch_size,
-                                           lr=cfg.sft.lr, seed=cfg.seed, should_stop=lambda: stop.requested)
+                                           lr=cfg.sft.lr, seed=cfg.seed, should_stop=lambda: stop.requested,
+                                           target=target)
                 stop.check()
                 if d.rank == 0:  # the "before RL" model, for `dsrl-fast eval` comparisons
                     model.save_pretrained(out / SFT_DIR)
