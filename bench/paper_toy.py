@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import shutil
 import subprocess
@@ -50,7 +51,7 @@ ALGOS = ("grpo", "dsrl", "nsr_prerl", "psr_prerl", "nsr_rl", "psr_rl")
 TEMPLATE = "<bos>{problem}"  # the toy's prompt: BOS, then the problem text (the warm-up's encoding)
 # Options that define the results; --out refuses to mix results made with different values.
 DEFINING = ("steps", "prompts", "rollouts", "lr", "marginal_lr", "dsrl_switch", "sft_steps", "sft_batch", "sft_lr",
-            "train_size", "eval_size", "eval_n", "low", "high", "max_response_len", "data_seed")
+            "sft_marginal_share", "train_size", "eval_size", "eval_n", "low", "high", "max_response_len", "data_seed")
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--sft-steps", type=int, default=300, help="supervised warm-up steps (the shared starting model)")
     add("--sft-batch", type=int, default=128, help="problems per warm-up step")
     add("--sft-lr", type=float, default=3e-3, help="warm-up learning rate")
+    add("--sft-marginal-share", type=float, default=0.0,
+        help="share of warm-up rows trained without their prompt (<|im_start|> + trace): the toy's pre-training of "
+        "the marginal space PreRL optimizes")
     add("--train-size", type=int, default=3000, help="training problems")
     add("--eval-size", type=int, default=100, help="held-out problems")
     add("--eval-n", type=int, default=32, help="answers per held-out problem (Avg@n, Pass@k for k <= n)")
@@ -119,6 +123,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      f" got {args.steps}")
     if min(args.lr, args.marginal_lr, args.sft_lr) <= 0:
         parser.error("--lr, --marginal-lr and --sft-lr must be > 0")
+    if not 0 <= args.sft_marginal_share <= 1:
+        parser.error(f"--sft-marginal-share must be in [0, 1], got {args.sft_marginal_share}")
     if not 0 <= args.low <= args.high:
         parser.error(f"--low and --high must satisfy 0 <= low <= high, got {args.low} and {args.high}")
     if args.train_size + args.eval_size > (args.high - args.low + 1) ** 3:
@@ -164,7 +170,7 @@ def prepare_warmup(args: argparse.Namespace) -> Path:
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     losses = supervised_warmup(model, tokenizer, problems[:args.train_size], args.sft_steps,
                                batch_size=args.sft_batch, lr=args.sft_lr, seed=args.data_seed,
-                               target=correction_target)
+                               target=correction_target, marginal_share=args.sft_marginal_share)
     save_tiny_model(model, tokenizer, root / "model.partial")
     (root / "model.partial").rename(root / "model")  # complete or absent: a kill cannot leave half a model
     print(f"warm-up: {args.sft_steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
@@ -270,8 +276,6 @@ def _check_options(args: argparse.Namespace) -> None:
 
 def machine() -> str:
     """nproc and the CPU model of this machine."""
-    import os
-
     cpu = platform.processor() or "unknown CPU"
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():

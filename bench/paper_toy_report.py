@@ -40,7 +40,7 @@ def _load(out: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     return base, [r for r in runs if r["name"] != "base"]
 
 
-def _group(runs: list[dict[str, Any]], dsrl_switch: int) -> dict[str, list[dict[str, Any]]]:
+def _group(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     """Main-table groups: algorithm -> its runs (DSRL's at the main switch step)."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for r in runs:
@@ -226,7 +226,7 @@ def write_report(args: Any, *, command: str, machine: str, sha: str, seconds: fl
     """results.md, results.json and the plots in args.out from its runs/*.json; returns results.md's path."""
     out, n = args.out, args.eval_n
     base, runs = _load(out)
-    groups = _group(runs, args.dsrl_switch)
+    groups = _group(runs)
     groups = {a: groups[a] for a in ("grpo", "dsrl", "nsr_prerl", "psr_prerl", "nsr_rl", "psr_rl") if a in groups}
     sweep = _sweep(runs, groups, args.switch_steps, args.dsrl_switch)
     plots = _plots(out, base, groups, sweep, n)
@@ -237,7 +237,8 @@ def write_report(args: Any, *, command: str, machine: str, sha: str, seconds: fl
         f"Command: `{command}`  ", f"Machine: {machine} (shared with other work while it ran)  ",
         f"Code: {sha}; wall time of this invocation {seconds / 60:.1f} min (runs: {train_s / 60:.1f} min summed; "
         "stages already done in --out are not redone)", "",
-        f"Setup: one supervised warm-up ({args.sft_steps} steps × {args.sft_batch}, lr {args.sft_lr:g}) of the "
+        f"Setup: one supervised warm-up ({args.sft_steps} steps × {args.sft_batch}, lr {args.sft_lr:g}, "
+        f"{args.sft_marginal_share:.0%} of rows without their prompt) of the "
         f"embedded 2-layer Qwen3 on {args.train_size} problems \"Compute a+b+c.\" (operands {args.low}..{args.high}), "
         f"then {args.steps} RL steps × {args.prompts} prompts × {args.rollouts} rollouts per run, conditional lr "
         f"{args.lr:g}, marginal lr {args.marginal_lr:g}, DSRL switch S={args.dsrl_switch}; every final model "

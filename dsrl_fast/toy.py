@@ -170,14 +170,12 @@ def save_tiny_model(model: Any, tokenizer: Any, directory: str | os.PathLike[str
 
 
 def _sft_tensors(
-    tokenizer: Any, problems: Sequence[Problem], target: Callable[[Problem], str]
+    prompts: Sequence[list[int]], targets: Sequence[list[int]], pad_token_id: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ``input_ids`` and ``labels`` (-100 on prompt and padding): both (P, L) int64."""
-    prompts = encode_prompts(tokenizer, problems)
-    targets = [tokenizer(target(p), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for p in problems]
     length = max(len(p) + len(t) for p, t in zip(prompts, targets))
-    input_ids = torch.full((len(problems), length), tokenizer.pad_token_id, dtype=torch.long)
-    labels = torch.full((len(problems), length), -100, dtype=torch.long)
+    input_ids = torch.full((len(prompts), length), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(prompts), length), -100, dtype=torch.long)
     for i, (prompt, target) in enumerate(zip(prompts, targets)):
         end = len(prompt) + len(target)
         input_ids[i, :end] = torch.tensor(prompt + target)
@@ -195,6 +193,7 @@ def supervised_warmup(
     seed: int = 0,
     should_stop: Callable[[], bool] | None = None,
     target: Callable[[Problem], str] = sft_target,
+    marginal_share: float = 0.0,
 ) -> list[float]:
     """Teacher-forced training on ``prompt + target(problem) + EOS`` with the loss on target tokens only.
 
@@ -205,6 +204,9 @@ def supervised_warmup(
     (fewer losses than ``steps``: the model is part-trained, and the caller decides what to do
     with it). ``target`` gives each problem's supervised response: :func:`sft_target` for the addition
     task, :func:`dsrl_fast.toy_corrections.correction_target` for the self-correcting sums.
+    ``marginal_share`` of the drawn rows (each row independently) are trained without their prompt, as
+    ``<|im_start|> + target + EOS``: the sequence PreRL scores for the marginal log P(y). It is the toy's
+    pre-training of that space, which a model warmed up on prompted rows only never learns.
     """
     for name, value in (("steps", steps), ("batch_size", batch_size), ("seed", seed)):
         if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "seed" else 1):
@@ -216,7 +218,14 @@ def supervised_warmup(
     device = next(model.parameters()).device
     if not callable(target):
         raise TypeError(f"target must be callable (Problem -> str), got {type(target).__name__}")
-    input_ids, labels = _sft_tensors(tokenizer, problems, target)
+    if isinstance(marginal_share, bool) or not isinstance(marginal_share, (int, float)) or not 0 <= marginal_share <= 1:
+        raise ValueError(f"marginal_share must be a number in [0, 1], got {marginal_share!r}")
+    prompts = encode_prompts(tokenizer, problems)
+    targets = [tokenizer(target(p), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for p in problems]
+    if marginal_share > 0:  # rows len(problems).. are the same targets after the marginal-space context token
+        prompts = prompts + [[tokenizer.convert_tokens_to_ids(IM_START)]] * len(problems)
+        targets = targets + targets
+    input_ids, labels = _sft_tensors(prompts, targets, tokenizer.pad_token_id)
     input_ids, labels = input_ids.to(device), labels.to(device)
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
@@ -227,7 +236,10 @@ def supervised_warmup(
         for _ in range(steps):
             if should_stop is not None and should_stop():
                 break
-            rows = torch.randint(len(problems), (batch_size,), generator=generator).to(device)
+            rows = torch.randint(len(problems), (batch_size,), generator=generator)
+            if marginal_share > 0:
+                rows += len(problems) * (torch.rand(batch_size, generator=generator) < marginal_share)
+            rows = rows.to(device)
             logits = model(input_ids=input_ids[rows], use_cache=False).logits
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[rows, 1:].flatten())
             optimizer.zero_grad(set_to_none=True)

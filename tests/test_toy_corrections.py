@@ -109,6 +109,36 @@ def test_supervised_warmup_learns_the_traces(tokenizer, problems):
         supervised_warmup(model, tokenizer, problems[:4], 1, target="trace")
 
 
+def _marginal_nll(model, tokenizer, problems) -> float:
+    """Mean per-token NLL of ``<|im_start|> + trace + EOS`` (the sequence PreRL scores), no prompt."""
+    import torch
+    import torch.nn.functional as F
+
+    prefix = tokenizer.convert_tokens_to_ids(IM_START)
+    total = count = 0.0
+    with torch.no_grad():
+        for p in problems:
+            ids = [prefix] + tokenizer(p.meta["target"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            logits = model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, :-1]
+            total += float(F.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum"))
+            count += len(ids) - 1
+    return total / count
+
+
+def test_marginal_share_trains_the_unprompted_traces(tokenizer, problems):
+    nll = {}
+    for share in (0.0, 0.5):
+        model = build_tiny_qwen3(len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        supervised_warmup(model, tokenizer, problems[:256], 30, batch_size=32, target=correction_target,
+                          marginal_share=share)
+        nll[share] = _marginal_nll(model, tokenizer, problems[1000:1030])
+    # Without unprompted rows the marginal space is never trained (the first token after <|im_start|> is a guess).
+    assert nll[0.5] < 0.8 * nll[0.0], nll
+    with pytest.raises(ValueError, match="marginal_share must be a number in \\[0, 1\\], got 2"):
+        supervised_warmup(model, tokenizer, problems[:4], 1, target=correction_target, marginal_share=2)
+
+
 def test_data_toy_task_selects_the_task(tmp_path: Path):
     cfg = load_config(None, ["data.toy_task=corrections", "data.toy_low=10", "data.toy_high=19",
                              "data.toy_train_size=900", "data.eval_size=50", f"output_dir={tmp_path}"])
