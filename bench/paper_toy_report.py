@@ -28,6 +28,12 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
     return mean, (_T975[n - 2] if n - 1 <= len(_T975) else 1.96) * sd / math.sqrt(n)
 
 
+def _upper(values: list[float]) -> float:
+    """Upper end of the 95% interval; the mean itself for a single value (no interval)."""
+    mean, half = mean_ci(values)
+    return mean if math.isnan(half) else mean + half
+
+
 def _fmt(values: list[float], pct: bool = True) -> str:
     mean, half = mean_ci(values)
     scale = 100 if pct else 1
@@ -73,8 +79,7 @@ def _verdicts(base: dict[str, Any], groups: dict[str, list[dict[str, Any]]],
     lines = []
     b_avg, b_pass = base["avg"], _p(base, n)
     if "psr_prerl" in groups:
-        avg, half = mean_ci([r["avg"] for r in groups["psr_prerl"]])
-        collapsed = avg + half < 0.5 * b_avg if not math.isnan(half) else avg < 0.5 * b_avg
+        collapsed = _upper([r["avg"] for r in groups["psr_prerl"]]) < 0.5 * b_avg
         lines.append(f"- **PSR-PreRL collapses**: {'reproduces' if collapsed else 'does not reproduce'}. "
                      f"Avg@{n} {_fmt([r['avg'] for r in groups['psr_prerl']])}% after training vs {b_avg * 100:.1f}% "
                      f"for the warm-up (criterion: the interval's upper end below half the warm-up's); "
@@ -83,10 +88,7 @@ def _verdicts(base: dict[str, Any], groups: dict[str, list[dict[str, Any]]],
     if "nsr_prerl" in groups and "grpo" in groups:
         g = [_p(r, n) for r in groups["grpo"]]
         s = [_p(r, n) for r in groups["nsr_prerl"]]
-        g_mean, g_half = mean_ci(g)
-        s_mean, s_half = mean_ci(s)
-        narrows = g_mean + g_half < b_pass
-        keeps = s_mean + s_half >= b_pass
+        narrows, keeps = _upper(g) < b_pass, _upper(s) >= b_pass
         verdict = ("reproduces" if narrows and keeps else "does not reproduce (NSR-PreRL falls below the warm-up)"
                    if not keeps else "half: NSR-PreRL keeps Pass@k, but GRPO does not narrow it here")
         lines.append(f"- **NSR-PreRL keeps or raises Pass@k at large k where GRPO narrows it**: {verdict}. "
@@ -101,9 +103,9 @@ def _verdicts(base: dict[str, Any], groups: dict[str, list[dict[str, Any]]],
         diffs = [d["avg"] - g["avg"] for d, g in pairs]
         diffs_n = [_p(d, n) - _p(g, n) for d, g in pairs]
         mean, half = mean_ci(diffs)
-        verdict = ("reproduces (significantly)" if mean - half > 0 else "reproduces in the mean, within noise"
-                   if mean >= 0 else "does not reproduce" if mean + half < 0 else "does not reproduce in the mean, "
-                   "within noise")
+        significant = not math.isnan(half) and abs(mean) > half
+        verdict = ("reproduces" if mean >= 0 else "does not reproduce") + \
+            (" (significantly)" if significant else " in the mean, within noise")
         lines.append(f"- **DSRL ≥ GRPO at the same step budget**: {verdict}. Avg@{n}: DSRL "
                      f"{_fmt([d['avg'] for d, _ in pairs])}%, GRPO {_fmt([g['avg'] for _, g in pairs])}%, paired "
                      f"difference {_fmt(diffs)} points over {len(pairs)} seeds; Pass@{n} difference {_fmt(diffs_n)} "
@@ -113,7 +115,7 @@ def _verdicts(base: dict[str, Any], groups: dict[str, list[dict[str, Any]]],
         best = max(means, key=lambda S: means[S][0])
         ends = (min(means), max(means))
         interior = best not in ends
-        clear = interior and all(means[e][0] + means[e][1] < means[best][0] for e in ends)
+        clear = interior and all(_upper([r["avg"] for r in sweep[e]]) < means[best][0] for e in ends)
         verdict = "reproduces" if clear else "reproduces in the means, within noise" if interior else \
             "does not reproduce"
         listing = ", ".join(f"S={S}: {_fmt([r['avg'] for r in rs])}%" for S, rs in sweep.items())
@@ -223,7 +225,14 @@ def _plots(out: Path, base: dict[str, Any], groups: dict[str, list[dict[str, Any
 
 
 def write_report(args: Any, *, command: str, machine: str, sha: str, seconds: float) -> Path:
-    """results.md, results.json and the plots in args.out from its runs/*.json; returns results.md's path."""
+    """results.md, results.json and the plots in args.out from its runs/*.json; returns results.md's path.
+
+    seconds: this invocation's wall time; it is appended to args.out/invocations.jsonl, whose sum the report gives
+    (a resumed run's time is that of all its invocations)."""
+    with open(args.out / "invocations.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"command": command, "sha": sha, "seconds": seconds}) + "\n")
+    invocations = [json.loads(line) for line in (args.out / "invocations.jsonl").read_text().splitlines()]
+    total = sum(i["seconds"] for i in invocations)
     out, n = args.out, args.eval_n
     base, runs = _load(out)
     groups = _group(runs)
@@ -235,8 +244,8 @@ def write_report(args: Any, *, command: str, machine: str, sha: str, seconds: fl
     lines = [
         "# The paper's claims in miniature (self-correcting sums toy)", "",
         f"Command: `{command}`  ", f"Machine: {machine} (shared with other work while it ran)  ",
-        f"Code: {sha}; wall time of this invocation {seconds / 60:.1f} min (runs: {train_s / 60:.1f} min summed; "
-        "stages already done in --out are not redone)", "",
+        f"Code: {sha}; wall time {total / 60:.1f} min over {len(invocations)} invocation(s) (this one "
+        f"{seconds / 60:.1f} min; RL runs with their evaluations {train_s / 60:.1f} min summed)", "",
         f"Setup: one supervised warm-up ({args.sft_steps} steps × {args.sft_batch}, lr {args.sft_lr:g}, "
         f"{args.sft_marginal_share:.0%} of rows without their prompt) of the "
         f"embedded 2-layer Qwen3 on {args.train_size} problems \"Compute a+b+c.\" (operands {args.low}..{args.high}), "
@@ -253,7 +262,7 @@ def write_report(args: Any, *, command: str, machine: str, sha: str, seconds: fl
     path = out / "results.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     summary = {
-        "command": command, "machine": machine, "sha": sha, "seconds": seconds, "interval": "95% Student t over seeds",
+        "command": command, "machine": machine, "sha": sha, "seconds": total, "invocations": invocations, "interval": "95% Student t over seeds",
         "base": {k: base[k] for k in ("avg", "pass_at_k", "thought_shares", "response_len")},
         "algorithms": {a: {"seeds": len(rs), "avg": mean_ci([r["avg"] for r in rs]),
                            "pass_at_k": {k: mean_ci([r["pass_at_k"][k] for r in rs]) for k in base["pass_at_k"]},

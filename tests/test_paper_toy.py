@@ -52,6 +52,9 @@ def test_tiny_run_writes_table_verdicts_plots_and_resumes(tmp_path: Path) -> Non
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"{len(names)} runs, {len(names) - 1} already done" in again.stderr
     assert "warm-up:" not in again.stderr and (out / "runs" / "grpo-seed1.json").is_file()
+    invocations = [json.loads(line) for line in (out / "invocations.jsonl").read_text().splitlines()]
+    assert len(invocations) == 2 and all(i["seconds"] > 0 for i in invocations)
+    assert "over 2 invocation(s)" in (out / "results.md").read_text()
 
     # Other defining options: refused with one line and status 2 before any work.
     other = _bench("--out", str(out), *TINY[:-2], "--algos", "grpo", "--lr", "2e-4")
