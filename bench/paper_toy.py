@@ -19,7 +19,8 @@ loses at most the run in progress; --out refuses results made with other options
    1: Avg@n and the unbiased Pass@k for every k = 1..n, and the thought-taxonomy shares of the answers.
 4. --out/results.md (table with 95% confidence intervals, Student t over seeds; the claims' verdicts),
    --out/results.json, --out/runs/<run>.json (each run's per-step curves and per-problem counts) and the plots
-   reward_curves.png, pass_at_k.png, thought_shares.png, switch_sweep.png.
+   reward_curves.png, pass_at_k.png, thought_shares.png, switch_sweep.png. Each invocation's wall time is appended
+   to --out/invocations.jsonl; the report gives their sum.
 
 The learning rates are the embedded demo's (DESIGN §5): conditional steps at --lr, marginal (PreRL) steps at
 --marginal-lr, loss coefficient 1. One progress line per run goes to stderr; each trainer's own output goes to
@@ -78,8 +79,10 @@ def _int_list(text: str) -> list[int]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bench.paper_toy", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        """The module docstring as written, and every option's default."""
+
+    parser = argparse.ArgumentParser(prog="python -m bench.paper_toy", description=__doc__, formatter_class=Formatter)
     add = parser.add_argument
     add("--out", type=Path, required=True, help="output directory (resumed when it holds an earlier run)")
     add("--seeds", type=int, default=5, help="seeds per algorithm and switch step (>= 2 for intervals)")
