@@ -12,6 +12,8 @@ from dsrl_fast.typed_config import Section, check_choice
 TEMPLATE_ALIASES = {"qwen3": "qwen3_non_thinking"}
 DATA_SUFFIXES = (".jsonl", ".parquet")
 PROMPT_OVERFLOW = ("truncate_left", "drop")
+TOY_TASKS = ("addition", "corrections")
+
 
 def check_data_path(key: str, value: str | None) -> None:
     if value is None:
@@ -30,8 +32,8 @@ class DataConfig(Section):
     """Training and evaluation problems.
 
     Attributes:
-        train_path: null generates toy addition problems ("Compute a+b."); otherwise a ``.jsonl`` / ``.parquet``
-            file or ``hf:<dataset>[:<split>]``. Required when model.name_or_path is set.
+        train_path: null generates toy problems (see toy_task); otherwise a ``.jsonl`` / ``.parquet`` file or
+            ``hf:<dataset>[:<split>]``. Required when model.name_or_path is set.
         problem_key: field holding the problem text.
         answer_key: field holding the reference answer (or the solution, with answer_mode "boxed").
         answer_mode: how answer_key's value becomes the reference: "field" (as is), "boxed" (the last
@@ -52,9 +54,13 @@ class DataConfig(Section):
             prints how many prompts were affected.
         empty_answers: rows of train_path or eval_path whose answer is empty or whitespace: "error" (stop, naming
             the file and line) or "skip" (leave them out; a warning says how many).
+        toy_task: the embedded task when train_path is null: "addition" ("Compute a+b.", one-line answers;
+            dsrl_fast.data.toy) or "corrections" ("Compute a+b+c.", two-step traces of which some correct a wrong
+            step with "Wait, ..." or "Alternatively, ...": reflection and transition steps to measure;
+            dsrl_fast.data.toy_corrections).
         toy_train_size: number of generated toy training problems; with toy evaluation (eval_path null) the
-            toy_train_size + eval_size problems are distinct operand pairs, so both must fit in
-            (toy_high - toy_low + 1)² (8,100 for 10..99).
+            toy_train_size + eval_size problems are distinct operand pairs (triples for "corrections"), so both
+            must fit in (toy_high - toy_low + 1)² (8,100 for 10..99; the cube for "corrections").
         toy_low: smallest toy operand.
         toy_high: largest toy operand (inclusive).
     """
@@ -74,6 +80,7 @@ class DataConfig(Section):
     max_prompt_len: int = 1024
     prompt_overflow: str = "truncate_left"
     empty_answers: str = "error"
+    toy_task: str = "addition"
     toy_train_size: int = 7000
     toy_low: int = 10
     toy_high: int = 99
@@ -88,6 +95,7 @@ class DataConfig(Section):
         check_choice(self.key("answer_mode"), self.answer_mode, ANSWER_MODES)
         check_choice(self.key("prompt_overflow"), self.prompt_overflow, PROMPT_OVERFLOW)
         check_choice(self.key("empty_answers"), self.empty_answers, EMPTY_ANSWERS)
+        check_choice(self.key("toy_task"), self.toy_task, TOY_TASKS)
         if self.eval_answer_mode is not None:
             check_choice(self.key("eval_answer_mode"), self.eval_answer_mode, ANSWER_MODES)
         self.template = TEMPLATE_ALIASES.get(self.template, self.template)
@@ -100,11 +108,13 @@ class DataConfig(Section):
         if self.toy_high < self.toy_low:
             raise ValueError(f"{self.key('toy_high')} must be >= data.toy_low ({self.toy_low}), got {self.toy_high}")
         if self.train_path is None:
-            pairs = (self.toy_high - self.toy_low + 1) ** 2
+            arity = 3 if self.toy_task == "corrections" else 2
+            pairs = (self.toy_high - self.toy_low + 1) ** arity
             held_out = self.eval_size if self.eval_path is None else 0
             if self.toy_train_size + held_out > pairs:
+                kind, power = ("triples", "³") if arity == 3 else ("pairs", "²")
                 raise ValueError(
-                    f"{self.key('toy_train_size')} must be <= {pairs - held_out} (the {pairs} distinct operand pairs "
-                    f"in [{self.toy_low}, {self.toy_high}]² minus data.eval_size={held_out} held out), "
+                    f"{self.key('toy_train_size')} must be <= {pairs - held_out} (the {pairs} distinct operand {kind} "
+                    f"in [{self.toy_low}, {self.toy_high}]{power} minus data.eval_size={held_out} held out), "
                     f"got {self.toy_train_size}"
                 )

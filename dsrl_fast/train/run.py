@@ -200,13 +200,17 @@ def describe_accuracy(name: str, accuracy: float | None) -> str:
 
 def _warm_up(run: Run, stop: StopRequest) -> None:
     """The toy task's supervised warm-up; rank 0 saves its model as the "before RL" model for `dsrl-fast eval`."""
+    from dsrl_fast.data.toy import sft_target
+    from dsrl_fast.data.toy_corrections import correction_target
     from dsrl_fast.train.warmup import supervised_warmup
 
     cfg, out = run.cfg, run.out
     assert run.engine is not None
     print0(f"supervised warm-up of {cfg.sft.steps} steps (batch {cfg.sft.batch_size}, lr {cfg.sft.lr:g})")
+    target = correction_target if cfg.data.toy_task == "corrections" else sft_target
     losses = supervised_warmup(run.model, run.tokenizer, run.problems, cfg.sft.steps, batch_size=cfg.sft.batch_size,
-                               lr=cfg.sft.lr, seed=cfg.seed, should_stop=lambda: stop.requested)
+                               lr=cfg.sft.lr, seed=cfg.seed, should_stop=lambda: stop.requested,
+                               target=target)
     stop.check()
     if run.d.rank == 0:
         run.model.save_pretrained(out / SFT_DIR)

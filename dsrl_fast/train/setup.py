@@ -135,10 +135,12 @@ def load_train_eval_problems(cfg: TrainConfig) -> tuple[list[Problem], list[Prob
     held_out: list[Problem] = []
     if d.train_path is None:
         from dsrl_fast.data.toy import make_addition_problems
+        from dsrl_fast.data.toy_corrections import make_correction_problems
 
-        # One draw of distinct pairs, sliced, so held-out problems never appear in training.
+        # One draw of distinct operands, sliced, so held-out problems never appear in training.
         toy_eval = 0 if d.eval_path else d.eval_size
-        drawn = make_addition_problems(d.toy_train_size + toy_eval, seed=cfg.seed, low=d.toy_low, high=d.toy_high)
+        make = make_correction_problems if d.toy_task == "corrections" else make_addition_problems
+        drawn = make(d.toy_train_size + toy_eval, seed=cfg.seed, low=d.toy_low, high=d.toy_high)
         train, held_out = drawn[: d.toy_train_size], drawn[d.toy_train_size:]
     else:
         train = load("train_path", d.train_path, None, d.problem_key, d.answer_key, d.answer_mode)
@@ -161,11 +163,13 @@ def resolve_run_length(cfg: TrainConfig, num_problems: int) -> TrainConfig:
 
 
 def build_tokenizer(cfg: TrainConfig) -> Any:
-    """The embedded toy tokenizer (model.name_or_path null) or the model's Hugging Face tokenizer."""
+    """The embedded toy task's tokenizer (model.name_or_path null; data.toy_task picks it) or the model's Hugging
+    Face tokenizer."""
     if cfg.model.name_or_path is None:
         from dsrl_fast.data.toy import build_toy_tokenizer
+        from dsrl_fast.data.toy_corrections import build_corrections_tokenizer
 
-        return build_toy_tokenizer()
+        return build_corrections_tokenizer() if cfg.data.toy_task == "corrections" else build_toy_tokenizer()
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(cfg.model.name_or_path, trust_remote_code=cfg.model.trust_remote_code)
