@@ -8,27 +8,29 @@ embedded 2-layer Qwen3, a supervised warm-up of --sft-steps steps (identical for
 --steps RL steps of --prompts prompts × 8 rollouts at lr 1e-4 (the demo's; DESIGN §5), then the held-out accuracy of
 one sampled answer per problem on --eval-size problems never trained on. dsrl runs NSR-PreRL at the demo's marginal
 lr 1e-5 for the first quarter of the steps, then GRPO; ppo trains a critic (lr 1e-4) with 2 mini-batches × 2 epochs.
-The supervised warm-up runs once: later runs load its weights (what they would compute anyway: same seed, same
-data). The table (Markdown) goes to stdout; runs go under --out. The toy is tiny and the run short: differences of a
+The supervised warm-up runs once, into --out/warmup (a Hugging Face model and the train/held-out problems as JSONL);
+every algorithm's run is the plain trainer started from that model (model.name_or_path, data.train_path,
+data.eval_path). The table (Markdown) goes to stdout; runs go under --out. The toy is tiny and the run short: differences of a
 few points are within the run-to-run spread of one seed (the reward swings ±0.15 per step, DESIGN §5).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import json
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import dsrl_fast.train.warmup  # noqa: E402
+from dsrl_fast.data.toy import build_toy_tokenizer, make_addition_problems  # noqa: E402
+from dsrl_fast.model.tiny import build_tiny_qwen3, save_tiny_model  # noqa: E402
 from dsrl_fast.train.config import load_config  # noqa: E402
 from dsrl_fast.train.metrics_log import read_metrics  # noqa: E402
 from dsrl_fast.train.trainer import train  # noqa: E402
+from dsrl_fast.train.warmup import supervised_warmup  # noqa: E402
 
 ALGOS = ("grpo", "dr_grpo", "dapo", "rloo", "reinforce_pp", "reinforce_pp_baseline", "ppo", "nsr_rl", "psr_rl",
          "nsr_prerl", "dsrl")
@@ -38,28 +40,36 @@ EXTRA = {
 }
 
 
-class _WarmupOnce:
-    """Stands in for dsrl_fast.train.warmup.supervised_warmup: the first call trains, later ones load the trained weights."""
-
-    def __init__(self) -> None:
-        self.train = dsrl_fast.train.warmup.supervised_warmup
-        self.done: tuple[dict[str, Any], Any] | None = None
-
-    def __call__(self, model: Any, *args: Any, **kwargs: Any) -> Any:
-        if self.done is None:
-            losses = self.train(model, *args, **kwargs)
-            self.done = (copy.deepcopy(model.state_dict()), losses)
-        model.load_state_dict(self.done[0])
-        return self.done[1]
+TEMPLATE = "<bos>{problem}"  # the toy's prompt: BOS, then the problem text (the warm-up's encoding)
 
 
-def _overrides(args: argparse.Namespace, algo: str, out: Path) -> list[str]:
+def _warm_up(args: argparse.Namespace, root: Path) -> Path:
+    """The shared warm-up: the toy model trained --sft-steps steps, saved with the train/held-out problems."""
+    problems = make_addition_problems(args.train_size + args.eval_size, seed=args.seed, low=args.low, high=args.high)
+    root.mkdir(parents=True, exist_ok=True)
+    for name, part in (("train", problems[:args.train_size]), ("eval", problems[args.train_size:])):
+        with open(root / f"{name}.jsonl", "w", encoding="utf-8") as f:
+            for p in part:
+                f.write(json.dumps({"problem": p.prompt_text, "answer": p.answer}) + "\n")
+    tokenizer = build_toy_tokenizer()
+    model = build_tiny_qwen3(len(tokenizer), seed=args.seed, bos_token_id=tokenizer.bos_token_id,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    supervised_warmup(model, tokenizer, problems[:args.train_size], args.sft_steps, batch_size=64, seed=args.seed)
+    return save_tiny_model(model, tokenizer, root / "model")
+
+
+def _overrides(args: argparse.Namespace, algo: str, warmup: Path, out: Path) -> list[str]:
     return [
+        f"model.name_or_path={warmup / 'model'}", "model.gradient_checkpointing=false", "model.dtype=float32",
+        f"data.train_path={warmup / 'train.jsonl'}", f"data.eval_path={warmup / 'eval.jsonl'}",
+        f"data.template={TEMPLATE}", "data.max_prompt_len=16", "rollout.max_response_len=16", "epochs=null",
+        "optim.lr=1e-4", "optim.marginal_lr=1e-5", "optim.weight_decay=0.0", "algo.pretrain_loss_coef=1.0",
+        "algo.clip_ratio_c=10.0", "reward=math_verify", "rollout.engine=hf", "deepspeed.enabled=false",
+        "optim.max_tokens_per_micro_batch=4096", "eval_every=0",
         f"algo.algo={algo}", f"steps={args.steps}", f"algo.switch_step={max(1, args.steps // 4)}",
-        f"prompts_per_step={args.prompts}", "rollout.n=8", f"sft.steps={args.sft_steps}", "sft.batch_size=64",
-        f"data.toy_low={args.low}", f"data.toy_high={args.high}", f"data.eval_size={args.eval_size}",
-        f"data.toy_train_size={args.train_size}", f"seed={args.seed}", "checkpoint_every=0", "keep_checkpoints=1",
-        "progress=false", "log_samples=0", f"output_dir={out / algo}", "overwrite=true", *EXTRA.get(algo, ()),
+        f"prompts_per_step={args.prompts}", "rollout.n=8", f"seed={args.seed}", "checkpoint_every=0",
+        "keep_checkpoints=1", "progress=false", "log_samples=0", f"output_dir={out / algo}", "overwrite=true",
+        *EXTRA.get(algo, ()),
     ]
 
 
@@ -84,10 +94,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--steps must be >= 1, got {args.steps}")
     out = args.out or Path(tempfile.mkdtemp(prefix="algorithms_toy_"))
     rows = []
-    dsrl_fast.train.warmup.supervised_warmup = _WarmupOnce()  # type: ignore[assignment]
+    warmup = _warm_up(args, out / "warmup").parent
     for algo in algos:
         started = time.perf_counter()
-        summary = train(load_config(None, _overrides(args, algo, out)))
+        summary = train(load_config(None, _overrides(args, algo, warmup, out)))
         records = [r for r in read_metrics(out / algo / "metrics.jsonl") if "reward_mean" in r]
         tail = records[-max(1, len(records) // 4):]
         rows.append((algo, summary.accuracy_before, summary.accuracy_after,
