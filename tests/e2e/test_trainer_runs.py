@@ -17,6 +17,7 @@ import torch
 
 pytest.importorskip("transformers", reason="the trainer runs a transformers model (the train extra)")
 
+import dsrl_fast.cli.train as cli_train
 import dsrl_fast.train.run as run_mod
 import dsrl_fast.train.run_state as run_state_mod
 from dsrl_fast import cli
@@ -514,7 +515,7 @@ def test_an_abort_reraised_by_an_extension_import_still_exits_with_the_signal(
         except RunAborted as exc:
             raise ImportError("initialization failed") from exc
 
-    monkeypatch.setattr(cli, "_train", import_interrupted_by_a_signal)
+    monkeypatch.setattr(cli_train, "_train", import_interrupted_by_a_signal)
     assert cli.main(["train"]) == 128 + signal.SIGINT
     assert capsys.readouterr().err.strip() == ("dsrl-fast train: aborted by a second SIGINT: steps since the last "
                                                "checkpoint are lost; resume=true continues from it")
@@ -522,6 +523,6 @@ def test_an_abort_reraised_by_an_extension_import_still_exits_with_the_signal(
     def unrelated_failure(args: object) -> int:
         raise ImportError("initialization failed")
 
-    monkeypatch.setattr(cli, "_train", unrelated_failure)
+    monkeypatch.setattr(cli_train, "_train", unrelated_failure)
     with pytest.raises(ImportError, match="initialization failed"):
         cli.main(["train"])
