@@ -27,10 +27,12 @@ GIB = 1 << 30
 
 def _plan(model_name: str | None, gpu_memory: int) -> Any:
     from dsrl_fast.planning import plan_memory
-    from dsrl_fast.train.config import DeepSpeedConfig, ModelConfig, RolloutConfig, TrainConfig
+    from dsrl_fast.train.config import DataConfig, DeepSpeedConfig, ModelConfig, RolloutConfig, TrainConfig
 
+    # A named model needs a data path to be a valid run config; the plan never reads it.
+    data = DataConfig(train_path=None if model_name is None else "TRAIN.jsonl")
     cfg = TrainConfig(model=ModelConfig(name_or_path=model_name, dtype="bfloat16", gradient_checkpointing=True),
-                      rollout=RolloutConfig(engine="hf"), deepspeed=DeepSpeedConfig(enabled=False))
+                      data=data, rollout=RolloutConfig(engine="hf"), deepspeed=DeepSpeedConfig(enabled=False))
     return plan_memory(cfg, gpus=1, gpu_memory=gpu_memory)
 
 

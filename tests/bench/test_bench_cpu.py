@@ -141,3 +141,12 @@ def test_gpu_run_refuses_without_cuda_or_interpreter(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "bench.gpu_run", str(tmp_path), "--dry-run"], cwd=REPO_ROOT,
                           env=env, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2 and "set TRITON_INTERPRET=1" in proc.stderr
+
+
+def test_the_update_step_section_plans_a_named_model() -> None:
+    """bench.gpu_run's update step plans Qwen3-4B from the shipped dimensions: a valid run config (a named model
+    needs a data path; the plan never reads it), with every phase's bytes."""
+    from bench.real_step import _phase_bytes, _plan
+
+    plan = _plan("Qwen/Qwen3-4B", 80 * 2**30)
+    assert plan.items and all(v > 0 for v in _phase_bytes(plan).values())
