@@ -59,7 +59,9 @@ def _overrides(args: argparse.Namespace, algo: str, out: Path) -> list[str]:
         f"prompts_per_step={args.prompts}", "rollout.n=8", f"sft.steps={args.sft_steps}", "sft.batch_size=64",
         f"data.toy_low={args.low}", f"data.toy_high={args.high}", f"data.eval_size={args.eval_size}",
         f"data.toy_train_size={args.train_size}", f"seed={args.seed}", "checkpoint_every=0", "keep_checkpoints=1",
-        "progress=false", "log_samples=0", f"output_dir={out / algo}", "overwrite=true", *EXTRA.get(algo, ()),
+        "progress=false", "log_samples=0", f"output_dir={out / algo}", "overwrite=true",
+        # the settings of the recorded results: a fixed-length warm-up, one response per problem, no periodic eval
+        "sft.target_accuracy=null", "eval_n=1", "eval_every=0", *EXTRA.get(algo, ()),
     ]
 
 
