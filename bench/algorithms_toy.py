@@ -29,6 +29,7 @@ from dsrl_fast.data.toy import build_toy_tokenizer, make_addition_problems  # no
 from dsrl_fast.model.tiny import build_tiny_qwen3, save_tiny_model  # noqa: E402
 from dsrl_fast.train.config import load_config  # noqa: E402
 from dsrl_fast.train.metrics_log import read_metrics  # noqa: E402
+from dsrl_fast.train.sections import SFTConfig  # noqa: E402
 from dsrl_fast.train.trainer import train  # noqa: E402
 from dsrl_fast.train.warmup import supervised_warmup  # noqa: E402
 
@@ -54,7 +55,8 @@ def _warm_up(args: argparse.Namespace, root: Path) -> Path:
     tokenizer = build_toy_tokenizer()
     model = build_tiny_qwen3(len(tokenizer), seed=args.seed, bos_token_id=tokenizer.bos_token_id,
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    supervised_warmup(model, tokenizer, problems[:args.train_size], args.sft_steps, batch_size=64, seed=args.seed)
+    supervised_warmup(model, tokenizer, problems[:args.train_size], SFTConfig(steps=args.sft_steps, batch_size=64),
+                      seed=args.seed)
     return save_tiny_model(model, tokenizer, root / "model")
 
 
@@ -69,7 +71,7 @@ def _overrides(args: argparse.Namespace, algo: str, warmup: Path, out: Path) -> 
         f"algo.algo={algo}", f"steps={args.steps}", f"algo.switch_step={max(1, args.steps // 4)}",
         f"prompts_per_step={args.prompts}", "rollout.n=8", f"seed={args.seed}", "checkpoint_every=0",
         "keep_checkpoints=1", "progress=false", "log_samples=0", f"output_dir={out / algo}", "overwrite=true",
-        *EXTRA.get(algo, ()),
+        "eval_n=1", *EXTRA.get(algo, ()),
     ]
 
 

@@ -155,6 +155,7 @@ def _set_threads(threads: int) -> None:
 def prepare_warmup(args: argparse.Namespace) -> Path:
     """The shared warm-up model and the problem files in --out/warmup (made once)."""
     from dsrl_fast.model.tiny import build_tiny_qwen3, save_tiny_model
+    from dsrl_fast.train.sections import SFTConfig
     from dsrl_fast.train.warmup import supervised_warmup
     from dsrl_fast.data.toy_corrections import build_corrections_tokenizer, correction_target, make_correction_problems
 
@@ -172,9 +173,9 @@ def prepare_warmup(args: argparse.Namespace) -> Path:
     tokenizer = build_corrections_tokenizer()
     model = build_tiny_qwen3(len(tokenizer), seed=args.data_seed, bos_token_id=tokenizer.bos_token_id,
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    losses = supervised_warmup(model, tokenizer, problems[:args.train_size], args.sft_steps,
-                               batch_size=args.sft_batch, lr=args.sft_lr, seed=args.data_seed,
-                               target=correction_target, marginal_share=args.sft_marginal_share)
+    sft = SFTConfig(steps=args.sft_steps, batch_size=args.sft_batch, lr=args.sft_lr)
+    losses = supervised_warmup(model, tokenizer, problems[:args.train_size], sft, seed=args.data_seed,
+                               target=correction_target, marginal_share=args.sft_marginal_share).losses
     save_tiny_model(model, tokenizer, root / "model.partial")
     (root / "model.partial").rename(root / "model")  # complete or absent: a kill cannot leave half a model
     print(f"warm-up: {args.sft_steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}, "

@@ -47,7 +47,7 @@ def result_rows(results: Sequence[BenchmarkResult]) -> list[dict[str, Any]]:
         row.update({f"pass@{k}": v for k, v in r.pass_at_k.items()})
         row.update({f"maj@{k}": v for k, v in r.maj_at_k.items()})
         shares = r.thoughts.shares()
-        row.update({"mean_tokens": r.mean_tokens, "truncated": r.truncated, "steps": r.thoughts.steps,
+        row.update({"mean_tokens": r.mean_tokens, "truncated": r.truncated, "reasoning_steps": r.thoughts.steps,
                     "transition_share": shares["transition"], "reflection_share": shares["reflection"],
                     "execution_share": shares["execution"],
                     "transition_ratio": ratios[(r.model, r.benchmark)]["transition"],
@@ -56,8 +56,9 @@ def result_rows(results: Sequence[BenchmarkResult]) -> list[dict[str, Any]]:
     return rows
 
 
-def _pct(value: float) -> str:
-    return f"{100 * value:.1f}"
+def _fraction(value: float) -> str:
+    """Accuracies and shares print as fractions in [0, 1], as train prints them and every file stores them."""
+    return f"{value:.3f}"
 
 
 def _ratio(value: float | None) -> str:
@@ -83,7 +84,8 @@ def settings_line(rows: Sequence[BenchmarkResult]) -> str:
 
 
 def markdown(results: Sequence[BenchmarkResult]) -> str:
-    """The tables as Markdown: per benchmark, accuracy (percent) and the thought taxonomy."""
+    """The tables as Markdown: per benchmark, accuracy and the thought taxonomy, as fractions in [0, 1] (the
+    reasoning steps column counts the steps the responses were split into, not training steps)."""
     ratios = thought_ratios(results)
     lines: list[str] = []
     for bench in dict.fromkeys(r.benchmark for r in results):
@@ -95,15 +97,17 @@ def markdown(results: Sequence[BenchmarkResult]) -> str:
                   "| model | Avg@" + str(n) + " | " + " | ".join(f"pass@{k}" for k in ks) + f" | maj@{top} | tokens |",
                   "|---|" + "---:|" * (len(ks) + 3)]
         for r in rows:
-            cells = [_pct(r.avg), *(_pct(r.pass_at_k[k]) for k in ks), _pct(r.maj_at_k[top]), f"{r.mean_tokens:.0f}"]
+            cells = [_fraction(r.avg), *(_fraction(r.pass_at_k[k]) for k in ks), _fraction(r.maj_at_k[top]),
+                     f"{r.mean_tokens:.0f}"]
             lines.append(f"| {r.model} | " + " | ".join(cells) + " |")
-        lines += ["", ("| model | steps | transition % | reflection % | execution % | transition vs first | "
-                       "reflection vs first |"), "|---|---:|---:|---:|---:|---:|---:|"]
+        lines += ["", ("| model | reasoning steps | transition share | reflection share | execution share | "
+                       "transition vs first | reflection vs first |"), "|---|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             s = r.thoughts.shares()
             q = ratios[(r.model, r.benchmark)]
-            lines.append(f"| {r.model} | {r.thoughts.steps} | {_pct(s['transition'])} | {_pct(s['reflection'])} | "
-                         f"{_pct(s['execution'])} | {_ratio(q['transition'])} | {_ratio(q['reflection'])} |")
+            lines.append(f"| {r.model} | {r.thoughts.steps} | {_fraction(s['transition'])} | "
+                         f"{_fraction(s['reflection'])} | {_fraction(s['execution'])} | {_ratio(q['transition'])} | "
+                         f"{_ratio(q['reflection'])} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -153,14 +157,14 @@ def plot_pass_at_k(results: Sequence[BenchmarkResult], path: str | Path) -> str:
     for ax, bench in zip(axes, benches):
         for r in (r for r in results if r.benchmark == bench):
             ks = list(r.pass_at_k)
-            ax.plot(ks, [100 * r.pass_at_k[k] for k in ks], marker="o", markersize=3, label=r.model)
+            ax.plot(ks, [r.pass_at_k[k] for k in ks], marker="o", markersize=3, label=r.model)
         ax.set_xscale("log", base=2)
         ticks = sorted({k for r in results if r.benchmark == bench for k in r.pass_at_k})
         ax.set_xticks(ticks, [str(k) for k in ticks])
         ax.minorticks_off()
         ax.set_title(bench)
         ax.set_xlabel("k")
-        ax.set_ylabel("pass@k (%)")
+        ax.set_ylabel("pass@k")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     for ax in axes[len(benches):]:

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from dsrl_fast.model.saving import save_hf_model
+
 if TYPE_CHECKING:
     from transformers import Qwen3ForCausalLM
 
@@ -57,8 +59,4 @@ def build_tiny_qwen3(
 def save_tiny_model(model: Any, tokenizer: Any, directory: str | os.PathLike[str]) -> Path:
     """Write a Hugging Face model directory (config, safetensors, generation config, tokenizer) that
     ``transformers.AutoModelForCausalLM``/``AutoTokenizer`` and ``vllm.LLM`` load. Returns the path."""
-    path = Path(directory)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_hf_model(model, tokenizer, directory)

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 
 from dsrl_fast.errors import CheckpointWriteError
+from dsrl_fast.model.saving import save_hf_model
 from dsrl_fast.train.critic import save_critic
 from dsrl_fast.train.updaters import DeepSpeedUpdater, Updater
 
@@ -60,9 +61,7 @@ def export_hf(updater: Updater, tokenizer: Any, directory: Path) -> None:
     else:
         state = None
     if _rank() == 0:
-        directory.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(directory, state_dict=state)
-        tokenizer.save_pretrained(directory)
+        save_hf_model(model, tokenizer, directory, state_dict=state)
 
 
 def save_checkpoint(output_dir: str | Path, step: int, updater: Updater, tokenizer: Any, trainer_state: dict[str, Any],

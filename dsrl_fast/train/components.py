@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from dsrl_fast.model.saving import save_hf_model
 from dsrl_fast.rl.algorithms import uses_critic
 from dsrl_fast.rollout.base import RolloutEngine, SamplingConfig
 from dsrl_fast.train.batch_update import CriticSetup
@@ -94,8 +95,7 @@ def build_engine(cfg: TrainConfig, model: torch.nn.Module, tokenizer: Any,
     if source is None:
         export = Path(cfg.output_dir) / VLLM_INIT_DIR
         if not (dist.is_initialized() and dist.get_rank() != 0):
-            model.save_pretrained(export)
-            tokenizer.save_pretrained(export)
+            save_hf_model(model, tokenizer, export)
         if dist.is_initialized():
             dist.barrier()
         source = str(export)

@@ -167,6 +167,10 @@ class TrainConfig(Section):
         if self.sft.steps > 0 and self.model.name_or_path is not None:
             raise ValueError(f"sft.steps must be 0 with a pretrained model (the supervised warm-up is the toy task's), "
                              f"got {self.sft.steps} with model.name_or_path={self.model.name_or_path!r}")
+        if self.sft.target_accuracy is not None and self.data.train_path is None \
+                and self.sft.eval_size >= self.data.toy_train_size:
+            raise ValueError(f"sft.eval_size must be < data.toy_train_size ({self.data.toy_train_size}): the warm-up "
+                             f"checks on training problems it keeps out of its own data, got {self.sft.eval_size}")
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite must not both be true: resume continues the run in output_dir, "
                              "overwrite deletes it")
@@ -185,7 +189,8 @@ def embedded_default() -> TrainConfig:
     """The CPU demo run: the embedded toy model learning 2-digit addition, DSRL with a supervised warm-up.
 
     Its settings (plain template, lr 1e-4 with a marginal lr of 1e-5, 16-token responses, loss coefficient 1,
-    switch at 50, the warm-up) suit the toy only; a config naming model.name_or_path starts from the dataclass
+    switch at 50, a warm-up until a check's sampled accuracy reaches 0.2 (at most 1000 steps), 8 responses per
+    held-out problem so pass@k shows, an evaluation every 175 steps) suit the toy only; a config naming model.name_or_path starts from the dataclass
     defaults instead, which are the paper's setup (see :func:`paper_default`).
     """
     return TrainConfig(
@@ -194,12 +199,13 @@ def embedded_default() -> TrainConfig:
         rollout=RolloutConfig(engine="hf", n=8, temperature=1.0, max_response_len=16),
         algo=AlgoConfig(algo="dsrl", switch_step=50, pretrain_loss_coef=1.0, clip_ratio_c=10.0),
         optim=OptimConfig(lr=1e-4, marginal_lr=1e-5, weight_decay=0.0),
-        sft=SFTConfig(steps=250, batch_size=128, lr=3e-3),
+        sft=SFTConfig(steps=1000, batch_size=128, lr=3e-3, target_accuracy=0.2, eval_every=25, eval_size=200),
         steps=700,
         epochs=None,
         prompts_per_step=16,
         output_dir="runs/demo",
-        eval_every=0,
+        eval_every=175,
+        eval_n=8,
         checkpoint_every=100,
         reward="math_verify",
     )

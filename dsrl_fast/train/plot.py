@@ -1,5 +1,6 @@
-"""Training curves from a metrics.jsonl file: reward, accuracy (sampled and held-out), response length, thought
-shares, loss, gradient norm and learning rate per step."""
+"""Training curves from a metrics.jsonl file: reward (and the sampled accuracy where it differs), held-out accuracy
+and pass@k, response length and truncated share, thought shares (where any is non-zero), loss, gradient norm and
+learning rate per step, with the switch from the marginal to the conditional phase marked."""
 
 from __future__ import annotations
 
@@ -15,12 +16,13 @@ from dsrl_fast.train.metrics_log import read_metrics
 
 __all__ = ["moving_average", "panels_of", "plot_metrics"]
 
-# (y label, metric keys) of each panel, in order; a panel is drawn when any of its keys has a value.
+# (y label, metric keys) of each panel, in order; a panel is drawn when any of its keys has a value (see panels_of
+# for the keys left out because they repeat another curve or carry no signal).
 _PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("mean reward", ("reward_mean",)),
-    ("sampled accuracy", ("accuracy",)),
+    ("training reward", ("reward_mean", "accuracy")),
     ("held-out accuracy", ("eval_accuracy_before", "eval_accuracy", "eval_accuracy_after")),
     ("response length (tokens)", ("response_len_mean",)),
+    ("share of responses cut by the length cap", ("truncated_share",)),
     ("share of reasoning steps", ("transition_share", "reflection_share")),
     ("loss", ("loss",)),
     ("gradient norm", ("grad_norm",)),
@@ -31,6 +33,11 @@ _EXACT = frozenset({"lr"})
 # Held-out accuracy measured before RL, every eval_every steps and after RL, drawn as one line: (key, x shift). The
 # record before RL belongs to step 0 but was measured before it: it is drawn at step -1.
 _HELD_OUT = (("eval_accuracy_before", -1), ("eval_accuracy", 0), ("eval_accuracy_after", 0))
+# The same three sources of a held-out pass@k: "<prefix>held_out/pass@<k>".
+_HELD_OUT_PREFIXES = (("eval_before/", -1), ("eval/", 0), ("eval_after/", 0))
+_PASS_AT = "held_out/pass@"
+# Metrics that only count when some value is non-zero (the toy's responses have no reasoning steps to classify).
+_SIGNAL_ONLY = frozenset({"transition_share", "reflection_share", "truncated_share"})
 _COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red")
 _MARGINAL_NAMES = {"negative": "NSR-PreRL", "positive": "PSR-PreRL", "all": "PreRL"}
 _CONDITIONAL_NAMES = {"negative": "NSR-RL", "positive": "PSR-RL", "all": "GRPO"}
@@ -71,17 +78,34 @@ def _series(rows: list[dict[str, Any]], key: str) -> tuple[np.ndarray, np.ndarra
     return np.asarray(steps, dtype=np.float64), np.asarray(values, dtype=np.float64)
 
 
-def _held_out_points(rows: list[dict[str, Any]]) -> list[tuple[float, float, str]]:
-    """(x, accuracy, key) of every held-out measurement, by x."""
+def _held_out_points(rows: list[dict[str, Any]], sources: tuple[tuple[str, int], ...] = _HELD_OUT
+                     ) -> list[tuple[float, float, str]]:
+    """(x, value, key) of every held-out measurement of `sources` ((key, x shift) each), by x."""
     points = []
-    for key, shift in _HELD_OUT:
+    for key, shift in sources:
         steps, values = _series(rows, key)
         points += [(float(x) + shift, float(v), key) for x, v in zip(steps, values)]
     return sorted(points)
 
 
-def _draw_held_out(ax: Any, rows: list[dict[str, Any]], color: str) -> None:
-    """Every held-out accuracy measured as one line, the first (before RL) and last (after RL) points labelled."""
+def _largest_pass_k(rows: list[dict[str, Any]]) -> int | None:
+    """The largest k > 1 of a logged held-out pass@k (None without one: with eval_n 1, pass@1 is the accuracy)."""
+    ks = {int(key.rpartition("@")[2]) for row in rows for key in row
+          if key.startswith(tuple(prefix + _PASS_AT for prefix, _ in _HELD_OUT_PREFIXES))
+          and key.rpartition("@")[2].isdigit()}
+    ks.discard(1)
+    return max(ks) if ks else None
+
+
+def _draw_held_out(ax: Any, rows: list[dict[str, Any]], color: str, pass_color: str) -> None:
+    """Every held-out accuracy measured as one line, the first (before RL) and last (after RL) points labelled, and
+    the held-out pass@k of the largest k logged as a second line."""
+    k = _largest_pass_k(rows)
+    if k is not None:
+        sources = tuple((f"{prefix}{_PASS_AT}{k}", shift) for prefix, shift in _HELD_OUT_PREFIXES)
+        passes = _held_out_points(rows, sources)
+        ax.plot([p[0] for p in passes], [p[1] for p in passes], "s--", color=pass_color, markersize=4,
+                label=f"held-out pass@{k}")
     points = _held_out_points(rows)
     xs, ys = [p[0] for p in points], [p[1] for p in points]
     ax.plot(xs, ys, "o-", color=color, markersize=4, label="held-out accuracy")
@@ -94,9 +118,22 @@ def _draw_held_out(ax: Any, rows: list[dict[str, Any]], color: str) -> None:
                     fontsize=8, ha="right")
 
 
+def _repeats_reward(rows: list[dict[str, Any]]) -> bool:
+    """True when the logged sampled accuracy equals the mean reward at every step (a 0/1 reward)."""
+    return all(r["accuracy"] == r.get("reward_mean") for r in rows if "accuracy" in r)
+
+
 def panels_of(rows: list[dict[str, Any]]) -> list[tuple[str, list[str]]]:
-    """(y label, metric keys) of each panel the rows have values for, in drawing order."""
-    panels = [(ylabel, [k for k in keys if _series(rows, k)[0].size]) for ylabel, keys in _PANELS]
+    """(y label, metric keys) of each panel the rows have values for, in drawing order. Left out: the sampled
+    accuracy where it equals the reward at every step (a 0/1 reward: the same curve), and the thought and truncated
+    shares where every value is 0 (no signal, e.g. the toy's one-line answers)."""
+    def shown(key: str) -> bool:
+        steps, values = _series(rows, key)
+        if not steps.size or (key in _SIGNAL_ONLY and not values.any()):
+            return False
+        return key != "accuracy" or not _repeats_reward(rows)
+
+    panels = [(ylabel, [k for k in keys if shown(k)]) for ylabel, keys in _PANELS]
     return [p for p in panels if p[1]]
 
 
@@ -144,10 +181,11 @@ def plot_metrics(metrics_path: str | os.PathLike[str], out_png: str | os.PathLik
                  switch_step: int | None = None, window: int = 10) -> str:
     """Draw the run's curves to a PNG and return its path.
 
-    Panels (each only when its metrics are present): reward (raw, faint, and its trailing moving average over
-    `window` steps), sampled accuracy, held-out accuracy (one line through every measurement: before RL, drawn at
-    step -1, each periodic evaluation and after RL), response length, transition/reflection thought shares, loss,
-    gradient norm, learning rate. The switch between phases
+    Panels (each only when its metrics are present, see panels_of): reward (raw, faint, and its trailing moving
+    average over `window` steps) with the sampled accuracy where it differs, held-out accuracy and pass@k of the
+    largest k logged (one line each through every measurement: before RL, drawn at step -1, each periodic
+    evaluation and after RL), response length, share of truncated responses, transition/reflection thought shares,
+    loss, gradient norm, learning rate. The marginal phase is shaded and the switch between phases
     (`switch_step`, or the first step where the logged `space` changes) is a dashed vertical line, with the two
     phases labelled ("NSR-PreRL (marginal)" / "GRPO (conditional)", named from the logged `space` and `samples`);
     a switch outside (first logged step, last logged step] is not drawn. Without `switch_step` the switch is the
@@ -195,7 +233,7 @@ def plot_metrics(metrics_path: str | os.PathLike[str], out_png: str | os.PathLik
     labels = _phase_labels(rows, switch) if switch is not None else None
     for i, (ax, (ylabel, keys)) in enumerate(zip(axes, panels)):
         if ylabel == "held-out accuracy":
-            _draw_held_out(ax, rows, _COLORS[0])
+            _draw_held_out(ax, rows, _COLORS[0], _COLORS[1])
             keys = []
         for color, key in zip(_COLORS, keys):
             steps, values = _series(rows, key)

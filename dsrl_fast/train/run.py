@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +14,10 @@ import torch
 
 from dsrl_fast.data.problems import PromptSampler
 from dsrl_fast.errors import UserError
-from dsrl_fast.eval.periodic import HELD_OUT, EvalTask, load_benchmarks
+from dsrl_fast.eval.periodic import HELD_OUT, EvalTask, evaluate_tasks, load_benchmarks
 from dsrl_fast.interrupt import MicroBatchStops, StopRequest
 from dsrl_fast.model.packed import prepare_packed_model
+from dsrl_fast.model.saving import save_hf_model
 from dsrl_fast.reward import get_reward_fn
 from dsrl_fast.rl.guard import MarginalGuard
 from dsrl_fast.distributed import reduce_floats
@@ -45,8 +47,10 @@ from dsrl_fast.train.setup import (
     resolve_marginal_prefix,
     resolve_run_length,
 )
-from dsrl_fast.train.step import evaluate
+from dsrl_fast.train.step import evaluate, sampling
 from dsrl_fast.train.updaters import PolicyModule
+
+WARMUP_CHECK = "warm-up check"
 
 
 def open_run(cfg: TrainConfig) -> Run:
@@ -204,20 +208,52 @@ def _warm_up(run: Run, stop: StopRequest) -> None:
     from dsrl_fast.data.toy_corrections import correction_target
     from dsrl_fast.train.warmup import supervised_warmup
 
-    cfg, out = run.cfg, run.out
+    cfg, out, sft = run.cfg, run.out, run.cfg.sft
     assert run.engine is not None
-    print0(f"supervised warm-up of {cfg.sft.steps} steps (batch {cfg.sft.batch_size}, lr {cfg.sft.lr:g})")
+    problems, measure = run.problems, None
+    goal = f"until a check reaches accuracy {sft.target_accuracy:g}, at most" if sft.target_accuracy else "for"
+    print0(f"supervised warm-up {goal} {sft.steps} steps (batch {sft.batch_size}, lr {sft.lr:g})")
+    if sft.target_accuracy is not None:
+        if sft.eval_size >= len(problems):
+            raise UserError(f"sft.eval_size must be < the {len(problems)} training problems (the warm-up checks on "
+                            f"problems it does not train on), got {sft.eval_size}")
+        problems = problems[:-sft.eval_size]
+        measure = _warmup_measure(run)
     target = correction_target if cfg.data.toy_task == "corrections" else sft_target
-    losses = supervised_warmup(run.model, run.tokenizer, run.problems, cfg.sft.steps, batch_size=cfg.sft.batch_size,
-                               lr=cfg.sft.lr, seed=cfg.seed, should_stop=lambda: stop.requested,
-                               target=target)
+    result = supervised_warmup(run.model, run.tokenizer, problems, sft, seed=cfg.seed, measure=measure,
+                               should_stop=lambda: stop.requested, target=target)
     stop.check()
     if run.d.rank == 0:
-        run.model.save_pretrained(out / SFT_DIR)
-        run.tokenizer.save_pretrained(out / SFT_DIR)
-    print0(f"supervised warm-up: {cfg.sft.steps} steps, loss {losses[0]:.3f} -> {losses[-1]:.3f}; "
-           f"model saved to {out / SFT_DIR}")
+        save_hf_model(run.model, run.tokenizer, out / SFT_DIR)
+    run.state["sft_steps"] = result.steps
+    if result.checks:
+        run.state["sft_accuracy"] = result.checks[-1][1]
+    outcome = ""
+    if result.reached is False:
+        outcome = f"; the target {sft.target_accuracy:g} was not reached (last check {result.checks[-1][1]:.3f})"
+    print0(f"supervised warm-up: {result.steps} steps, loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}"
+           f"{outcome}; model saved to {out / SFT_DIR}")
     run.engine.update_weights(run.model.state_dict().items())
+
+
+def _warmup_measure(run: Run) -> Callable[[], float]:
+    """The warm-up's check: accuracy of one response per problem on the last sft.eval_size training problems,
+    decoded like the held-out evaluation with a fixed seed (the engine forks the RNG: the run's streams are left
+    alone); the weights are synced to the engine first (a no-op for the HF engine)."""
+    cfg = run.cfg
+    assert run.engine is not None
+    k = cfg.sft.eval_size
+    task = EvalTask(WARMUP_CHECK, run.problems[-k:], run.prompts[-k:])
+    params = sampling(cfg, run.tokenizer, 1, cfg.seed + 29, cfg.eval_greedy)
+
+    def measure() -> float:
+        assert run.engine is not None
+        run.engine.update_weights(run.model.state_dict().items())
+        metrics = evaluate_tasks(run.engine, run.tokenizer, [task], run.reward_fn, sampling=params,
+                                 rank=run.d.rank, world_size=run.d.world_size, reduce=reduce_floats)
+        return metrics[f"{WARMUP_CHECK}/avg@1"]
+
+    return measure
 
 
 def _resume(run: Run) -> None:

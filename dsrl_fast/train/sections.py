@@ -137,9 +137,17 @@ class SFTConfig(Section):
     """Supervised warm-up before RL (the toy demo uses it to reach a non-trivial starting accuracy).
 
     Attributes:
-        steps: supervised steps on reference answers (0 skips the warm-up).
+        steps: supervised steps on reference answers (0 skips the warm-up); with target_accuracy, the most it takes.
         batch_size: problems per supervised step.
         lr: AdamW learning rate of the warm-up.
+        target_accuracy: end the warm-up at the first check whose accuracy reaches this (in (0, 1]); null runs
+            exactly `steps` steps. The check samples one response per problem for the last eval_size training
+            problems, which the warm-up then does not train on (RL still does), decoded like the held-out
+            evaluation (rollout.temperature, or greedy with eval_greedy) with a fixed seed; it leaves the run's
+            random streams alone. The accuracy reached can exceed the target by what eval_every steps add.
+        eval_every: print a progress line (loss; with target_accuracy, the check's accuracy) every this many
+            steps and after the last; with target_accuracy, check this often.
+        eval_size: training problems held out of the warm-up for its check (target_accuracy only).
     """
 
     SECTION: ClassVar[str] = "sft"
@@ -147,8 +155,18 @@ class SFTConfig(Section):
     steps: int = 0
     batch_size: int = 128
     lr: float = 3e-3
+    target_accuracy: float | None = None
+    eval_every: int = 25
+    eval_size: int = 200
 
     def _check(self) -> None:
         self._min("steps", 0)
         self._min("batch_size", 1)
         self._min("lr", 0.0, strict=True)
+        self._min("target_accuracy", 0.0, strict=True)
+        check_max(self.key("target_accuracy"), self.target_accuracy, 1.0)
+        self._min("eval_every", 1)
+        self._min("eval_size", 1)
+        if self.target_accuracy is not None and self.steps == 0:
+            raise ValueError(f"{self.key('steps')} must be >= 1 (the cap) with {self.key('target_accuracy')} set, "
+                             f"got 0")

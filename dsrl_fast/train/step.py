@@ -35,6 +35,8 @@ def rl_step(run: Run, stop: StopRequest, step: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     run.stop_point = (step, run.sampler.state_dict(), False)  # until its optimizer step, a step can be abandoned
     run.micro_batch_stops.arm()
+    if d.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(d.device)
     torch.manual_seed(_step_seed(cfg.seed, step, d.rank))
     phase = _phase(cfg, step, state["switch_step"])
     if cfg.algo.algo == "dsrl" and step == state["switch_step"] and run.ref_model is not None:
@@ -75,7 +77,9 @@ def rl_step(run: Run, stop: StopRequest, step: int) -> dict[str, Any]:
     t_end = time.perf_counter()
 
     # Measure, and let the guard end the marginal phase (or the run).
-    metrics = _step_metrics(cfg, phase, samples, texts, result, lr, t_end - t0, state)
+    truncated = sum(not r.finished for r in rollouts)
+    metrics = _step_metrics(cfg, phase, samples, texts, truncated, result, lr, t_end - t0, state)
+    metrics.update(_peak_memory(d.device))
     metrics.update(reward_counts)
     metrics.update(_phase_times(samples, result, rollout_s=t_reward - t_rollout, reward_s=t_update - t_reward,
                                 update_s=t_sync - t_update, sync_s=t_end - t_sync))
@@ -168,6 +172,16 @@ def _phase_times(samples: Any, result: Any, *, rollout_s: float, reward_s: float
             "rank_token_imbalance": result.rank_token_imbalance}
 
 
+def _peak_memory(device: torch.device) -> dict[str, float | None]:
+    """The step's peak CUDA memory in GiB, the largest over ranks, as torch's allocator counts it: held by tensors
+    (``peak_memory_allocated_gib``) and reserved by its cache (``peak_memory_reserved_gib``); None off CUDA."""
+    if device.type != "cuda":
+        return {"peak_memory_allocated_gib": None, "peak_memory_reserved_gib": None}
+    allocated, reserved = reduce_floats([torch.cuda.max_memory_allocated(device) / 2**30,
+                                         torch.cuda.max_memory_reserved(device) / 2**30], dist.ReduceOp.MAX)
+    return {"peak_memory_allocated_gib": allocated, "peak_memory_reserved_gib": reserved}
+
+
 def _step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 101 + rank) % (2**31 - 1)
 
@@ -182,10 +196,11 @@ def _skip_reason(metrics: dict[str, Any], samples_filter: str) -> str:
     return f"no {kept}sample has a non-zero advantage"
 
 
-def _step_metrics(cfg: TrainConfig, phase: Phase, samples: Any, texts: list[str], result: Any, lr: float,
-                  seconds: float, totals: dict[str, Any]) -> dict[str, Any]:
-    """The metrics.jsonl row of one step (global over ranks); adds the step's fully solved / unsolved prompt groups
-    to the running counts in `totals` (the checkpointed trainer state)."""
+def _step_metrics(cfg: TrainConfig, phase: Phase, samples: Any, texts: list[str], truncated: int, result: Any,
+                  lr: float, seconds: float, totals: dict[str, Any]) -> dict[str, Any]:
+    """The metrics.jsonl row of one step (global over ranks); `truncated`: this rank's responses cut by the length
+    cap. Adds the step's fully solved / unsolved prompt groups to the running counts in `totals` (the checkpointed
+    trainer state)."""
     n = cfg.rollout.n
     rewards = samples.rewards.view(-1, n)
     thoughts = count_thoughts(texts)
@@ -195,9 +210,9 @@ def _step_metrics(cfg: TrainConfig, phase: Phase, samples: Any, texts: list[str]
         float(rewards.sum()), float((rewards == 1).float().sum()), float(rewards.numel()), float(sum(lengths)),
         float((rewards == 1).all(dim=1).sum()), float((rewards < 1).all(dim=1).sum()), float(rewards.shape[0]),
         float(thoughts.transition), float(thoughts.reflection), float(thoughts.steps),
-        float(prompt_tokens + sum(lengths)),
+        float(prompt_tokens + sum(lengths)), float(truncated),
     ])
-    total, correct, count, length, solved, unsolved, groups, transition, reflection, steps, tokens = sums
+    total, correct, count, length, solved, unsolved, groups, transition, reflection, steps, tokens, cut = sums
     for key, value in (("fully_solved_total", solved), ("fully_unsolved_total", unsolved)):
         totals[key] = totals.get(key, 0) + round(value)
     return {
@@ -207,6 +222,7 @@ def _step_metrics(cfg: TrainConfig, phase: Phase, samples: Any, texts: list[str]
         "reward_mean": total / count,
         "accuracy": correct / count,
         "response_len_mean": length / count,
+        "truncated_share": cut / count,
         "loss": result.loss,
         "clip_frac": result.clip_frac,
         "entropy": result.entropy,

@@ -52,7 +52,8 @@ def train(cfg: TrainConfig) -> TrainSummary:
     the resumed run before it goes on. An OSError (a full disk) ends the progress bar and writes the plot and summary
     if it still can.
 
-    summary.json (rank 0) holds ``status`` ("finished", "interrupted" or "failed" with ``error``),
+    summary.json (rank 0) holds ``status`` ("finished", "interrupted" or "failed" with ``error``), ``warmup_steps`` and
+    ``warmup_accuracy`` (the supervised warm-up's steps and its last check, null when not run or not checked),
     ``accuracy_before`` / ``accuracy_after``, ``eval_before`` / ``eval_after`` (every "eval/<set>/<metric>" of the
     evaluations before and after RL), ``seconds``, ``checkpoint`` (the newest complete one), ``metrics``, ``plot``,
     and ``steps`` / ``model`` (finished) or ``steps_done`` (interrupted).

@@ -17,6 +17,7 @@ from dsrl_fast.data.toy import (
     sft_target,
 )
 from dsrl_fast.model.tiny import build_tiny_qwen3, save_tiny_model
+from dsrl_fast.train.sections import SFTConfig
 from dsrl_fast.train.warmup import supervised_warmup
 
 
@@ -118,13 +119,19 @@ def test_tiny_qwen3_shape_and_seeding(tokenizer):
 def test_supervised_warmup_lowers_the_loss_and_restores_mode(tokenizer):
     model = _model(tokenizer).eval()
     problems = make_addition_problems(300, seed=0)
-    losses = supervised_warmup(model, tokenizer, problems, steps=25, batch_size=32, lr=3e-3, seed=0)
-    assert len(losses) == 25 and not model.training
+    result = supervised_warmup(model, tokenizer, problems, SFTConfig(steps=25, batch_size=32, lr=3e-3), seed=0)
+    losses = result.losses
+    assert result.steps == len(losses) == 25 and not model.training
+    assert (result.checks, result.reached) == ([], None)
     assert sum(losses[-5:]) / 5 < 0.6 * losses[0], losses
-    again = supervised_warmup(_model(tokenizer), tokenizer, problems, steps=3, batch_size=32, lr=3e-3, seed=0)
-    assert again == pytest.approx(losses[:3], rel=1e-5)
-    with pytest.raises(ValueError, match="steps"):
-        supervised_warmup(model, tokenizer, problems, steps=0)
+    again = supervised_warmup(_model(tokenizer), tokenizer, problems, SFTConfig(steps=3, batch_size=32), seed=0)
+    assert again.losses == pytest.approx(losses[:3], rel=1e-5)
+    with pytest.raises(ValueError, match="sft.steps must be >= 1 for a warm-up, got 0"):
+        supervised_warmup(model, tokenizer, problems, SFTConfig(steps=0))
+    with pytest.raises(TypeError, match="sft must be an SFTConfig, got int"):
+        supervised_warmup(model, tokenizer, problems, 25)
+    with pytest.raises(ValueError, match="measure must be given with sft.target_accuracy=0.5"):
+        supervised_warmup(model, tokenizer, problems, SFTConfig(steps=5, target_accuracy=0.5))
     # The last step's gradients were left on the parameters, and RL step 0's backward added to them.
     assert all(p.grad is None for p in model.parameters())
 
@@ -139,12 +146,58 @@ def test_supervised_warmup_ends_early_when_asked(tokenizer):
         return len(asked) > 4
 
     model = _model(tokenizer)
-    losses = supervised_warmup(model, tokenizer, problems, steps=1000, batch_size=8, lr=3e-3, seed=0,
-                               should_stop=should_stop)
+    sft = SFTConfig(steps=1000, batch_size=8)
+    losses = supervised_warmup(model, tokenizer, problems, sft, seed=0, should_stop=should_stop).losses
     assert len(losses) == 4 and len(asked) == 5
-    assert losses == pytest.approx(supervised_warmup(_model(tokenizer), tokenizer, problems, steps=4, batch_size=8,
-                                                     lr=3e-3, seed=0), rel=1e-5)
+    assert losses == pytest.approx(supervised_warmup(_model(tokenizer), tokenizer, problems,
+                                                     SFTConfig(steps=4, batch_size=8), seed=0).losses, rel=1e-5)
     assert all(p.grad is None for p in model.parameters())
+
+
+class ScriptedAccuracy:
+    """Stands in for the trainer's check (which samples the model): returns the given accuracies in turn and
+    records how many supervised steps the model had taken at each call, so the test controls when the target is
+    reached; the trainer's real check runs in tests/e2e/test_trainer_e2e.py."""
+
+    def __init__(self, optimizer_steps: list[int], accuracies: list[float]):
+        self.optimizer_steps, self.accuracies, self.seen = optimizer_steps, list(accuracies), []
+
+    def __call__(self) -> float:
+        self.seen.append(len(self.optimizer_steps))
+        return self.accuracies.pop(0)
+
+
+@pytest.mark.parametrize("accuracies, steps, reached", [
+    ([0.1, 0.3, 0.6, 0.9], 15, True),     # the third check (after 15 steps) reaches 0.5: the warm-up ends there
+    ([0.1, 0.2, 0.3, 0.4, 0.45], 23, False),  # never reached: the cap (23) ends it, after a last check
+])
+def test_supervised_warmup_trains_until_a_check_reaches_the_target(tokenizer, capsys, monkeypatch, accuracies,
+                                                                   steps, reached):
+    problems = make_addition_problems(200, seed=0)
+    model = _model(tokenizer)
+    taken: list[int] = []
+    step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (taken.append(1), step(self, *a, **k))[1])
+    measure = ScriptedAccuracy(taken, accuracies)
+    sft = SFTConfig(steps=23, batch_size=8, target_accuracy=0.5, eval_every=5)
+    result = supervised_warmup(model, tokenizer, problems, sft, seed=0, measure=measure)
+    assert (result.steps, len(taken), result.reached) == (steps, steps, reached)
+    expected_checks = [5, 10, 15] if reached else [5, 10, 15, 20, 23]
+    assert measure.seen == expected_checks
+    assert result.checks == list(zip(expected_checks, accuracies))
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == [f"warm-up {s}/23" for s in expected_checks]
+    assert lines[0] == f"warm-up 5/23: loss {result.losses[4]:.3f}, accuracy 0.100 (target 0.500)"
+    # Same seed, same data: the steps taken are those of a fixed-length warm-up of that many steps.
+    fixed = supervised_warmup(_model(tokenizer), tokenizer, problems, SFTConfig(steps=steps, batch_size=8), seed=0)
+    assert result.losses == pytest.approx(fixed.losses, rel=1e-5)
+
+
+def test_supervised_warmup_without_target_prints_its_loss_every_eval_every_steps(tokenizer, capsys):
+    problems = make_addition_problems(100, seed=0)
+    result = supervised_warmup(_model(tokenizer), tokenizer, problems, SFTConfig(steps=7, batch_size=4, eval_every=3))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"warm-up {s}/7: loss {result.losses[s - 1]:.3f}" for s in (3, 6, 7)]
 
 
 def test_saved_model_reloads_with_transformers(tokenizer, tmp_path):

@@ -11,6 +11,7 @@ from dsrl_fast.eval.thoughts import classify_response, count_thoughts
 from dsrl_fast.reward import exact_match_reward, get_reward_fn
 from dsrl_fast.data.toy import IM_START
 from dsrl_fast.model.tiny import build_tiny_qwen3
+from dsrl_fast.train.sections import SFTConfig
 from dsrl_fast.train.warmup import supervised_warmup
 from dsrl_fast.data.toy_corrections import (
     CORRECTIONS_VOCAB,
@@ -105,10 +106,11 @@ def test_bad_arguments_raise_naming_them():
 def test_supervised_warmup_learns_the_traces(tokenizer, problems):
     model = build_tiny_qwen3(len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                              pad_token_id=tokenizer.pad_token_id)
-    losses = supervised_warmup(model, tokenizer, problems[:256], 12, batch_size=32, target=correction_target)
+    losses = supervised_warmup(model, tokenizer, problems[:256], SFTConfig(steps=12, batch_size=32),
+                               target=correction_target).losses
     assert len(losses) == 12 and losses[-1] < 0.8 * losses[0]
     with pytest.raises(TypeError, match="target must be callable"):
-        supervised_warmup(model, tokenizer, problems[:4], 1, target="trace")
+        supervised_warmup(model, tokenizer, problems[:4], SFTConfig(steps=1), target="trace")
 
 
 def _marginal_nll(model, tokenizer, problems) -> float:
@@ -132,13 +134,14 @@ def test_marginal_share_trains_the_unprompted_traces(tokenizer, problems):
     for share in (0.0, 0.5):
         model = build_tiny_qwen3(len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        supervised_warmup(model, tokenizer, problems[:256], 30, batch_size=32, target=correction_target,
-                          marginal_share=share)
+        supervised_warmup(model, tokenizer, problems[:256], SFTConfig(steps=30, batch_size=32),
+                          target=correction_target, marginal_share=share)
         nll[share] = _marginal_nll(model, tokenizer, problems[1000:1030])
     # Without unprompted rows the marginal space is never trained (the first token after <|im_start|> is a guess).
     assert nll[0.5] < 0.8 * nll[0.0], nll
     with pytest.raises(ValueError, match="marginal_share must be a number in \\[0, 1\\], got 2"):
-        supervised_warmup(model, tokenizer, problems[:4], 1, target=correction_target, marginal_share=2)
+        supervised_warmup(model, tokenizer, problems[:4], SFTConfig(steps=1), target=correction_target,
+                          marginal_share=2)
 
 
 def test_data_toy_task_selects_the_task(tmp_path: Path):
@@ -163,6 +166,7 @@ def test_trainer_runs_the_corrections_task_end_to_end(tmp_path: Path):
     from dsrl_fast.train.trainer import train
 
     overrides = ["data.toy_task=corrections", "data.toy_train_size=64", "data.eval_size=4", "sft.steps=3",
+                 "sft.target_accuracy=null", "eval_n=1",
                  "sft.batch_size=16", "steps=2", "prompts_per_step=2", "rollout.n=4", "rollout.max_response_len=48",
                  "algo.switch_step=1", "checkpoint_every=0", "progress=false", "reward=hendrycks_math",
                  f"output_dir={tmp_path}"]

@@ -47,7 +47,7 @@ REQUIRED_KEYS = (
     "grad_norm", "tokens_per_s", "fully_solved", "fully_unsolved", "fully_solved_total", "fully_unsolved_total",
     "transition_share", "reflection_share", "execution_share", "reward_timeouts", "reward_errors", "no_answer",
     "rollout_s", "reward_s", "update_s", "sync_s", "rollout_tokens_per_s", "update_tokens_per_s",
-    "rank_token_imbalance",
+    "rank_token_imbalance", "truncated_share",
 )
 # Row values a resumed run must reproduce.
 RESUMED_KEYS = ("reward_mean", "accuracy", "response_len_mean", "loss", "clip_frac", "entropy", "grad_norm",
@@ -368,17 +368,68 @@ def run_module(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[
 
 
 def test_cli_train_prints_accuracy_and_paths(tmp_path: Path) -> None:
+    """The CLI as a user types it, with a warm-up target it cannot reach in 10 steps and 2 responses per held-out
+    problem: progress lines during the warm-up, pass@k before and after RL at the end, none of the save noise."""
     out = tmp_path / "cli_run"
-    overrides = [o for o in BASE if not o.startswith(("steps=", "sft.steps=", "checkpoint_every="))]
+    overrides = [o for o in BASE if not o.startswith(("steps=", "sft.steps=", "checkpoint_every=", "eval_n=",
+                                                      "sft.target_accuracy="))]
     proc = run_module("dsrl_fast.cli", "train", "steps=1", "sft.steps=10", "checkpoint_every=0", *overrides,
+                      "eval_n=2", "sft.target_accuracy=0.9", "sft.eval_every=5", "sft.eval_size=16",
                       f"output_dir={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    warmup = [line for line in lines if line.startswith("warm-up ")]
+    assert [line.split(":")[0] for line in warmup] == ["warm-up 5/10", "warm-up 10/10"], proc.stdout
+    assert all(", accuracy 0." in line and line.endswith(" (target 0.900)") for line in warmup), warmup
+    assert "supervised warm-up: 10 steps, loss " in proc.stdout and "the target 0.9 was not reached" in proc.stdout
     assert "held-out accuracy before RL:" in proc.stdout
     assert " before RL -> " in proc.stdout and " after 1 steps " in proc.stdout, proc.stdout
+    table = lines.index("held_out:   pass@1 pass@2")
+    assert lines[table + 1].startswith("  before RL ") and lines[table + 2].startswith("  after RL  "), lines
     assert f"metrics : {out}/metrics.jsonl" in proc.stdout
     assert f"plot    : {out}/training.png" in proc.stdout
     assert f"model   : {checkpoint_dir(out, 1)}/hf (Hugging Face format)" in proc.stdout
+    for noise in ("Writing model shards", "Setting accelerator to CPU"):
+        assert noise not in proc.stdout + proc.stderr, noise
     assert [r["step"] for r in rows_of(out)] == [0]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["warmup_steps"] == 10 and 0 <= summary["warmup_accuracy"] < 0.9
+
+
+def test_warm_up_to_a_target_stops_at_the_first_check_reaching_it_and_leaves_the_rng_alone(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The trainer's check (real sampling of the model on held-back training problems) runs every sft.eval_every
+    steps; the warm-up ends at the first one reaching the target, and no check moves the global RNG (the run's RL
+    steps and the resume tests rely on its streams). The truncated share is logged without the guard; peak memory
+    is CUDA-only and absent here."""
+    import dsrl_fast.train.warmup as warmup_mod
+
+    checks: list[float] = []
+    real = warmup_mod.supervised_warmup
+
+    def watched(*args: Any, measure: Callable[[], float] | None = None, **kwargs: Any) -> Any:
+        assert measure is not None
+
+        def measured() -> float:
+            state = torch.get_rng_state()
+            checks.append(measure())
+            assert torch.equal(torch.get_rng_state(), state), "the check moved the global RNG"
+            return checks[-1]
+
+        return real(*args, measure=measured, **kwargs)
+
+    monkeypatch.setattr(warmup_mod, "supervised_warmup", watched)
+    target = 0.1
+    run(tmp_path, "steps=1", "checkpoint_every=0", f"sft.target_accuracy={target}", "sft.eval_every=20",
+        "sft.eval_size=16", "sft.steps=200")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    reached = [i for i, accuracy in enumerate(checks) if accuracy >= target]
+    assert checks and all(a < target for a in checks[:-1]), checks  # no check after the first reaching the target
+    expected = 20 * (reached[0] + 1) if reached else 200
+    assert summary["warmup_steps"] == expected and summary["warmup_accuracy"] == checks[-1], (summary, checks)
+    (row,) = rows_of(tmp_path)
+    assert 0 <= row["truncated_share"] <= 1
+    assert "peak_memory_allocated_gib" not in row and "peak_memory_reserved_gib" not in row
 
 
 def test_cli_train_reports_a_bad_override(tmp_path: Path) -> None:

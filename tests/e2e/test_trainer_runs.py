@@ -451,8 +451,15 @@ def test_cli_options_in_any_order_print_config_presets_version_and_help() -> Non
     printed = yaml.safe_load(proc.stdout)
     assert printed["steps"] == 7 and printed["model"]["name_or_path"] == "Qwen/Qwen3-4B"
     assert printed["data"]["train_path"] == "/d/t.jsonl" and printed["algo"]["switch_step"] == 19
+    # As shipped (no data.train_path) the config prints with the path null under a note; train itself refuses it.
+    unset = _run_cli("train", "--preset", "qwen3_4b_math", "--print-config")
+    assert unset.returncode == 0, unset.stderr
+    assert unset.stdout.startswith("# data.train_path is null: `train` needs it (data.train_path=<file.jsonl")
+    assert yaml.safe_load(unset.stdout)["data"] == {**printed["data"], "train_path": None}
     presets = _run_cli("presets")
     assert presets.returncode == 0 and "qwen3_4b_math" in presets.stdout and "qwen3_8b_math" in presets.stdout
+    # Each description whole: the preset file's first comment paragraph, up to its last sentence.
+    assert " ".join(presets.stdout.split()).count("clip 0.2/0.2 with dual clip 10, no KL, no entropy bonus.") == 2
     version = _run_cli("--version")
     assert version.returncode == 0 and version.stdout.startswith("dsrl-fast ")
     helptext = _run_cli("train", "--help").stdout

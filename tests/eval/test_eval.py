@@ -327,6 +327,7 @@ def test_training_evaluates_n_samples_on_several_sets(tmp_path):
     cfg = load_config(None, [
         "steps=2", "eval_every=1", "sft.steps=3", "sft.batch_size=8", "prompts_per_step=2", "rollout.n=2", "data.toy_low=10",
         "data.toy_high=19", "data.toy_train_size=20", "data.eval_size=3", "eval_n=4", f"eval_benchmarks=sums={extra}",
+        "sft.target_accuracy=null",
         "progress=false", "reward=exact_match", f"output_dir={tmp_path / 'run'}", "checkpoint_every=0",
     ])
     train(cfg)

@@ -12,6 +12,7 @@ import torch
 from dsrl_fast.rollout import HFEngine, Rollout, RolloutEngine, SamplingConfig
 from dsrl_fast.data.toy import build_toy_tokenizer, make_addition_problems
 from dsrl_fast.model.tiny import build_tiny_qwen3, save_tiny_model
+from dsrl_fast.train.sections import SFTConfig
 from dsrl_fast.train.warmup import supervised_warmup
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -33,7 +34,8 @@ def _toy_model(tokenizer, warmup_steps: int = 30) -> torch.nn.Module:
         "pad_token_id": tokenizer.pad_token_id,
     }
     model = build_tiny_qwen3(len(tokenizer), seed=0, **ids)
-    supervised_warmup(model, tokenizer, make_addition_problems(500, seed=0), steps=warmup_steps, batch_size=32, seed=0)
+    supervised_warmup(model, tokenizer, make_addition_problems(500, seed=0), SFTConfig(steps=warmup_steps, batch_size=32),
+                      seed=0)
     return model.eval()
 
 

@@ -274,11 +274,26 @@ def test_plot_errors(tmp_path):
 
 
 def test_panels_cover_loss_grad_norm_lr_and_held_out_accuracy():
-    rows = [{"step": 0, "reward_mean": 0.1, "loss": 0.5, "grad_norm": 1.0, "lr": 1e-5, "accuracy": 0.1},
-            {"step": 1, "reward_mean": 0.2, "loss": None, "grad_norm": 0.8, "lr": 1e-4, "eval_accuracy": 0.3}]
-    assert panels_of(rows) == [("mean reward", ["reward_mean"]), ("sampled accuracy", ["accuracy"]),
-                               ("held-out accuracy", ["eval_accuracy"]), ("loss", ["loss"]),
-                               ("gradient norm", ["grad_norm"]), ("learning rate", ["lr"])]
+    rows = [{"step": 0, "reward_mean": 0.1, "loss": 0.5, "grad_norm": 1.0, "lr": 1e-5, "accuracy": 0.05},
+            {"step": 1, "reward_mean": 0.2, "loss": None, "grad_norm": 0.8, "lr": 1e-4, "eval_accuracy": 0.3,
+             "truncated_share": 0.25}]
+    assert panels_of(rows) == [("training reward", ["reward_mean", "accuracy"]),
+                               ("held-out accuracy", ["eval_accuracy"]),
+                               ("share of responses cut by the length cap", ["truncated_share"]),
+                               ("loss", ["loss"]), ("gradient norm", ["grad_norm"]), ("learning rate", ["lr"])]
+
+
+def test_panels_leave_out_a_repeated_accuracy_and_shares_without_signal():
+    """A 0/1 reward makes the sampled accuracy the reward's own curve, and the toy's one-line answers have no
+    reasoning steps to classify: neither gets a curve; the same keys with a signal do."""
+    flat = [{"step": s, "reward_mean": 0.1 * s, "accuracy": 0.1 * s, "transition_share": 0.0,
+             "reflection_share": 0.0, "truncated_share": 0.0, "response_len_mean": 12.0} for s in range(4)]
+    assert panels_of(flat) == [("training reward", ["reward_mean"]), ("response length (tokens)",
+                                                                      ["response_len_mean"])]
+    graded = [dict(r, accuracy=0.05 * r["step"], reflection_share=0.1 if r["step"] == 2 else 0.0) for r in flat]
+    assert panels_of(graded) == [("training reward", ["reward_mean", "accuracy"]),
+                                 ("response length (tokens)", ["response_len_mean"]),
+                                 ("share of reasoning steps", ["reflection_share"])]
 
 
 def test_held_out_accuracy_is_drawn_before_rl_at_every_evaluation_and_after_rl(tmp_path, monkeypatch):
@@ -286,9 +301,11 @@ def test_held_out_accuracy_is_drawn_before_rl_at_every_evaluation_and_after_rl(t
     after RL in a record of the last step: the plot draws them as one line, before RL at step -1."""
     from matplotlib.figure import Figure
 
-    records = [{"step": 0, "eval_accuracy_before": 0.25, "eval_before/held_out/avg@1": 0.25}]
+    records = [{"step": 0, "eval_accuracy_before": 0.25, "eval_before/held_out/avg@4": 0.25,
+                "eval_before/held_out/pass@1": 0.25, "eval_before/held_out/pass@4": 0.6}]
     records += [{"step": s, "reward_mean": 0.1 * s, "accuracy": 0.1 * s} for s in range(6)]
-    records += [{"step": 2, "eval_accuracy": 0.4}, {"step": 5, "eval_accuracy_after": 0.55}]
+    records += [{"step": 2, "eval_accuracy": 0.4, "eval/held_out/pass@4": 0.7},
+                {"step": 5, "eval_accuracy_after": 0.55, "eval_after/held_out/pass@4": 0.75}]
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     drawn = []
@@ -296,8 +313,12 @@ def test_held_out_accuracy_is_drawn_before_rl_at_every_evaluation_and_after_rl(t
     monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (drawn.append(fig), real_savefig(fig, *a, **k))[1])
     plot_metrics(path, tmp_path / "training.png")
     (ax,) = [a for a in drawn[0].axes if a.get_ylabel() == "held-out accuracy"]
-    (line,) = ax.get_lines()
+    passes, line = ax.get_lines()
     assert list(line.get_xdata()) == [-1, 2, 5] and list(line.get_ydata()) == [0.25, 0.4, 0.55]
+    assert passes.get_label() == "held-out pass@4"
+    assert list(passes.get_xdata()) == [-1, 2, 5] and list(passes.get_ydata()) == [0.6, 0.7, 0.75]
+    ylabels = [a.get_ylabel() for a in drawn[0].axes if a.axison]
+    assert ylabels == ["training reward", "held-out accuracy"], "the accuracy repeats the reward: no panel of its own"
     assert [t.get_text() for t in ax.texts] == ["before RL 0.250", "after RL 0.550"]
     assert ax.get_xlim()[0] < -1, "the point before RL is inside the axes"
 

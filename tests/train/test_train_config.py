@@ -50,7 +50,10 @@ def test_embedded_default_is_the_no_file_config():
     assert (cfg.rollout.engine, cfg.rollout.n, cfg.prompts_per_step, cfg.rollout.max_response_len) == ("hf", 8, 16, 16)
     assert (cfg.algo.algo, cfg.algo.switch_step, cfg.algo.pretrain_loss_coef) == ("dsrl", 50, 1.0)
     assert (cfg.optim.lr, cfg.optim.marginal_lr, cfg.steps, cfg.checkpoint_every) == (1e-4, 1e-5, 700, 100)
-    assert (cfg.sft.steps, cfg.sft.batch_size, cfg.sft.lr) == (250, 128, 3e-3)
+    assert (cfg.sft.steps, cfg.sft.batch_size, cfg.sft.lr) == (1000, 128, 3e-3)
+    # The warm-up runs until a check reaches 0.2 (at most 1000 steps); 8 responses per problem show pass@k.
+    assert (cfg.sft.target_accuracy, cfg.sft.eval_every, cfg.sft.eval_size) == (0.2, 25, 200)
+    assert (cfg.eval_n, cfg.eval_every) == (8, 175)
     assert cfg.deepspeed.enabled is None and cfg.output_dir == "runs/demo"  # the automatic setting, as the paper's
 
 
@@ -164,6 +167,10 @@ def test_override_order_and_null_name(tmp_path):
         ("deepspeed.zero_stage=4", ValueError, ["deepspeed.zero_stage must be one of", "4"]),
         ("deepspeed.offload_params=true", ValueError, ["deepspeed.offload_params=true needs deepspeed.zero_stage 3"]),
         ("sft.batch_size=0", ValueError, ["sft.batch_size must be >= 1"]),
+        ("sft.target_accuracy=0", ValueError, ["sft.target_accuracy must be > 0.0, got 0"]),
+        ("sft.target_accuracy=1.5", ValueError, ["sft.target_accuracy must be <= 1.0, got 1.5"]),
+        ("sft.eval_every=0", ValueError, ["sft.eval_every must be >= 1, got 0"]),
+        ("sft.eval_size=7000", ValueError, ["sft.eval_size must be < data.toy_train_size (7000)", "got 7000"]),
         ("steps=0", ValueError, ["steps must be >= 1", "0"]),
         ("keep_checkpoints=0", ValueError, ["keep_checkpoints must be >= 1"]),
         ("eval_every=-1", ValueError, ["eval_every must be >= 0"]),
@@ -208,6 +215,8 @@ def test_direct_construction_checks():
         TrainConfig(model="Qwen/Qwen3-4B")
     with pytest.raises(ValueError, match="sft.steps must be 0 with a pretrained model"):
         TrainConfig(model=ModelConfig(name_or_path="m"), data={"train_path": "t.jsonl"}, sft={"steps": 5})
+    with pytest.raises(ValueError, match=r"sft.steps must be >= 1 \(the cap\) with sft.target_accuracy set, got 0"):
+        TrainConfig(sft={"steps": 0, "target_accuracy": 0.3})
     with pytest.raises(ValueError, match="resume and overwrite must not both be true"):
         TrainConfig(resume=True, overwrite=True)
     with pytest.raises(ValueError, match="steps must be set when epochs is null"):
@@ -235,6 +244,9 @@ def test_presets(name, tmp_path):
     assert (cfg.algo.clip_low, cfg.algo.clip_high, cfg.algo.clip_ratio_c) == (0.2, 0.2, 10.0)
     assert (cfg.optim.lr, cfg.deepspeed.zero_stage, cfg.model.dtype) == (1e-6, 2, "bfloat16")
     assert cfg.data.template == "qwen3_non_thinking" and cfg.algo.kl_coef == 0.0
+    # Validation curves by default: MATH-500 before, every 20 steps during and after RL.
+    assert (cfg.data.eval_path, cfg.data.eval_answer_key, cfg.eval_every) == ("hf:HuggingFaceH4/MATH-500:test",
+                                                                              "answer", 20)
     save_config(cfg, tmp_path / "resolved.yaml")
     assert load_config(tmp_path / "resolved.yaml", []) == cfg
 
