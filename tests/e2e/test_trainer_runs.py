@@ -312,10 +312,11 @@ def test_toy_training_evaluates_on_data_eval_path_when_given(tmp_path: Path) -> 
     data = tmp_path / "eval.jsonl"
     data.write_text("".join(json.dumps({"problem": f"Compute {a}+7.", "answer": str(a + 7)}) + "\n"
                             for a in range(10, 15)))
-    toy = load_config(None, ["data.toy_train_size=50", "data.eval_size=20"])
+    toy = load_config(None, ["data.toy_train_size=50", "data.eval_size=20", "sft.target_accuracy=null"])
     train, held_out = load_train_eval_problems(toy)
     assert (len(train), len(held_out)) == (50, 20)
-    with_file = load_config(None, ["data.toy_train_size=50", "data.eval_size=3", f"data.eval_path={data}"])
+    with_file = load_config(None, ["data.toy_train_size=50", "data.eval_size=3", f"data.eval_path={data}",
+                                   "sft.target_accuracy=null"])
     train_f, held_out_f = load_train_eval_problems(with_file)
     assert [p.prompt_text for p in train_f] == [p.prompt_text for p in train]
     assert [(p.prompt_text, p.answer) for p in held_out_f] == [(f"Compute {a}+7.", str(a + 7)) for a in (10, 11, 12)]
