@@ -211,7 +211,7 @@ def _warm_up(run: Run, stop: StopRequest) -> None:
     cfg, out, sft = run.cfg, run.out, run.cfg.sft
     assert run.engine is not None
     problems, measure = run.problems, None
-    goal = f"until a check reaches accuracy {sft.target_accuracy:g}, at most" if sft.target_accuracy else "for"
+    goal = f"until a check reaches accuracy {sft.target_accuracy:g}, at most" if sft.target_accuracy else "of"
     print0(f"supervised warm-up {goal} {sft.steps} steps (batch {sft.batch_size}, lr {sft.lr:g})")
     if sft.target_accuracy is not None:
         if sft.eval_size >= len(problems):
