@@ -123,7 +123,7 @@ def started_over(tmp_path_factory: pytest.TempPathFactory) -> Path:
     proc = _popen(out, "sft.steps=1000000")
     stdout = out.parent / "warmup.stdout"
     deadline = time.monotonic() + 300
-    while "supervised warm-up for 1000000 steps" not in stdout.read_text():
+    while "supervised warm-up of 1000000 steps" not in stdout.read_text():
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()  # a warm-up of a million steps must not outlive the test
             pytest.fail(f"the warm-up did not start within 300 s: {proc.communicate()[1][-3000:]}")
