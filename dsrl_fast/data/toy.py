@@ -45,15 +45,22 @@ def build_toy_tokenizer() -> PreTrainedTokenizerFast:
     token, and decoding concatenates pieces, so ``decode(encode(text)) == text`` for text made of
     the vocabulary. Encoding with ``add_special_tokens=True`` (the default) prepends ``<bos>``.
     """
+    return word_level_tokenizer(TOY_VOCAB, _PIECE_PATTERN)
+
+
+def word_level_tokenizer(vocab: Sequence[str], piece_pattern: str) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over `vocab` (ids in its order; its first five tokens are pad, unk, bos, eos and
+    ``<|im_start|>``), splitting text into the pieces `piece_pattern` matches; encoding prepends ``<bos>`` and
+    decoding concatenates the pieces. The toy tasks' tokenizers are built with it."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: i for i, token in enumerate(TOY_VOCAB)}
-    core = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex(_PIECE_PATTERN), behavior="isolated")
+    ids = {token: i for i, token in enumerate(vocab)}
+    core = Tokenizer(models.WordLevel(ids, unk_token=UNK))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex(piece_pattern), behavior="isolated")
     core.decoder = decoders.Fuse()
     core.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, ids[BOS])]
     )
     core.add_special_tokens(list(_SPECIAL))
     return PreTrainedTokenizerFast(

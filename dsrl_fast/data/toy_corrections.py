@@ -27,7 +27,7 @@ import random
 from typing import TYPE_CHECKING
 
 from dsrl_fast.data.problems import Problem
-from dsrl_fast.data.toy import BOS, EOS, IM_START, PAD
+from dsrl_fast.data.toy import BOS, EOS, IM_START, PAD, UNK, word_level_tokenizer
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -39,8 +39,7 @@ __all__ = [
     "make_correction_problems",
 ]
 
-_UNK = "<unk>"
-_SPECIAL = (PAD, _UNK, BOS, EOS, IM_START)
+_SPECIAL = (PAD, UNK, BOS, EOS, IM_START)
 _WORDS = tuple("0123456789") + ("+", "=", ".", ",", " ", "\n\n", "Compute", "Wait", "Alternatively", "\\boxed{", "}")
 CORRECTIONS_VOCAB: tuple[str, ...] = _SPECIAL + _WORDS
 _PIECE_PATTERN = r"\\boxed\{|Compute|Wait|Alternatively|\n\n|\d|[+=.,} ]"
@@ -55,27 +54,7 @@ def build_corrections_tokenizer() -> PreTrainedTokenizerFast:
     the marginal-space context token), ``decode(encode(text)) == text`` for text made of the vocabulary, and
     encoding with ``add_special_tokens=True`` prepends ``<bos>``.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {token: i for i, token in enumerate(CORRECTIONS_VOCAB)}
-    core = Tokenizer(models.WordLevel(vocab, unk_token=_UNK))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex(_PIECE_PATTERN), behavior="isolated")
-    core.decoder = decoders.Fuse()
-    core.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
-    )
-    core.add_special_tokens(list(_SPECIAL))
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        bos_token=BOS,
-        eos_token=EOS,
-        pad_token=PAD,
-        unk_token=_UNK,
-        extra_special_tokens=[IM_START],
-        clean_up_tokenization_spaces=False,
-        model_max_length=64,
-    )
+    return word_level_tokenizer(CORRECTIONS_VOCAB, _PIECE_PATTERN)
 
 
 def _trace(a: int, b: int, c: int, rng: random.Random, correction_rate: float, transition_share: float) -> str:
