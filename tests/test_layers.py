@@ -118,6 +118,18 @@ def test_no_module_is_over_the_size_limit() -> None:
     assert not large, "\n".join(large)
 
 
+def test_the_package_holds_only_modules_and_presets() -> None:
+    """No merge leftovers (*.orig, *.rej) or other stray files ship inside the package."""
+    import subprocess
+
+    tracked = subprocess.run(["git", "ls-files", "dsrl_fast", "kernels"], cwd=PACKAGE.parent, capture_output=True,
+                             text=True, check=False).stdout.split()
+    if not tracked:
+        pytest.skip("not a git checkout (an sdist or an installed copy): nothing to compare")
+    stray = [f for f in tracked if not f.endswith(".py") and not f.startswith("dsrl_fast/train/presets/")]
+    assert not stray, stray
+
+
 def test_the_checker_sees_a_planted_violation(tmp_path: Path) -> None:
     """The parser resolves relative, function-level and attribute imports (else the tests above pass vacuously)."""
     source = tmp_path / "probe.py"
