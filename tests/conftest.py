@@ -17,7 +17,24 @@ if not HAS_CUDA:
 KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
+# The longest test files (wall seconds on 2 idle cores, from the suite's --durations output), started first: under
+# pytest-xdist (--dist loadfile, see the Makefile) a long file started last would leave the other workers idle.
+LONG_FILES = (
+    "tests/e2e/test_trainer_runs.py",         # ~100 s
+    "tests/train/test_distributed.py",        # ~90 s: 8 DeepSpeed/plain runs at once
+    "tests/e2e/test_distributed_vllm.py",     # ~85 s: 3 trainer processes with vLLM engines
+    "tests/e2e/test_train_signals.py",        # ~80 s
+    "tests/e2e/test_trainer_e2e.py",          # ~75 s
+    "tests/bench/test_bench_cpu.py",          # ~60 s
+    "tests/integrations/test_integrations_trl.py",  # ~55 s: a 2-rank ZeRO-3 accelerate launch
+    "tests/ops/test_tile_skip.py",            # ~40 s
+    "tests/reward/test_reward.py",            # ~40 s
+)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {path: i for i, path in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(LONG_FILES)))  # stable: the rest as before
     if HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (bf16 and compiled-kernel checks; the interpreter is wrong for bf16)")
