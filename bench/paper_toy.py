@@ -97,9 +97,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--sft-steps", type=int, default=300, help="supervised warm-up steps (the shared starting model)")
     add("--sft-batch", type=int, default=128, help="problems per warm-up step")
     add("--sft-lr", type=float, default=3e-3, help="warm-up learning rate")
-    add("--sft-marginal-share", type=float, default=0.0,
+    add("--sft-marginal-share", type=float, default=0.5,
         help="share of warm-up rows trained without their prompt (<|im_start|> + trace): the toy's pre-training of "
-        "the marginal space PreRL optimizes")
+        "the marginal space PreRL optimizes (0: prompted rows only, a marginal space never trained)")
     add("--train-size", type=int, default=3000, help="training problems")
     add("--eval-size", type=int, default=100, help="held-out problems")
     add("--eval-n", type=int, default=32, help="answers per held-out problem (Avg@n, Pass@k for k <= n)")
@@ -107,7 +107,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--high", type=int, default=49, help="largest operand")
     add("--max-response-len", type=int, default=48, help="response cap in tokens (prompt + cap <= 64 positions)")
     add("--data-seed", type=int, default=0, help="seed of the problems and of the warm-up")
-    add("--jobs", type=int, default=1, help="runs in parallel (processes)")
+    add("--jobs", type=int, default=os.cpu_count() or 1,
+        help="runs in parallel (processes of --threads threads each; default: this machine's cores)")
     add("--threads", type=int, default=1, help="torch threads per process (0: torch's default; 1 is fastest for "
         "this tiny model, above all on a shared machine)")
     args = parser.parse_args(argv)
@@ -255,7 +256,8 @@ def run_one(args: argparse.Namespace, spec: RunSpec, warmup: Path) -> dict[str, 
         trained = time.perf_counter() - started
         result = evaluate_model(Path(summary.checkpoint_path), warmup / "eval.jsonl", args.eval_n,
                                 args.max_response_len, seed=10_000 + spec.seed)
-    result.update(name=spec.name, algo=spec.algo, switch=spec.switch, seed=spec.seed, curves=_curves(work / "metrics.jsonl"),
+    result.update(name=spec.name, algo=spec.algo, switch=spec.switch, seed=spec.seed,
+                  curves=_curves(work / "metrics.jsonl"),
                   train_seconds=trained, seconds=time.perf_counter() - started)
     path = args.out / "runs" / f"{spec.name}.json"
     path.with_suffix(".partial").write_text(json.dumps(result), encoding="utf-8")
@@ -309,6 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     _check_options(args)
     _quiet()
     started = time.perf_counter()
+    load = os.getloadavg()[0]  # before this invocation's own processes: other work on the machine
     for sub in ("runs", "work"):
         (args.out / sub).mkdir(parents=True, exist_ok=True)
     _set_threads(args.threads)
@@ -342,8 +345,8 @@ def main(argv: list[str] | None = None) -> None:
             for future in as_completed(futures):
                 report(futures[future], future.result())
     command = "python -m bench.paper_toy " + " ".join(sys.argv[1:] if argv is None else argv)
-    path = write_report(args, command=command, machine=machine(), sha=_git_sha(),
-                        seconds=time.perf_counter() - started)
+    path = write_report(args, command=command, sha=_git_sha(), seconds=time.perf_counter() - started,
+                        machine=f"{machine()}, 1-minute load average {load:.1f} when it started")
     print(f"results: {path}", file=sys.stderr)
 
 

@@ -243,7 +243,7 @@ def write_report(args: Any, *, command: str, machine: str, sha: str, seconds: fl
     train_s = sum(r["seconds"] for r in runs)
     lines = [
         "# The paper's claims in miniature (self-correcting sums toy)", "",
-        f"Command: `{command}`  ", f"Machine: {machine} (shared with other work while it ran)  ",
+        f"Command: `{command}`  ", f"Machine: {machine}  ",
         f"Code: {sha}; wall time {total / 60:.1f} min over {len(invocations)} invocation(s) (this one "
         f"{seconds / 60:.1f} min; RL runs with their evaluations {train_s / 60:.1f} min summed)", "",
         f"Setup: one supervised warm-up ({args.sft_steps} steps × {args.sft_batch}, lr {args.sft_lr:g}, "
@@ -262,7 +262,8 @@ def write_report(args: Any, *, command: str, machine: str, sha: str, seconds: fl
     path = out / "results.md"
     path.write_text("\n".join(lines), encoding="utf-8")
     summary = {
-        "command": command, "machine": machine, "sha": sha, "seconds": total, "invocations": invocations, "interval": "95% Student t over seeds",
+        "command": command, "machine": machine, "sha": sha, "seconds": total, "invocations": invocations,
+        "interval": "95% Student t over seeds",
         "base": {k: base[k] for k in ("avg", "pass_at_k", "thought_shares", "response_len")},
         "algorithms": {a: {"seeds": len(rs), "avg": mean_ci([r["avg"] for r in rs]),
                            "pass_at_k": {k: mean_ci([r["pass_at_k"][k] for r in rs]) for k in base["pass_at_k"]},

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from tests.paths import REPO_ROOT
 
-TINY = ["--seeds", "2", "--steps", "2", "--switch-steps", "0,1", "--dsrl-switch", "1", "--sft-steps", "2",
+TINY = ["--jobs", "1", "--seeds", "2", "--steps", "2", "--switch-steps", "0,1", "--dsrl-switch", "1", "--sft-steps", "2",
         "--sft-batch", "16", "--train-size", "32", "--eval-size", "3", "--eval-n", "4", "--prompts", "2",
         "--rollouts", "2", "--max-response-len", "24", "--algos", "grpo,dsrl,nsr_prerl,psr_prerl"]
 
