@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import random
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -37,7 +38,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(LONG_FILES)))  # stable: the rest as before
     if HAS_CUDA:
         return
-    skip = pytest.mark.skip(reason="needs a CUDA device (bf16 and compiled-kernel checks; the interpreter is wrong for bf16)")
+    skip = pytest.mark.skip(reason="needs a CUDA device (bf16 and compiled-kernel checks; the interpreter is wrong "
+                                   "for bf16)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
@@ -95,3 +97,62 @@ def toy_reward() -> Iterator[None]:
         patch.setattr(run_mod, "get_reward_fn", get_reward_fn)
         yield
     reward.close()
+
+
+@pytest.fixture(scope="module")
+def shared_warmup() -> Iterator[None]:
+    """The supervised warm-up computed once per module for each distinct input, its result replayed after that.
+
+    A stand-in for the real call, exact by construction: the warm-up is a deterministic function of the model's
+    initial weights, the problems, the tokenizer, the SFT settings, the seed, the target, the marginal share and the
+    thread count (it draws from its own seeded generator, never the global RNG), so a repeated call gets the weights
+    and the result the real one would compute, and its progress lines are printed again. Calls with an accuracy
+    check (`measure`) always run for real (the check drives when it stops), as do calls whose stop is already
+    requested. Saves ~3 s per in-process toy run after the first of a module."""
+    import contextlib
+    import hashlib
+    import io
+
+    import dsrl_fast.train.warmup as warmup_mod
+
+    real = warmup_mod.supervised_warmup
+    done: dict[str, tuple[dict[str, torch.Tensor], Any, str]] = {}
+
+    def key(model: torch.nn.Module, tokenizer: Any, problems: Any, sft: Any, seed: int, target: Any,
+            marginal_share: float) -> str:
+        digest = hashlib.sha256()
+        for name, tensor in model.state_dict().items():
+            digest.update(name.encode())
+            digest.update(str(tensor.dtype).encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(repr(sorted(tokenizer.get_vocab().items())).encode())
+        digest.update(repr((list(problems), sft, seed, getattr(target, "__qualname__", repr(target)), marginal_share,
+                            torch.get_num_threads())).encode())
+        return digest.hexdigest()
+
+    def memoized(model: torch.nn.Module, tokenizer: Any, problems: Any, sft: Any, seed: int = 0, *,
+                 measure: Callable[[], float] | None = None, should_stop: Callable[[], bool] | None = None,
+                 target: Callable[[Any], str] | None = None, marginal_share: float = 0.0) -> Any:
+        options = {} if target is None else {"target": target}
+        if measure is not None or (should_stop is not None and should_stop()):
+            return real(model, tokenizer, problems, sft, seed, measure=measure, should_stop=should_stop,
+                        marginal_share=marginal_share, **options)
+        k = key(model, tokenizer, problems, sft, seed, target, marginal_share)
+        if k not in done:
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed):
+                result = real(model, tokenizer, problems, sft, seed, should_stop=should_stop,
+                              marginal_share=marginal_share, **options)
+            if should_stop is not None and should_stop():  # stopped part-way: not the function of its inputs
+                print(printed.getvalue(), end="")
+                return result
+            done[k] = ({n: t.detach().clone() for n, t in model.state_dict().items()}, result, printed.getvalue())
+        weights, result, printed_text = done[k]
+        with torch.no_grad():
+            model.load_state_dict(weights)
+        print(printed_text, end="")
+        return result
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(warmup_mod, "supervised_warmup", memoized)
+        yield

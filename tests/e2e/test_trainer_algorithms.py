@@ -16,7 +16,7 @@ from dsrl_fast.train.metrics_log import read_metrics  # noqa: E402
 from dsrl_fast.train.plot import _logged_switch, _merge_steps  # noqa: E402
 from tests.toy_runs import run  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("toy_reward", "one_torch_thread")
+pytestmark = pytest.mark.usefixtures("toy_reward", "one_torch_thread", "shared_warmup")
 
 
 def _rows(out: Path) -> list[dict]:

@@ -59,7 +59,7 @@ HF_DRIFT_BOUND = 1e-5
 VLLM_DRIFT_BOUND = 1e-4
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread", "toy_reward")
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "toy_reward", "shared_warmup")
 
 
 def rows_of(output_dir: Path) -> list[dict[str, Any]]:
@@ -111,13 +111,15 @@ def _packed_logprobs(model: torch.nn.Module, batch: Any, temperature: float) -> 
 
 
 @pytest.fixture(scope="module")
-def main_run(tmp_path_factory: pytest.TempPathFactory, toy_reward: None) -> tuple[TrainSummary, Path]:
+def main_run(tmp_path_factory: pytest.TempPathFactory, toy_reward: None,
+             shared_warmup: None) -> tuple[TrainSummary, Path]:
     out = tmp_path_factory.mktemp("main_run")
     return run(out), out
 
 
 @pytest.fixture(scope="module")
-def kl_run(tmp_path_factory: pytest.TempPathFactory, toy_reward: None) -> tuple[TrainSummary, Path, ReferenceProbe]:
+def kl_run(tmp_path_factory: pytest.TempPathFactory, toy_reward: None,
+           shared_warmup: None) -> tuple[TrainSummary, Path, ReferenceProbe]:
     out = tmp_path_factory.mktemp("kl_run")
     probe = ReferenceProbe(batch_update_mod.run_update)
     with pytest.MonkeyPatch.context() as patch:

@@ -32,7 +32,7 @@ from dsrl_fast.train.updaters import PolicyModule, TorchUpdater
 from tests.toy_runs import BASE, run
 from tests.paths import REPO_ROOT
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread", "toy_reward")
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "toy_reward", "shared_warmup")
 
 # A bf16 run and an fp32 run of the same config at lr 1e-6 sample (slightly) different rollouts, but Adam moves each
 # weight by ~lr per step whatever the gradient's size, so their weights move by comparable amounts: within 2x.
@@ -60,7 +60,7 @@ def _relative_movement(out: Path, first: int, last: int) -> float:
 
 
 @pytest.fixture(scope="module")
-def bf16_run(tmp_path_factory: pytest.TempPathFactory, toy_reward: None) -> Path:
+def bf16_run(tmp_path_factory: pytest.TempPathFactory, toy_reward: None, shared_warmup: None) -> Path:
     out = tmp_path_factory.mktemp("bf16")
     run(out, "model.dtype=bfloat16", *LOW_LR)
     return out

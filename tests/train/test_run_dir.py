@@ -37,7 +37,7 @@ from dsrl_fast.train.run import claim_output_dir, load_sampler_state
 from tests.toy_runs import BASE, run
 from tests.paths import REPO_ROOT
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread", "toy_reward")
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "toy_reward", "shared_warmup")
 # The smallest toy run that trains: 2 steps, a short warm-up.
 TINY = (*BASE, "steps=2", "sft.steps=20", "checkpoint_every=1")
 
@@ -142,7 +142,7 @@ def test_only_rank_0_takes_the_lock(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory: pytest.TempPathFactory, toy_reward: None) -> Path:
+def finished_run(tmp_path_factory: pytest.TempPathFactory, toy_reward: None, shared_warmup: None) -> Path:
     out = tmp_path_factory.mktemp("finished")
     run(out, *TINY)
     return out
