@@ -18,18 +18,16 @@ if not HAS_CUDA:
 KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
-# The longest test files (wall seconds on 2 idle cores, from the suite's --durations output), started first: under
-# pytest-xdist (--dist loadfile, see the Makefile) a long file started last would leave the other workers idle.
+# Long test files that run on one core (one torch thread, in-process runs), started first under pytest-xdist
+# (--dist loadfile, see the Makefile): a long one-core file started last would leave the other core idle at the end,
+# while the multi-process files (tests/train/test_distributed.py, tests/e2e/test_distributed_vllm.py, the TRL ZeRO-3
+# launch), which keep both cores busy on their own, can come last. Wall seconds on 2 cores, from --durations.
 LONG_FILES = (
-    "tests/e2e/test_trainer_runs.py",         # ~100 s
-    "tests/train/test_distributed.py",        # ~90 s: 8 DeepSpeed/plain runs at once
-    "tests/e2e/test_distributed_vllm.py",     # ~85 s: 3 trainer processes with vLLM engines
-    "tests/e2e/test_train_signals.py",        # ~80 s
-    "tests/e2e/test_trainer_e2e.py",          # ~75 s
-    "tests/bench/test_bench_cpu.py",          # ~60 s
-    "tests/integrations/test_integrations_trl.py",  # ~55 s: a 2-rank ZeRO-3 accelerate launch
-    "tests/ops/test_tile_skip.py",            # ~40 s
-    "tests/reward/test_reward.py",            # ~40 s
+    "tests/e2e/test_trainer_runs.py",     # ~100-140 s
+    "tests/e2e/test_trainer_e2e.py",      # ~60-75 s
+    "tests/ops/test_tile_skip.py",        # ~30-40 s
+    "tests/train/test_run_dir.py",        # ~20-30 s
+    "tests/train/test_precision.py",      # ~20-25 s
 )
 
 
