@@ -108,6 +108,7 @@ def shared_warmup() -> Iterator[None]:
     check (`measure`) always run for real (the check drives when it stops), as do calls whose stop is already
     requested. Saves ~3 s per in-process toy run after the first of a module."""
     import contextlib
+    import functools
     import hashlib
     import io
 
@@ -128,6 +129,7 @@ def shared_warmup() -> Iterator[None]:
                             torch.get_num_threads())).encode())
         return digest.hexdigest()
 
+    @functools.wraps(real)  # __wrapped__: the real warm-up
     def memoized(model: torch.nn.Module, tokenizer: Any, problems: Any, sft: Any, seed: int = 0, *,
                  measure: Callable[[], float] | None = None, should_stop: Callable[[], bool] | None = None,
                  target: Callable[[Any], str] | None = None, marginal_share: float = 0.0) -> Any:
