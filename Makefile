@@ -49,11 +49,11 @@ LOCK_FILE = $(if $(LOCK),$(LOCK)$(1).lock)
 UV_INSTALL = $(UV) pip install --quiet $(TORCH_SOURCE) --python
 PYTEST_ARGS ?=
 # The main suite runs in pytest-xdist workers, one per core up to 4 (0: all in this process). Whole files go to one
-# worker (--dist loadfile), so a file's module fixtures (its shared runs and warm-ups) are made once; files keep the
-# order tests/conftest.py gives them (--no-loadscope-reorder). The suite is CPU-bound: on 2 cores two workers take
-# it from 757-1020 s to 582-651 s (2026-12-07).
+# worker (--dist loadfile), so a file's module fixtures (its shared runs and warm-ups) are made once. The suite is
+# CPU-bound: on 2 cores two workers took it from 757-1020 s to 582-766 s (2026-12-07; three file orders measured
+# within the machine's drift, so xdist's own order is kept).
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n > 4 ? 4 : n )))
-XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder)
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 # Every run prints its slowest tests and test files (tests/conftest.py), so each CI log measures the suite.
 DURATIONS := --durations=25
 # The peer environments' test files (each skips in .venv) and the examples that need the peer.

@@ -18,22 +18,7 @@ if not HAS_CUDA:
 KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 
-# Long test files that run on one core (one torch thread, in-process runs), started first under pytest-xdist
-# (--dist loadfile, see the Makefile): a long one-core file started last would leave the other core idle at the end,
-# while the multi-process files (tests/train/test_distributed.py, tests/e2e/test_distributed_vllm.py, the TRL ZeRO-3
-# launch), which keep both cores busy on their own, can come last. Wall seconds on 2 cores, from --durations.
-LONG_FILES = (
-    "tests/e2e/test_trainer_runs.py",     # ~100-140 s
-    "tests/e2e/test_trainer_e2e.py",      # ~60-75 s
-    "tests/ops/test_tile_skip.py",        # ~30-40 s
-    "tests/train/test_run_dir.py",        # ~20-30 s
-    "tests/train/test_precision.py",      # ~20-25 s
-)
-
-
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    rank = {path: i for i, path in enumerate(LONG_FILES)}
-    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(LONG_FILES)))  # stable: the rest as before
     if HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA device (bf16 and compiled-kernel checks; the interpreter is wrong "
