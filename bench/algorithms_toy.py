@@ -17,7 +17,6 @@ few points are within the run-to-run spread of one seed (the reward swings ±0.1
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.toy_splits import TEMPLATE, write_splits  # noqa: E402
 from dsrl_fast.data.toy import build_toy_tokenizer, make_addition_problems  # noqa: E402
 from dsrl_fast.model.tiny import build_tiny_qwen3, save_tiny_model  # noqa: E402
 from dsrl_fast.train.config import load_config  # noqa: E402
@@ -41,17 +41,10 @@ EXTRA = {
 }
 
 
-TEMPLATE = "<bos>{problem}"  # the toy's prompt: BOS, then the problem text (the warm-up's encoding)
-
-
 def _warm_up(args: argparse.Namespace, root: Path) -> Path:
     """The shared warm-up: the toy model trained --sft-steps steps, saved with the train/held-out problems."""
     problems = make_addition_problems(args.train_size + args.eval_size, seed=args.seed, low=args.low, high=args.high)
-    root.mkdir(parents=True, exist_ok=True)
-    for name, part in (("train", problems[:args.train_size]), ("eval", problems[args.train_size:])):
-        with open(root / f"{name}.jsonl", "w", encoding="utf-8") as f:
-            for p in part:
-                f.write(json.dumps({"problem": p.prompt_text, "answer": p.answer}) + "\n")
+    write_splits(root, problems, args.train_size)
     tokenizer = build_toy_tokenizer()
     model = build_tiny_qwen3(len(tokenizer), seed=args.seed, bos_token_id=tokenizer.bos_token_id,
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)

@@ -47,9 +47,9 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.paper_toy_report import write_report  # noqa: E402
+from bench.toy_splits import TEMPLATE, write_splits  # noqa: E402
 
 ALGOS = ("grpo", "dsrl", "nsr_prerl", "psr_prerl", "nsr_rl", "psr_rl")
-TEMPLATE = "<bos>{problem}"  # the toy's prompt: BOS, then the problem text (the warm-up's encoding)
 # Options that define the results; --out refuses to mix results made with different values.
 DEFINING = ("steps", "prompts", "rollouts", "lr", "marginal_lr", "dsrl_switch", "sft_steps", "sft_batch", "sft_lr",
             "sft_marginal_share", "train_size", "eval_size", "eval_n", "low", "high", "max_response_len", "data_seed")
@@ -166,11 +166,7 @@ def prepare_warmup(args: argparse.Namespace) -> Path:
     started = time.perf_counter()
     problems = make_correction_problems(args.train_size + args.eval_size, seed=args.data_seed, low=args.low,
                                         high=args.high)
-    root.mkdir(parents=True, exist_ok=True)
-    for name, part in (("train", problems[:args.train_size]), ("eval", problems[args.train_size:])):
-        with open(root / f"{name}.jsonl", "w", encoding="utf-8") as f:
-            for p in part:
-                f.write(json.dumps({"problem": p.prompt_text, "answer": p.answer}) + "\n")
+    write_splits(root, problems, args.train_size)
     tokenizer = build_corrections_tokenizer()
     model = build_tiny_qwen3(len(tokenizer), seed=args.data_seed, bos_token_id=tokenizer.bos_token_id,
                              eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
