@@ -123,19 +123,19 @@ def shared_warmup() -> Iterator[None]:
             return real(model, tokenizer, problems, sft, seed, measure=measure, should_stop=should_stop,
                         marginal_share=marginal_share, **options)
         k = key(model, tokenizer, problems, sft, seed, target, marginal_share)
-        if k not in done:
-            printed = io.StringIO()
-            with contextlib.redirect_stdout(printed):
-                result = real(model, tokenizer, problems, sft, seed, should_stop=should_stop,
-                              marginal_share=marginal_share, **options)
-            if should_stop is not None and should_stop():  # stopped part-way: not the function of its inputs
-                print(printed.getvalue(), end="")
-                return result
+        if k in done:
+            weights, result, printed_text = done[k]
+            with torch.no_grad():
+                model.load_state_dict(weights)
+            print(printed_text, end="")
+            return result
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            result = real(model, tokenizer, problems, sft, seed, should_stop=should_stop,
+                          marginal_share=marginal_share, **options)
+        print(printed.getvalue(), end="")
+        if should_stop is None or not should_stop():  # a warm-up stopped part-way is not the function of its inputs
             done[k] = ({n: t.detach().clone() for n, t in model.state_dict().items()}, result, printed.getvalue())
-        weights, result, printed_text = done[k]
-        with torch.no_grad():
-            model.load_state_dict(weights)
-        print(printed_text, end="")
         return result
 
     with pytest.MonkeyPatch.context() as patch:
